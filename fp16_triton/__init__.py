@@ -1,0 +1,8 @@
+"""fp16_triton: Triton kernels for mixed-precision training.
+
+Fused unscale and non-finite check of scaled gradients, the global gradient norm, and
+mixed-precision Adam/AdamW/SGD steps that keep fp32 master weights and write the fp16/bf16
+parameters back, behind ``torch.optim``-compatible optimizers.
+"""
+
+__version__ = "0.1.0"
