@@ -1,0 +1,340 @@
+"""Fused mixed-precision Adam / AdamW step: one launch per tensor group, fp32 math throughout.
+
+Per element, with ``g`` the grad in fp32 and ``p`` the fp32 master (the param itself when the
+param is fp32); this is ``torch.optim.Adam`` (L2 decay) and ``torch.optim.AdamW`` (decoupled
+decay), with the loss-scale division and the clip coefficient folded in::
+
+    g = g / grad_scale                      # if a grad scale is given (loss scaling)
+    g = g * min(1, max_norm / (sqrt(norm_sq) + 1e-6))   # if clipping: torch's clip_grad_norm_
+    g = -g                                  # if maximize
+    Adam:  g = g + weight_decay * p         AdamW: p = p * (1 - lr * weight_decay)
+    m = lerp(m, g, 1 - beta1) ;  v = v * beta2 + (1 - beta2) * g * g
+    amsgrad: v_max = max(v_max, v) and v_max replaces v below
+    p = p - (lr / (1 - beta1**step)) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)
+    param = round_to_nearest_even(p)        # when a low-precision param has an fp32 master
+
+Bias corrections are computed per program in fp64 from the device step count (binary
+exponentiation of ``1 - (1 - beta)``, exact for integer steps): no transcendental functions,
+so GPUs and the interpreter agree, and ``1 - beta2**step`` keeps full precision at step 1.
+If ``found_inf`` is non-zero nothing at all is written and step counts do not advance.
+
+Bytes per element (fp16 param, fp16 grad, fp32 master/exp_avg/exp_avg_sq):
+reads grad 2 + master 4 + exp_avg 4 + exp_avg_sq 4 = 14, writes master 4 + exp_avg 4 +
+exp_avg_sq 4 + param 2 = 14: **28 bytes**. amsgrad adds 8 (read and write max_exp_avg_sq).
+fp32 params without master: read g 4 + p 4 + m 4 + v 4, write p 4 + m 4 + v 4 = 28 bytes.
+A skipped step reads only the flag. Step counts: 8 bytes per tensor, not per element.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch_config import launch_config
+from .multi_tensor import TableCache, tables_for
+from .nonfinite import TORCH_TO_TRITON
+from .rounding import round_to
+
+__all__ = ["adam_step", "increment_steps"]
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def bias_correction(one_minus_beta, step):
+    """``1 - beta**step`` in fp64, by binary exponentiation of the integer step."""
+    base = 1.0 - tl.cast(one_minus_beta, tl.float64)
+    power = base * 0.0 + 1.0
+    n = step.to(tl.int32)
+    while n > 0:
+        if (n & 1) != 0:
+            power = power * base
+        base = base * base
+        n = n >> 1
+    return 1.0 - power
+
+
+@triton.jit
+def grad_factor(grad_scale_ptr, norm_sq_ptr, max_norm, HAS_GRAD_SCALE, HAS_CLIP):
+    """The one fp32 factor that unscales and clips: ``clip_coef / grad_scale``, applied as two
+    multiplications in the kernels so each rounding matches unscale-then-clip."""
+    inv_scale = 1.0
+    if HAS_GRAD_SCALE:
+        inv_scale = 1.0 / tl.load(grad_scale_ptr)
+    clip_coef = 1.0
+    if HAS_CLIP:
+        norm = tl.sqrt_rn(tl.load(norm_sq_ptr))
+        clip_coef = tl.minimum(tl.div_rn(max_norm, norm + 1e-6), 1.0)
+    return inv_scale, clip_coef
+
+
+@triton.jit
+def _adam_kernel(
+    param_ptrs,  # int64 [T]: params (low precision with a master, else fp32 and updated)
+    grad_ptrs,  # int64 [T]: grads, read only
+    master_ptrs,  # int64 [T]: fp32 master weights (read if HAS_MASTER)
+    exp_avg_ptrs,  # int64 [T]: fp32 first moments
+    exp_avg_sq_ptrs,  # int64 [T]: fp32 second moments
+    max_exp_avg_sq_ptrs,  # int64 [T]: fp32 running max of the second moments (if AMSGRAD)
+    step_ptrs,  # int64 [T]: fp32 one-element step counts (before this step), read only
+    numels,  # int64 [T]: elements in each tensor
+    chunk_map,  # int64 [2, P]: tensor index and first element of each program's chunk
+    n_programs,  # P, the row stride of chunk_map
+    grad_scale_ptr,  # fp32 scalar: grads are divided by it (if HAS_GRAD_SCALE)
+    found_inf_ptr,  # fp32 scalar: non-zero means skip, write nothing (if HAS_FOUND_INF)
+    norm_sq_ptr,  # fp32 scalar: squared global norm of the unscaled grads (if HAS_CLIP)
+    max_norm,  # fp32: clipping threshold (if HAS_CLIP)
+    lr,  # fp32: learning rate (runtime, so schedulers never recompile)
+    beta1,  # fp32: first-moment decay
+    beta2,  # fp32: second-moment decay
+    one_minus_beta1,  # fp32: 1 - beta1, computed in fp64 on the host
+    one_minus_beta2,  # fp32: 1 - beta2, computed in fp64 on the host
+    eps,  # fp32: added after the bias-corrected square root
+    weight_decay,  # fp32: L2 (Adam) or decoupled (AdamW) weight decay
+    PARAM_DTYPE: tl.constexpr,  # element type of the params
+    GRAD_DTYPE: tl.constexpr,  # element type of the grads
+    HAS_MASTER: tl.constexpr,  # params are low precision with an fp32 master
+    DECOUPLED: tl.constexpr,  # AdamW (decoupled weight decay) rather than Adam
+    AMSGRAD: tl.constexpr,  # keep and use the running max of the second moments
+    MAXIMIZE: tl.constexpr,  # ascend rather than descend
+    HAS_GRAD_SCALE: tl.constexpr,  # divide grads by *grad_scale_ptr
+    HAS_FOUND_INF: tl.constexpr,  # skip everything when *found_inf_ptr != 0
+    HAS_CLIP: tl.constexpr,  # clip by the global norm in *norm_sq_ptr
+    BLOCK: tl.constexpr,  # elements per vector operation
+    CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
+):
+    pid = tl.program_id(0)
+    tensor = tl.load(chunk_map + pid)
+    start = tl.load(chunk_map + n_programs + pid)
+    numel = tl.load(numels + tensor)
+    if HAS_FOUND_INF:
+        # A skipped step masks every load and store: nothing is read or written.
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+
+    param = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
+    grad = tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE))
+    master = param
+    if HAS_MASTER:
+        master = tl.load(master_ptrs + tensor).to(tl.pointer_type(tl.float32))
+    exp_avg = tl.load(exp_avg_ptrs + tensor).to(tl.pointer_type(tl.float32))
+    exp_avg_sq = tl.load(exp_avg_sq_ptrs + tensor).to(tl.pointer_type(tl.float32))
+    max_exp_avg_sq = exp_avg_sq
+    if AMSGRAD:
+        max_exp_avg_sq = tl.load(max_exp_avg_sq_ptrs + tensor).to(tl.pointer_type(tl.float32))
+
+    # Per-program scalars, in fp64 where cancellation would cost precision.
+    step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))) + 1.0
+    bc1 = bias_correction(one_minus_beta1, step)
+    bc2 = bias_correction(one_minus_beta2, step)
+    step_size = (tl.cast(lr, tl.float64) / bc1).to(tl.float32)
+    bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
+    decay = (1.0 - tl.cast(lr, tl.float64) * tl.cast(weight_decay, tl.float64)).to(tl.float32)
+    inv_scale, clip_coef = grad_factor(
+        grad_scale_ptr, norm_sq_ptr, max_norm, HAS_GRAD_SCALE, HAS_CLIP
+    )
+
+    for i in tl.static_range(0, CHUNK, BLOCK):
+        offsets = start + i + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        g = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(master + offsets, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(exp_avg + offsets, mask=mask, other=0.0)
+        v = tl.load(exp_avg_sq + offsets, mask=mask, other=0.0)
+        if HAS_GRAD_SCALE:
+            g = g * inv_scale
+        if HAS_CLIP:
+            g = g * clip_coef
+        if MAXIMIZE:
+            g = -g
+        if DECOUPLED:
+            p = p * decay
+        else:
+            g = g + weight_decay * p
+        # torch's lerp: the branch keeps the result exact at weight 0 and 1.
+        m = tl.where(
+            one_minus_beta1 < 0.5,
+            m + one_minus_beta1 * (g - m),
+            g - (g - m) * (1.0 - one_minus_beta1),
+        )
+        v = v * beta2 + (one_minus_beta2 * g) * g
+        tl.store(exp_avg + offsets, m, mask=mask)
+        tl.store(exp_avg_sq + offsets, v, mask=mask)
+        if AMSGRAD:
+            v = tl.maximum(tl.load(max_exp_avg_sq + offsets, mask=mask, other=0.0), v)
+            tl.store(max_exp_avg_sq + offsets, v, mask=mask)
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p - step_size * tl.div_rn(m, denom)
+        tl.store(master + offsets, p, mask=mask)
+        if HAS_MASTER:
+            tl.store(param + offsets, round_to(p, PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
+def _increment_steps_kernel(
+    step_ptrs,  # int64 [T]: fp32 one-element step counts
+    n_tensors,  # T
+    found_inf_ptr,  # fp32 scalar: non-zero means the step was skipped (if HAS_FOUND_INF)
+    HAS_FOUND_INF: tl.constexpr,  # read the skip flag
+    BLOCK: tl.constexpr,  # tensors per program
+):
+    """Bytes: 8 per tensor (read and write its fp32 step). A separate launch because the step
+    kernel's programs of one tensor all read its count: none of them may write it."""
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = index < n_tensors
+    if HAS_FOUND_INF:
+        mask = mask & (tl.load(found_inf_ptr) == 0)
+    steps = tl.load(step_ptrs + index, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    tl.store(steps, tl.load(steps, mask=mask) + 1.0, mask=mask)
+
+
+def increment_steps(
+    step_ptrs: torch.Tensor, n_tensors: int, found_inf: torch.Tensor | None
+) -> None:
+    """Add one to each step count in the address table ``step_ptrs`` unless ``found_inf``."""
+    block = 1024
+    _increment_steps_kernel[(triton.cdiv(n_tensors, block),)](
+        step_ptrs,
+        n_tensors,
+        found_inf if found_inf is not None else step_ptrs,
+        HAS_FOUND_INF=found_inf is not None,
+        BLOCK=block,
+    )
+
+
+def _check_scalar(name: str, t: torch.Tensor | None, device: torch.device):
+    if t is None:
+        return
+    if t.numel() != 1 or t.dtype != torch.float32 or t.device != device:
+        raise ValueError(
+            f"{name} must be a one-element float32 tensor on {device}, "
+            f"got {t.dtype} with {t.numel()} elements on {t.device}"
+        )
+
+
+def check_step_inputs(params, grads, masters, state_lists, grad_scale, found_inf, norm_sq):
+    """O(1) checks of the dtype combination shared by the step launchers (the per-tensor checks
+    run when tables are rebuilt)."""
+    param_dtype, grad_dtype = params[0].dtype, grads[0].dtype
+    if param_dtype not in TORCH_TO_TRITON or grad_dtype not in TORCH_TO_TRITON:
+        raise TypeError(
+            f"params and grads must be float16, bfloat16 or float32, got {param_dtype} params "
+            f"with {grad_dtype} grads"
+        )
+    if (masters is not None) != (param_dtype in LOW_PRECISION):
+        raise ValueError(
+            "fp32 masters are required for float16/bfloat16 params and must be None for "
+            f"float32 params (params are {param_dtype})"
+        )
+    for name, lst in state_lists.items():
+        if lst is not None and len(lst) and lst[0].dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {lst[0].dtype}")
+    device = params[0].device
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf), ("norm_sq", norm_sq)):
+        _check_scalar(name, t, device)
+
+
+def adam_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    *,
+    masters: Sequence[torch.Tensor] | None = None,
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None = None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    norm_sq: torch.Tensor | None = None,
+    max_norm: float = 0.0,
+    cache: TableCache | None = None,
+) -> None:
+    """One fused Adam/AdamW step over every tensor of a group, in place, with no host sync.
+
+    Args:
+        params: fp16/bf16 params (with ``masters``) or fp32 params (updated directly), all of
+            one dtype on one device, contiguous.
+        grads: their grads (any of fp16/bf16/fp32, one dtype), read only.
+        exp_avgs, exp_avg_sqs: fp32 moments, one per param.
+        steps: fp32 one-element step counts (the count *before* this step), advanced by one
+            after the update unless ``found_inf`` is non-zero.
+        masters: fp32 master weights for low-precision params, else None.
+        max_exp_avg_sqs: fp32 running maxima, required with ``amsgrad``.
+        lr, beta1, beta2, eps, weight_decay: hyperparameters (runtime values, never
+            compile-time constants, so changing them never recompiles).
+        decoupled_weight_decay: AdamW's decay (``p *= 1 - lr * wd``) rather than Adam's L2.
+        amsgrad, maximize: as in ``torch.optim.Adam``.
+        grad_scale: optional fp32 one-element device tensor; grads are divided by it.
+        found_inf: optional fp32 one-element device tensor; non-zero skips the whole step.
+        norm_sq, max_norm: optional squared global grad norm (of the unscaled grads) and
+            threshold; grads are multiplied by ``min(1, max_norm / (norm + 1e-6))``.
+        cache: optional ``TableCache`` the caller keeps for this group.
+
+    Launches: two (the step and the step-count increment), whatever the number of tensors.
+    """
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
+    state = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps, "masters": masters}
+    state["max_exp_avg_sqs"] = max_exp_avg_sqs if amsgrad else None
+    check_step_inputs(params, grads, masters, state, grad_scale, found_inf, norm_sq)
+    device = params[0].device
+    config = launch_config("adam", device)
+    tables = tables_for(
+        ["params", "grads", *state],
+        [params, grads],
+        list(state.values()),
+        config["CHUNK"],
+        cache,
+    )
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs, master_ptrs, max_ptrs = (
+        tables.addresses
+    )
+    has_clip = norm_sq is not None and max_norm > 0
+    scalar = tables.numels  # any tensor: stands in for absent optional pointers
+    if tables.n_programs > 0:
+        _adam_kernel[(tables.n_programs,)](
+            param_ptrs,
+            grad_ptrs,
+            master_ptrs,
+            exp_avg_ptrs,
+            exp_avg_sq_ptrs,
+            max_ptrs,
+            step_ptrs,
+            tables.numels,
+            tables.chunk_map,
+            tables.n_programs,
+            grad_scale if grad_scale is not None else scalar,
+            found_inf if found_inf is not None else scalar,
+            norm_sq if has_clip else scalar,
+            float(max_norm),
+            float(lr),
+            float(beta1),
+            float(beta2),
+            1.0 - float(beta1),
+            1.0 - float(beta2),
+            float(eps),
+            float(weight_decay),
+            PARAM_DTYPE=TORCH_TO_TRITON[params[0].dtype],
+            GRAD_DTYPE=TORCH_TO_TRITON[grads[0].dtype],
+            HAS_MASTER=masters is not None,
+            DECOUPLED=bool(decoupled_weight_decay),
+            AMSGRAD=bool(amsgrad),
+            MAXIMIZE=bool(maximize),
+            HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            HAS_CLIP=has_clip,
+            BLOCK=config["BLOCK"],
+            CHUNK=config["CHUNK"],
+            num_warps=config["num_warps"],
+        )
+    increment_steps(step_ptrs, len(params), found_inf)

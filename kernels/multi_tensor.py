@@ -1,0 +1,168 @@
+"""Multi-tensor launch tables: one kernel launch covers every tensor of a group.
+
+Design choice: **pointer tables**. Each launch receives, per tensor list (params, grads, fp32
+masters, moments, step counts), an int64 table of data addresses, plus a *chunk map* that gives
+every program instance the tensor it works on and the first element of its chunk. A program
+loads its tensor's address from the table and casts it to a typed pointer.
+
+Why pointer tables rather than optimizer-owned flat buffers: gradients are allocated by autograd
+(a new tensor after every ``zero_grad(set_to_none=True)``), so they can never live in a buffer
+we own without changing how users call ``zero_grad``; with tables, params, grads and state keep
+torch's per-parameter layout (``optimizer.state[p]["exp_avg"]`` is a real tensor), state dicts
+stay torch's, and the launch count is constant in the number of tensors. torch's own
+``multi_tensor_apply`` passes addresses in kernel arguments (4 KB), so it needs one launch per
+~30-110 tensors; a table in device memory has no such limit.
+
+Tables are rebuilt only when an address or a size changes. The caching allocator usually hands
+autograd the same addresses step after step, so the steady state costs one Python pass over
+``data_ptr()`` of the lists that can move (about 0.1 us per tensor, measured on the dev CPU)
+and no upload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["LaunchTables", "TableCache", "check_tensor_lists", "tables_for"]
+
+
+def check_tensor_lists(names: Sequence[str], lists: Sequence[Sequence[torch.Tensor] | None]):
+    """Raise a clear error unless ``lists`` can be read by one table kernel.
+
+    Within a list every tensor has the same dtype; across lists, the k-th tensors have the same
+    number of elements (one element in a ``steps`` list: per-tensor step counts) and all
+    tensors are on one device, dense and contiguous. Launchers run
+    this only when their tables are rebuilt, so steady steps pay nothing for it.
+    """
+    ref = lists[0]
+    if len(ref) == 0:
+        raise ValueError(f"{names[0]} is empty: nothing to launch")
+    device = ref[0].device
+    for name, tensors in zip(names, lists):
+        if tensors is None:
+            continue
+        if len(tensors) != len(ref):
+            raise ValueError(f"{name}: expected {len(ref)} tensors, got {len(tensors)}")
+        dtype = tensors[0].dtype
+        for i, (t, like) in enumerate(zip(tensors, ref)):
+            if t.device != device:
+                raise ValueError(f"{name}[{i}] is on {t.device}, expected {device}")
+            if t.dtype != dtype:
+                raise ValueError(f"{name}[{i}] is {t.dtype} while {name}[0] is {dtype}")
+            expected = 1 if name == "steps" else like.numel()
+            if t.numel() != expected:
+                raise ValueError(
+                    f"{name}[{i}] has {t.numel()} elements, expected {expected} "
+                    f"(shape {tuple(t.shape)} vs {tuple(like.shape)})"
+                )
+            if t.is_sparse:
+                raise ValueError(f"{name}[{i}] is sparse; the fused kernels need dense tensors")
+            if not t.is_contiguous():
+                raise ValueError(
+                    f"{name}[{i}] is not contiguous (strides {t.stride()}); the fused kernels "
+                    "read tensors as flat arrays: call .contiguous() on it, or use "
+                    "backend='torch'"
+                )
+
+
+def _addresses(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    return tuple([t.data_ptr() for t in tensors])
+
+
+@dataclass
+class LaunchTables:
+    """Device tables for one launch: address rows, sizes and the chunk map.
+
+    ``addresses[k]`` is the int64 address table of the k-th tensor list; ``numels[t]`` is the
+    size of tensor t; ``chunk_map[0, pid]`` is the tensor handled by program ``pid`` and
+    ``chunk_map[1, pid]`` the first element of its chunk. ``n_programs`` is the grid size.
+    """
+
+    addresses: torch.Tensor
+    numels: torch.Tensor
+    chunk_map: torch.Tensor
+    n_programs: int
+
+    @staticmethod
+    def build(
+        names: Sequence[str], lists: Sequence[Sequence[torch.Tensor] | None], chunk: int
+    ) -> LaunchTables:
+        """Validate ``lists`` (see ``check_tensor_lists``) and build their tables, ``chunk``
+        elements per program. A ``None`` list gets a row of null addresses."""
+        check_tensor_lists(names, lists)
+        device = lists[0][0].device
+        n_tensors = len(lists[0])
+        rows = [
+            [t.data_ptr() for t in lst] if lst is not None else [0] * n_tensors for lst in lists
+        ]
+        addresses = torch.tensor(rows, dtype=torch.int64).reshape(len(lists), n_tensors)
+        numels = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
+        chunks_per_tensor = (numels + chunk - 1) // chunk
+        tensor_of_program = torch.repeat_interleave(torch.arange(n_tensors), chunks_per_tensor)
+        first_program = torch.cumsum(chunks_per_tensor, 0) - chunks_per_tensor
+        n_programs = int(tensor_of_program.numel())
+        start = (torch.arange(n_programs) - first_program[tensor_of_program]) * chunk
+        chunk_map = torch.stack([tensor_of_program, start])
+        if device.type != "cpu":
+            # One host-to-device copy per rebuild; pinned memory keeps it asynchronous, and a
+            # fresh pinned buffer per rebuild means no pending copy can see its source change.
+            addresses = addresses.pin_memory().to(device, non_blocking=True)
+            numels = numels.pin_memory().to(device, non_blocking=True)
+            chunk_map = chunk_map.pin_memory().to(device, non_blocking=True)
+        return LaunchTables(addresses, numels, chunk_map, n_programs)
+
+
+@dataclass
+class TableCache:
+    """What a launcher keeps between calls for one tensor group, so steady steps upload nothing.
+
+    Owners (the optimizers) keep one per group. ``state_version`` is bumped by the owner
+    whenever it replaces a state tensor (load_state_dict, add_param_group); lists the launcher
+    is told are *state* are then re-read only on a version change, while params and grads are
+    compared address by address on every call.
+    """
+
+    state_version: int = 0
+    _key: tuple | None = None
+    _state_key: tuple | None = None
+    _tables: LaunchTables | None = None
+    scratch: dict = field(default_factory=dict)
+
+    def get(
+        self,
+        names: Sequence[str],
+        moving: Sequence[Sequence[torch.Tensor] | None],
+        state: Sequence[Sequence[torch.Tensor] | None],
+        chunk: int,
+    ) -> LaunchTables:
+        """Tables for ``moving + state`` lists, rebuilt only when something changed."""
+        key = (chunk, tuple(_addresses(lst) if lst is not None else None for lst in moving))
+        key += (tuple([t.numel() for t in moving[0]]),)
+        if self._state_key is None or self._state_key[0] != self.state_version:
+            state_addresses = tuple(_addresses(lst) if lst is not None else None for lst in state)
+            self._state_key = (self.state_version, state_addresses)
+        key += self._state_key
+        if key != self._key or self._tables is None:
+            self._tables = LaunchTables.build(names, list(moving) + list(state), chunk)
+            self._key = key
+        return self._tables
+
+
+def tables_for(
+    names: Sequence[str],
+    moving: Sequence[Sequence[torch.Tensor] | None],
+    state: Sequence[Sequence[torch.Tensor] | None],
+    chunk: int,
+    cache: TableCache | None,
+) -> LaunchTables:
+    """Tables from ``cache`` when the caller keeps one, else built (and checked) for this call.
+
+    ``moving`` lists (params, grads) are compared address by address on every call; ``state``
+    lists only when ``cache.state_version`` changes.
+    """
+    if cache is None:
+        return LaunchTables.build(names, list(moving) + list(state), chunk)
+    return cache.get(names, moving, state, chunk)

@@ -1,0 +1,242 @@
+"""Non-finite detection, global gradient norm, and in-place unscale of scaled gradients.
+
+Two kernels over pointer tables (see ``multi_tensor``), one launch per grad dtype:
+
+* ``nonfinite_check_and_norm``: read-only. Finds inf/-inf/nan in the grads and, optionally,
+  the sum of squares of the *unscaled* grads (``grad / grad_scale``) for clipping. Each program
+  writes one partial sum and one flag; a single ``torch.sum`` over the partials gives both
+  results (deterministic, unlike atomics, so a resumed run clips bit for bit the same).
+* ``unscale_and_check_``: in place, ``torch._amp_foreach_non_finite_check_and_unscale_``'s job
+  (grads *= inv_scale, found_inf = 1 on any non-finite input) for fp16, bf16 and fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch_config import launch_config
+from .multi_tensor import TableCache, tables_for
+from .rounding import round_to
+
+__all__ = ["nonfinite_check_and_norm", "unscale_and_check_", "TORCH_TO_TRITON"]
+
+TORCH_TO_TRITON = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+}
+
+
+@triton.jit
+def _nonfinite_check_kernel(
+    grad_ptrs,  # int64 [T]: address of each grad tensor
+    numels,  # int64 [T]: elements in each tensor
+    chunk_map,  # int64 [2, P]: tensor index and first element of each program's chunk
+    n_programs,  # P, the row stride of chunk_map
+    grad_scale_ptr,  # fp32 scalar: the norm is of grad / grad_scale (read if HAS_GRAD_SCALE)
+    partials,  # fp32 [2, partial_stride]: row 0 sum of squares, row 1 non-finite flag
+    partial_stride,  # columns of partials (programs of every launch that shares it)
+    partial_offset,  # first column of this launch in partials
+    GRAD_DTYPE: tl.constexpr,  # element type of the grads
+    HAS_GRAD_SCALE: tl.constexpr,  # divide by *grad_scale before squaring
+    COMPUTE_NORM: tl.constexpr,  # accumulate the sum of squares (else only the flag)
+    BLOCK: tl.constexpr,  # elements per vector operation
+    CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
+):
+    """Bytes per element: reads the grad once (2 for fp16/bf16, 4 for fp32), writes nothing
+    per element (8 bytes per program of partials)."""
+    pid = tl.program_id(0)
+    tensor = tl.load(chunk_map + pid)
+    start = tl.load(chunk_map + n_programs + pid)
+    numel = tl.load(numels + tensor)
+    grad = tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE))
+    inv_scale = 1.0
+    if HAS_GRAD_SCALE:
+        inv_scale = 1.0 / tl.load(grad_scale_ptr)
+    sum_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    bad = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(0, CHUNK, BLOCK):
+        offsets = start + i + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        g = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
+        bad = tl.maximum(bad, tl.where((g != g) | (tl.abs(g) == float("inf")), 1.0, 0.0))
+        if COMPUTE_NORM:
+            g = g * inv_scale
+            sum_sq += g * g
+    tl.store(partials + partial_offset + pid, tl.sum(sum_sq, axis=0))
+    tl.store(partials + partial_stride + partial_offset + pid, tl.max(bad, axis=0))
+
+
+@triton.jit
+def _unscale_kernel(
+    grad_ptrs,  # int64 [T]: address of each grad tensor (updated in place)
+    numels,  # int64 [T]: elements in each tensor
+    chunk_map,  # int64 [2, P]: tensor index and first element of each program's chunk
+    n_programs,  # P, the row stride of chunk_map
+    inv_scale_ptr,  # fp32 scalar: grads are multiplied by it
+    found_inf_ptr,  # fp32 scalar: set to 1.0 when any input element is non-finite
+    GRAD_DTYPE: tl.constexpr,  # element type of the grads
+    BLOCK: tl.constexpr,  # elements per vector operation
+    CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
+):
+    """Bytes per element: reads and writes the grad (4 for fp16/bf16, 8 for fp32)."""
+    pid = tl.program_id(0)
+    tensor = tl.load(chunk_map + pid)
+    start = tl.load(chunk_map + n_programs + pid)
+    numel = tl.load(numels + tensor)
+    grad = tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE))
+    inv_scale = tl.load(inv_scale_ptr)
+    bad = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(0, CHUNK, BLOCK):
+        offsets = start + i + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        g = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
+        bad = tl.maximum(bad, tl.where((g != g) | (tl.abs(g) == float("inf")), 1.0, 0.0))
+        tl.store(grad + offsets, round_to(g * inv_scale, GRAD_DTYPE), mask=mask)
+    if tl.max(bad, axis=0) > 0:
+        # Every writer stores the same value, so concurrent stores need no atomics.
+        tl.store(found_inf_ptr, 1.0)
+
+
+def _group_by_dtype(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.dtype not in TORCH_TO_TRITON:
+            raise TypeError(
+                f"grads must be float16, bfloat16 or float32, got {t.dtype}; "
+                "the kernels do not handle other dtypes"
+            )
+        groups.setdefault(t.dtype, []).append(t)
+    return groups
+
+
+def _sub_cache(cache: TableCache | None, key) -> TableCache | None:
+    if cache is None:
+        return None
+    return cache.scratch.setdefault(key, TableCache())
+
+
+def _check_scalar(name: str, t: torch.Tensor, device: torch.device):
+    if t.numel() != 1 or t.dtype != torch.float32 or t.device != device:
+        raise ValueError(
+            f"{name} must be a one-element float32 tensor on {device}, "
+            f"got {t.dtype} with {t.numel()} elements on {t.device}"
+        )
+
+
+def nonfinite_check_and_norm(
+    grads: Sequence[torch.Tensor],
+    *,
+    grad_scale: torch.Tensor | None = None,
+    compute_norm: bool = True,
+    out: torch.Tensor | None = None,
+    cache: TableCache | None = None,
+) -> torch.Tensor:
+    """Find non-finite grads and the squared global norm of ``grads / grad_scale``, read-only.
+
+    Args:
+        grads: contiguous fp16/bf16/fp32 tensors on one device (dtypes may be mixed).
+        grad_scale: optional one-element fp32 device tensor (the loss scale); the norm is of the
+            unscaled grads, so a large scale cannot overflow the sum of squares.
+        compute_norm: accumulate the sum of squares; when False ``result[0]`` is 0.
+        out: optional fp32 tensor of 2 elements to write into (no allocation).
+        cache: optional ``TableCache`` kept by the caller to reuse tables between calls.
+
+    Returns:
+        fp32 tensor ``[sum of squares, non-finite count]`` on the grads' device. The count is
+        the number of blocks holding an inf or nan: non-zero iff any element is non-finite
+        (the same convention as ``GradScaler``'s summed ``found_inf``). Nothing is synced.
+    """
+    if len(grads) == 0:
+        raise ValueError("nonfinite_check_and_norm needs at least one tensor")
+    device = grads[0].device
+    if grad_scale is not None:
+        _check_scalar("grad_scale", grad_scale, device)
+    if out is None:
+        out = torch.empty(2, dtype=torch.float32, device=device)
+    groups = _group_by_dtype(grads)
+    config = launch_config("nonfinite_check", device)
+    launches = []
+    total = 0
+    for dtype, tensors in groups.items():
+        cache_ = _sub_cache(cache, ("check", dtype))
+        tables = tables_for(["grads"], [tensors], [], config["CHUNK"], cache_)
+        launches.append((dtype, tables, total))
+        total += tables.n_programs
+    if total == 0:  # only zero-size tensors
+        return out.zero_()
+    partials = _scratch(cache, "check_partials", (2, total), device)
+    for dtype, tables, offset in launches:
+        if tables.n_programs == 0:
+            continue
+        _nonfinite_check_kernel[(tables.n_programs,)](
+            tables.addresses[0],
+            tables.numels,
+            tables.chunk_map,
+            tables.n_programs,
+            grad_scale if grad_scale is not None else partials,
+            partials,
+            total,
+            offset,
+            GRAD_DTYPE=TORCH_TO_TRITON[dtype],
+            HAS_GRAD_SCALE=grad_scale is not None,
+            COMPUTE_NORM=compute_norm,
+            BLOCK=config["BLOCK"],
+            CHUNK=config["CHUNK"],
+            num_warps=config["num_warps"],
+        )
+    torch.sum(partials, dim=1, out=out)
+    return out
+
+
+def unscale_and_check_(
+    grads: Sequence[torch.Tensor],
+    found_inf: torch.Tensor,
+    inv_scale: torch.Tensor,
+    *,
+    cache: TableCache | None = None,
+) -> None:
+    """Multiply ``grads`` in place by ``inv_scale`` and set ``found_inf`` to 1.0 on any non-finite.
+
+    The job of ``torch._amp_foreach_non_finite_check_and_unscale_`` (same argument order), for
+    fp16, bf16 and fp32 grads alike. The check is on the input values; ``found_inf`` is only
+    ever set, never cleared (zero it first). Low-precision grads are rounded to nearest-even.
+    """
+    if len(grads) == 0:
+        return
+    device = grads[0].device
+    _check_scalar("found_inf", found_inf, device)
+    _check_scalar("inv_scale", inv_scale, device)
+    config = launch_config("unscale", device)
+    for dtype, tensors in _group_by_dtype(grads).items():
+        cache_ = _sub_cache(cache, ("unscale", dtype))
+        tables = tables_for(["grads"], [tensors], [], config["CHUNK"], cache_)
+        if tables.n_programs == 0:
+            continue
+        _unscale_kernel[(tables.n_programs,)](
+            tables.addresses[0],
+            tables.numels,
+            tables.chunk_map,
+            tables.n_programs,
+            inv_scale,
+            found_inf,
+            GRAD_DTYPE=TORCH_TO_TRITON[dtype],
+            BLOCK=config["BLOCK"],
+            CHUNK=config["CHUNK"],
+            num_warps=config["num_warps"],
+        )
+
+
+def _scratch(cache: TableCache | None, name: str, shape, device) -> torch.Tensor:
+    """A workspace tensor, kept in ``cache`` so steady steps allocate nothing."""
+    if cache is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    buf = cache.scratch.get(name)
+    if buf is None or tuple(buf.shape) != tuple(shape) or buf.device != device:
+        buf = torch.empty(shape, dtype=torch.float32, device=device)
+        cache.scratch[name] = buf
+    return buf

@@ -1,0 +1,190 @@
+"""Pure-torch references of every kernel: the CPU fallback and the tests' oracle.
+
+Same signatures and semantics as the Triton launchers (``nonfinite_check_and_norm``,
+``unscale_and_check_``, ``adam_step``, ``sgd_step``), written with ``torch._foreach_*`` ops in
+fp32, in the kernels' order of operations, so the two agree to a few ulps. Bias corrections
+are computed in Python floats (fp64) from the step counts.
+
+Differences that are allowed: these functions read flags and step counts with ``.item()``,
+which syncs a GPU (the Triton path never does); they are meant for CPU tensors and for
+checking the kernels. ``cache`` arguments are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["nonfinite_check_and_norm", "unscale_and_check_", "adam_step", "sgd_step"]
+
+
+def _any_nonfinite(grads: Sequence[torch.Tensor]) -> bool:
+    # The max-abs norm is inf or nan exactly when some element is, and cannot overflow.
+    return any(not math.isfinite(n) for n in torch._foreach_norm(grads, math.inf))
+
+
+def nonfinite_check_and_norm(
+    grads: Sequence[torch.Tensor],
+    *,
+    grad_scale: torch.Tensor | None = None,
+    compute_norm: bool = True,
+    out: torch.Tensor | None = None,
+    cache=None,
+) -> torch.Tensor:
+    """Reference of ``kernels.nonfinite.nonfinite_check_and_norm``: returns fp32
+    ``[sum of squares of grads / grad_scale, non-finite flag]`` (flag 1.0 or 0.0)."""
+    if len(grads) == 0:
+        raise ValueError("nonfinite_check_and_norm needs at least one tensor")
+    device = grads[0].device
+    flag = 1.0 if _any_nonfinite(grads) else 0.0
+    sum_sq = 0.0
+    if compute_norm:
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        if grad_scale is not None:
+            norms = norms / grad_scale.float()
+        sum_sq = norms.square().sum()
+    result = torch.stack([torch.as_tensor(sum_sq, dtype=torch.float32), torch.tensor(flag)]).to(
+        device
+    )
+    if out is not None:
+        return out.copy_(result)
+    return result
+
+
+def unscale_and_check_(
+    grads: Sequence[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor, *, cache=None
+) -> None:
+    """Reference of ``kernels.nonfinite.unscale_and_check_``."""
+    if len(grads) == 0:
+        return
+    if _any_nonfinite(grads):
+        found_inf.fill_(1.0)
+    torch._foreach_mul_(list(grads), inv_scale)
+
+
+def _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize):
+    """fp32 grads with the unscale, clip and sign applied, in the kernels' order.
+
+    fp32 grads are used as they are when nothing applies; every op below is out of place, so
+    the caller's grads are never written.
+    """
+    g = [x.float() for x in grads]
+    if grad_scale is not None:
+        g = torch._foreach_mul(g, 1.0 / grad_scale.float())
+    if norm_sq is not None and max_norm > 0:
+        clip_coef = torch.clamp(max_norm / (norm_sq.float().sqrt() + 1e-6), max=1.0)
+        g = torch._foreach_mul(g, clip_coef)
+    if maximize:
+        g = torch._foreach_neg(g)
+    return g
+
+
+def _skipped(found_inf: torch.Tensor | None) -> bool:
+    return found_inf is not None and found_inf.item() != 0
+
+
+def adam_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    *,
+    masters: Sequence[torch.Tensor] | None = None,
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None = None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    norm_sq: torch.Tensor | None = None,
+    max_norm: float = 0.0,
+    cache=None,
+) -> None:
+    """Reference of ``kernels.adam.adam_step`` (same arguments and semantics)."""
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
+    if len(params) == 0 or _skipped(found_inf):
+        return
+    lr, weight_decay = float(lr), float(weight_decay)
+    weights = list(masters) if masters is not None else list(params)
+    exp_avgs, exp_avg_sqs = list(exp_avgs), list(exp_avg_sqs)
+    g = _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            torch._foreach_mul_(weights, 1.0 - lr * weight_decay)
+        else:
+            g = torch._foreach_add(g, weights, alpha=weight_decay)
+    torch._foreach_lerp_(exp_avgs, g, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
+    second = exp_avg_sqs
+    if amsgrad:
+        torch._foreach_maximum_(list(max_exp_avg_sqs), exp_avg_sqs)
+        second = list(max_exp_avg_sqs)
+    new_steps = [s.item() + 1.0 for s in steps]
+    step_sizes = [-lr / (1.0 - beta1**s) for s in new_steps]
+    bc2_sqrts = [math.sqrt(1.0 - beta2**s) for s in new_steps]
+    denom = torch._foreach_sqrt(second)
+    torch._foreach_div_(denom, bc2_sqrts)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(weights, exp_avgs, denom, step_sizes)
+    if masters is not None:
+        torch._foreach_copy_(list(params), weights)
+    torch._foreach_add_(list(steps), 1.0)
+
+
+def sgd_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor] | None,
+    steps: Sequence[torch.Tensor] | None,
+    *,
+    masters: Sequence[torch.Tensor] | None = None,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool = False,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    norm_sq: torch.Tensor | None = None,
+    max_norm: float = 0.0,
+    cache=None,
+) -> None:
+    """Reference of ``kernels.sgd.sgd_step`` (same arguments and semantics)."""
+    if momentum != 0 and (momentum_buffers is None or steps is None):
+        raise ValueError("momentum != 0 needs momentum_buffers and steps")
+    if len(params) == 0 or _skipped(found_inf):
+        return
+    weights = list(masters) if masters is not None else list(params)
+    g = _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize)
+    if weight_decay != 0:
+        g = torch._foreach_add(g, weights, alpha=weight_decay)
+    if momentum != 0:
+        bufs = list(momentum_buffers)
+        first = [s.item() == 0 for s in steps]
+        for buf, grad, is_first in zip(bufs, g, first):
+            if is_first:
+                buf.copy_(grad)
+        later = [i for i, f in enumerate(first) if not f]
+        if later:
+            later_bufs = [bufs[i] for i in later]
+            torch._foreach_mul_(later_bufs, momentum)
+            torch._foreach_add_(later_bufs, [g[i] for i in later], alpha=1.0 - dampening)
+        if nesterov:
+            g = torch._foreach_add(g, bufs, alpha=momentum)
+        else:
+            g = bufs
+        torch._foreach_add_(list(steps), 1.0)
+    torch._foreach_add_(weights, g, alpha=-lr)
+    if masters is not None:
+        torch._foreach_copy_(list(params), weights)

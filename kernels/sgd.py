@@ -1,0 +1,187 @@
+"""Fused mixed-precision SGD step (momentum, dampening, nesterov, weight decay, maximize).
+
+Per element, ``torch.optim.SGD``'s math in fp32, with the loss-scale division and the clip
+coefficient folded in as in ``adam``::
+
+    g = g / grad_scale ; g = g * clip_coef ; g = -g if maximize
+    g = g + weight_decay * p
+    if momentum != 0:
+        buf = g on the tensor's first step, else momentum * buf + (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    p = p - lr * g ;  param = round_to_nearest_even(p) when it has an fp32 master
+
+The "first step" is read from the tensor's device step count (0 before its first update), so
+a skipped step cannot consume it. With ``momentum == 0`` there is no buffer and no step count.
+
+Bytes per element (fp16 param and grad, fp32 master and momentum buffer): reads grad 2 +
+master 4 + buf 4 = 10, writes master 4 + buf 4 + param 2 = 10: **20 bytes**. Without momentum
+12 bytes. fp32 params without master: 24 bytes with momentum (read g, p, buf; write p, buf).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .adam import check_step_inputs, grad_factor, increment_steps
+from .launch_config import launch_config
+from .multi_tensor import TableCache, tables_for
+from .nonfinite import TORCH_TO_TRITON
+from .rounding import round_to
+
+__all__ = ["sgd_step"]
+
+
+@triton.jit
+def _sgd_kernel(
+    param_ptrs,  # int64 [T]: params (low precision with a master, else fp32 and updated)
+    grad_ptrs,  # int64 [T]: grads, read only
+    master_ptrs,  # int64 [T]: fp32 master weights (read if HAS_MASTER)
+    momentum_buffer_ptrs,  # int64 [T]: fp32 momentum buffers (if HAS_MOMENTUM)
+    step_ptrs,  # int64 [T]: fp32 one-element step counts, 0 before the first step (if HAS_MOMENTUM)
+    numels,  # int64 [T]: elements in each tensor
+    chunk_map,  # int64 [2, P]: tensor index and first element of each program's chunk
+    n_programs,  # P, the row stride of chunk_map
+    grad_scale_ptr,  # fp32 scalar: grads are divided by it (if HAS_GRAD_SCALE)
+    found_inf_ptr,  # fp32 scalar: non-zero means skip, write nothing (if HAS_FOUND_INF)
+    norm_sq_ptr,  # fp32 scalar: squared global norm of the unscaled grads (if HAS_CLIP)
+    max_norm,  # fp32: clipping threshold (if HAS_CLIP)
+    lr,  # fp32: learning rate
+    momentum,  # fp32: momentum factor
+    one_minus_dampening,  # fp32: 1 - dampening, computed on the host
+    weight_decay,  # fp32: L2 weight decay
+    PARAM_DTYPE: tl.constexpr,  # element type of the params
+    GRAD_DTYPE: tl.constexpr,  # element type of the grads
+    HAS_MASTER: tl.constexpr,  # params are low precision with an fp32 master
+    HAS_MOMENTUM: tl.constexpr,  # momentum != 0: keep a buffer
+    NESTEROV: tl.constexpr,  # Nesterov momentum
+    MAXIMIZE: tl.constexpr,  # ascend rather than descend
+    HAS_GRAD_SCALE: tl.constexpr,  # divide grads by *grad_scale_ptr
+    HAS_FOUND_INF: tl.constexpr,  # skip everything when *found_inf_ptr != 0
+    HAS_CLIP: tl.constexpr,  # clip by the global norm in *norm_sq_ptr
+    BLOCK: tl.constexpr,  # elements per vector operation
+    CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
+):
+    pid = tl.program_id(0)
+    tensor = tl.load(chunk_map + pid)
+    start = tl.load(chunk_map + n_programs + pid)
+    numel = tl.load(numels + tensor)
+    if HAS_FOUND_INF:
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+
+    param = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
+    grad = tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE))
+    master = param
+    if HAS_MASTER:
+        master = tl.load(master_ptrs + tensor).to(tl.pointer_type(tl.float32))
+    buf_ptr = master
+    first_step = False
+    if HAS_MOMENTUM:
+        buf_ptr = tl.load(momentum_buffer_ptrs + tensor).to(tl.pointer_type(tl.float32))
+        first_step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))) == 0
+    inv_scale, clip_coef = grad_factor(
+        grad_scale_ptr, norm_sq_ptr, max_norm, HAS_GRAD_SCALE, HAS_CLIP
+    )
+
+    for i in tl.static_range(0, CHUNK, BLOCK):
+        offsets = start + i + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        g = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(master + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GRAD_SCALE:
+            g = g * inv_scale
+        if HAS_CLIP:
+            g = g * clip_coef
+        if MAXIMIZE:
+            g = -g
+        g = g + weight_decay * p
+        if HAS_MOMENTUM:
+            buf = tl.load(buf_ptr + offsets, mask=mask, other=0.0)
+            buf = tl.where(first_step, g, buf * momentum + one_minus_dampening * g)
+            tl.store(buf_ptr + offsets, buf, mask=mask)
+            if NESTEROV:
+                g = g + momentum * buf
+            else:
+                g = buf
+        p = p - lr * g
+        tl.store(master + offsets, p, mask=mask)
+        if HAS_MASTER:
+            tl.store(param + offsets, round_to(p, PARAM_DTYPE), mask=mask)
+
+
+def sgd_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor] | None,
+    steps: Sequence[torch.Tensor] | None,
+    *,
+    masters: Sequence[torch.Tensor] | None = None,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool = False,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    norm_sq: torch.Tensor | None = None,
+    max_norm: float = 0.0,
+    cache: TableCache | None = None,
+) -> None:
+    """One fused SGD step over every tensor of a group, in place, with no host sync.
+
+    ``momentum_buffers`` (fp32) and ``steps`` (fp32 one-element counts, 0 before a tensor's
+    first step, advanced unless ``found_inf``) are required when ``momentum != 0`` and ignored
+    otherwise. Other arguments as in ``adam_step``. Launches: one, plus one for the step counts
+    when momentum is on.
+    """
+    has_momentum = momentum != 0
+    if has_momentum and (momentum_buffers is None or steps is None):
+        raise ValueError("momentum != 0 needs momentum_buffers and steps")
+    state = {"masters": masters}
+    state["momentum_buffers"] = momentum_buffers if has_momentum else None
+    state["steps"] = steps if has_momentum else None
+    check_step_inputs(params, grads, masters, state, grad_scale, found_inf, norm_sq)
+    config = launch_config("sgd", params[0].device)
+    tables = tables_for(
+        ["params", "grads", *state], [params, grads], list(state.values()), config["CHUNK"], cache
+    )
+    param_ptrs, grad_ptrs, master_ptrs, buf_ptrs, step_ptrs = tables.addresses
+    has_clip = norm_sq is not None and max_norm > 0
+    scalar = tables.numels  # any tensor: stands in for absent optional pointers
+    if tables.n_programs > 0:
+        _sgd_kernel[(tables.n_programs,)](
+            param_ptrs,
+            grad_ptrs,
+            master_ptrs,
+            buf_ptrs,
+            step_ptrs,
+            tables.numels,
+            tables.chunk_map,
+            tables.n_programs,
+            grad_scale if grad_scale is not None else scalar,
+            found_inf if found_inf is not None else scalar,
+            norm_sq if has_clip else scalar,
+            float(max_norm),
+            float(lr),
+            float(momentum),
+            1.0 - float(dampening),
+            float(weight_decay),
+            PARAM_DTYPE=TORCH_TO_TRITON[params[0].dtype],
+            GRAD_DTYPE=TORCH_TO_TRITON[grads[0].dtype],
+            HAS_MASTER=masters is not None,
+            HAS_MOMENTUM=has_momentum,
+            NESTEROV=bool(nesterov),
+            MAXIMIZE=bool(maximize),
+            HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            HAS_CLIP=has_clip,
+            BLOCK=config["BLOCK"],
+            CHUNK=config["CHUNK"],
+            num_warps=config["num_warps"],
+        )
+    if has_momentum:
+        increment_steps(step_ptrs, len(params), found_inf)
