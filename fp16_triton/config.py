@@ -505,8 +505,8 @@ def _parse_optimizer(value: Any) -> OptimizerConfig:
         close = _suggest(given, SUPPORTED_OPTIMIZERS)
         hint = f"; did you mean '{close}'?" if close else ""
         raise ConfigError(
-            f"unsupported optimizer type {given!r} at 'optimizer.type'{hint} "
-            f"supported (case-insensitive): {', '.join(SUPPORTED_OPTIMIZERS)}"
+            f"unsupported optimizer type {given!r} at 'optimizer.type'; supported "
+            f"(case-insensitive): {', '.join(SUPPORTED_OPTIMIZERS)}{hint}"
         )
     params = _section_params(section, "optimizer")
     if "max_grad_norm" in params:
@@ -574,7 +574,8 @@ def _parse_scheduler(value: Any) -> SchedulerConfig:
         close = _suggest(given, SUPPORTED_SCHEDULERS)
         hint = f"; did you mean '{close}'?" if close else ""
         raise ConfigError(
-            f"unsupported scheduler type {given!r} at 'scheduler.type'{hint} supported: {supported}"
+            f"unsupported scheduler type {given!r} at 'scheduler.type'; "
+            f"supported: {supported}{hint}"
         )
     params = _section_params(section, "scheduler")
     spec = _SCHEDULER_PARAMS[given]

@@ -567,7 +567,7 @@ class DynamicLossScaler(LossScaler):
 
         # Clean branch.
         stable = it - last - 1
-        grow = (stable >= 0) & (torch.remainder(stable, self._scale_window) == 0)
+        grow = (stable > 0) & (torch.remainder(stable, self._scale_window) == 0)
         grown = scale * self._factor_t
         grown = torch.where(torch.isfinite(grown), grown, scale)  # float32 cap, see docstring
         scale_clean = torch.where(grow, grown, scale)

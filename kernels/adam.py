@@ -22,12 +22,13 @@ Bytes per element (fp16 param, fp16 grad, fp32 master/exp_avg/exp_avg_sq):
 reads grad 2 + master 4 + exp_avg 4 + exp_avg_sq 4 = 14, writes master 4 + exp_avg 4 +
 exp_avg_sq 4 + param 2 = 14: **28 bytes**. amsgrad adds 8 (read and write max_exp_avg_sq).
 fp32 params without master: read g 4 + p 4 + m 4 + v 4, write p 4 + m 4 + v 4 = 28 bytes.
-A skipped step reads only the flag. Step counts: 8 bytes per tensor, not per element.
+fp16 params without a master: 22 bytes. A skipped step reads only the flag.
+Step counts: 8 bytes per tensor, not per element.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -38,7 +39,7 @@ from .multi_tensor import TableCache, tables_for
 from .nonfinite import TORCH_TO_TRITON
 from .rounding import round_to
 
-__all__ = ["adam_step", "increment_steps"]
+__all__ = ["adam_step", "prepare_adam_step", "increment_steps"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -73,7 +74,7 @@ def grad_factor(grad_scale_ptr, norm_sq_ptr, max_norm, HAS_GRAD_SCALE, HAS_CLIP)
 
 @triton.jit
 def _adam_kernel(
-    param_ptrs,  # int64 [T]: params (low precision with a master, else fp32 and updated)
+    param_ptrs,  # int64 [T]: params, written (rounded from the master when there is one)
     grad_ptrs,  # int64 [T]: grads, read only
     master_ptrs,  # int64 [T]: fp32 master weights (read if HAS_MASTER)
     exp_avg_ptrs,  # int64 [T]: fp32 first moments
@@ -96,7 +97,7 @@ def _adam_kernel(
     weight_decay,  # fp32: L2 (Adam) or decoupled (AdamW) weight decay
     PARAM_DTYPE: tl.constexpr,  # element type of the params
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
-    HAS_MASTER: tl.constexpr,  # params are low precision with an fp32 master
+    HAS_MASTER: tl.constexpr,  # low-precision params with an fp32 master (else updated in place)
     DECOUPLED: tl.constexpr,  # AdamW (decoupled weight decay) rather than Adam
     AMSGRAD: tl.constexpr,  # keep and use the running max of the second moments
     MAXIMIZE: tl.constexpr,  # ascend rather than descend
@@ -167,9 +168,9 @@ def _adam_kernel(
             tl.store(max_exp_avg_sq + offsets, v, mask=mask)
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         p = p - step_size * tl.div_rn(m, denom)
-        tl.store(master + offsets, p, mask=mask)
         if HAS_MASTER:
-            tl.store(param + offsets, round_to(p, PARAM_DTYPE), mask=mask)
+            tl.store(master + offsets, p, mask=mask)
+        tl.store(param + offsets, round_to(p, PARAM_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -217,16 +218,17 @@ def _check_scalar(name: str, t: torch.Tensor | None, device: torch.device):
 def check_step_inputs(params, grads, masters, state_lists, grad_scale, found_inf, norm_sq):
     """O(1) checks of the dtype combination shared by the step launchers (the per-tensor checks
     run when tables are rebuilt)."""
+    if len(params) == 0 or len(grads) == 0:
+        raise ValueError("a fused step needs at least one param with a grad; got an empty list")
     param_dtype, grad_dtype = params[0].dtype, grads[0].dtype
     if param_dtype not in TORCH_TO_TRITON or grad_dtype not in TORCH_TO_TRITON:
         raise TypeError(
             f"params and grads must be float16, bfloat16 or float32, got {param_dtype} params "
             f"with {grad_dtype} grads"
         )
-    if (masters is not None) != (param_dtype in LOW_PRECISION):
+    if masters is not None and param_dtype not in LOW_PRECISION:
         raise ValueError(
-            "fp32 masters are required for float16/bfloat16 params and must be None for "
-            f"float32 params (params are {param_dtype})"
+            f"masters must be None for {param_dtype} params: they are their own master"
         )
     for name, lst in state_lists.items():
         if lst is not None and len(lst) and lst[0].dtype != torch.float32:
@@ -236,7 +238,7 @@ def check_step_inputs(params, grads, masters, state_lists, grad_scale, found_inf
         _check_scalar(name, t, device)
 
 
-def adam_step(
+def prepare_adam_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
@@ -258,8 +260,13 @@ def adam_step(
     norm_sq: torch.Tensor | None = None,
     max_norm: float = 0.0,
     cache: TableCache | None = None,
-) -> None:
-    """One fused Adam/AdamW step over every tensor of a group, in place, with no host sync.
+) -> Callable[[], None]:
+    """Check the inputs and build the tables of a fused Adam/AdamW step; return its launch.
+
+    Splitting the checks from the launch lets an optimizer check every group before it
+    updates any, so bad input changes nothing. ``adam_step`` does both at once.
+
+    One fused Adam/AdamW step over every tensor of a group, in place, with no host sync.
 
     Args:
         params: fp16/bf16 params (with ``masters``) or fp32 params (updated directly), all of
@@ -268,7 +275,8 @@ def adam_step(
         exp_avgs, exp_avg_sqs: fp32 moments, one per param.
         steps: fp32 one-element step counts (the count *before* this step), advanced by one
             after the update unless ``found_inf`` is non-zero.
-        masters: fp32 master weights for low-precision params, else None.
+        masters: fp32 master weights for low-precision params; None updates the params
+            themselves (always so for fp32 params), still in fp32 math, rounding on store.
         max_exp_avg_sqs: fp32 running maxima, required with ``amsgrad``.
         lr, beta1, beta2, eps, weight_decay: hyperparameters (runtime values, never
             compile-time constants, so changing them never recompiles).
@@ -301,40 +309,52 @@ def adam_step(
     )
     has_clip = norm_sq is not None and max_norm > 0
     scalar = tables.numels  # any tensor: stands in for absent optional pointers
-    if tables.n_programs > 0:
-        _adam_kernel[(tables.n_programs,)](
-            param_ptrs,
-            grad_ptrs,
-            master_ptrs,
-            exp_avg_ptrs,
-            exp_avg_sq_ptrs,
-            max_ptrs,
-            step_ptrs,
-            tables.numels,
-            tables.chunk_map,
-            tables.n_programs,
-            grad_scale if grad_scale is not None else scalar,
-            found_inf if found_inf is not None else scalar,
-            norm_sq if has_clip else scalar,
-            float(max_norm),
-            float(lr),
-            float(beta1),
-            float(beta2),
-            1.0 - float(beta1),
-            1.0 - float(beta2),
-            float(eps),
-            float(weight_decay),
-            PARAM_DTYPE=TORCH_TO_TRITON[params[0].dtype],
-            GRAD_DTYPE=TORCH_TO_TRITON[grads[0].dtype],
-            HAS_MASTER=masters is not None,
-            DECOUPLED=bool(decoupled_weight_decay),
-            AMSGRAD=bool(amsgrad),
-            MAXIMIZE=bool(maximize),
-            HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            HAS_CLIP=has_clip,
-            BLOCK=config["BLOCK"],
-            CHUNK=config["CHUNK"],
-            num_warps=config["num_warps"],
-        )
-    increment_steps(step_ptrs, len(params), found_inf)
+    param_dtype, grad_dtype = params[0].dtype, grads[0].dtype
+    n_tensors = len(params)
+
+    def launch():
+        if tables.n_programs > 0:
+            _adam_kernel[(tables.n_programs,)](
+                param_ptrs,
+                grad_ptrs,
+                master_ptrs,
+                exp_avg_ptrs,
+                exp_avg_sq_ptrs,
+                max_ptrs,
+                step_ptrs,
+                tables.numels,
+                tables.chunk_map,
+                tables.n_programs,
+                grad_scale if grad_scale is not None else scalar,
+                found_inf if found_inf is not None else scalar,
+                norm_sq if has_clip else scalar,
+                float(max_norm),
+                float(lr),
+                float(beta1),
+                float(beta2),
+                1.0 - float(beta1),
+                1.0 - float(beta2),
+                float(eps),
+                float(weight_decay),
+                PARAM_DTYPE=TORCH_TO_TRITON[param_dtype],
+                GRAD_DTYPE=TORCH_TO_TRITON[grad_dtype],
+                HAS_MASTER=masters is not None,
+                DECOUPLED=bool(decoupled_weight_decay),
+                AMSGRAD=bool(amsgrad),
+                MAXIMIZE=bool(maximize),
+                HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
+                HAS_CLIP=has_clip,
+                BLOCK=config["BLOCK"],
+                CHUNK=config["CHUNK"],
+                num_warps=config["num_warps"],
+            )
+        increment_steps(step_ptrs, n_tensors, found_inf)
+
+    return launch
+
+
+def adam_step(*args, **kwargs) -> None:
+    """One fused Adam/AdamW step, in place, with no host sync: ``prepare_adam_step``'s
+    arguments, checked and launched at once."""
+    prepare_adam_step(*args, **kwargs)()

@@ -81,6 +81,20 @@ def _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize):
     return g
 
 
+def _fp32_weights(params, masters) -> list[torch.Tensor]:
+    """The fp32 weights the update runs on: the masters, else the params (fp32 copies of
+    low-precision params without a master, written back rounded by ``_write_back``)."""
+    if masters is not None:
+        return list(masters)
+    return [p.float() for p in params]
+
+
+def _write_back(params, weights) -> None:
+    low = [(p, w) for p, w in zip(params, weights) if p.dtype != torch.float32]
+    if low:
+        torch._foreach_copy_([p for p, _ in low], [w for _, w in low])
+
+
 def _skipped(found_inf: torch.Tensor | None) -> bool:
     return found_inf is not None and found_inf.item() != 0
 
@@ -114,7 +128,7 @@ def adam_step(
     if len(params) == 0 or _skipped(found_inf):
         return
     lr, weight_decay = float(lr), float(weight_decay)
-    weights = list(masters) if masters is not None else list(params)
+    weights = _fp32_weights(params, masters)
     exp_avgs, exp_avg_sqs = list(exp_avgs), list(exp_avg_sqs)
     g = _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize)
     if weight_decay != 0:
@@ -136,8 +150,7 @@ def adam_step(
     torch._foreach_div_(denom, bc2_sqrts)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(weights, exp_avgs, denom, step_sizes)
-    if masters is not None:
-        torch._foreach_copy_(list(params), weights)
+    _write_back(params, weights)
     torch._foreach_add_(list(steps), 1.0)
 
 
@@ -165,7 +178,7 @@ def sgd_step(
         raise ValueError("momentum != 0 needs momentum_buffers and steps")
     if len(params) == 0 or _skipped(found_inf):
         return
-    weights = list(masters) if masters is not None else list(params)
+    weights = _fp32_weights(params, masters)
     g = _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize)
     if weight_decay != 0:
         g = torch._foreach_add(g, weights, alpha=weight_decay)
@@ -186,5 +199,4 @@ def sgd_step(
             g = bufs
         torch._foreach_add_(list(steps), 1.0)
     torch._foreach_add_(weights, g, alpha=-lr)
-    if masters is not None:
-        torch._foreach_copy_(list(params), weights)
+    _write_back(params, weights)

@@ -15,12 +15,13 @@ a skipped step cannot consume it. With ``momentum == 0`` there is no buffer and 
 
 Bytes per element (fp16 param and grad, fp32 master and momentum buffer): reads grad 2 +
 master 4 + buf 4 = 10, writes master 4 + buf 4 + param 2 = 10: **20 bytes**. Without momentum
-12 bytes. fp32 params without master: 24 bytes with momentum (read g, p, buf; write p, buf).
+12 bytes. fp32 params without master: 24 bytes with momentum (read g, p, buf; write p, buf);
+fp16 params without master: 16 bytes with momentum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -32,12 +33,12 @@ from .multi_tensor import TableCache, tables_for
 from .nonfinite import TORCH_TO_TRITON
 from .rounding import round_to
 
-__all__ = ["sgd_step"]
+__all__ = ["sgd_step", "prepare_sgd_step"]
 
 
 @triton.jit
 def _sgd_kernel(
-    param_ptrs,  # int64 [T]: params (low precision with a master, else fp32 and updated)
+    param_ptrs,  # int64 [T]: params, written (rounded from the master when there is one)
     grad_ptrs,  # int64 [T]: grads, read only
     master_ptrs,  # int64 [T]: fp32 master weights (read if HAS_MASTER)
     momentum_buffer_ptrs,  # int64 [T]: fp32 momentum buffers (if HAS_MOMENTUM)
@@ -55,7 +56,7 @@ def _sgd_kernel(
     weight_decay,  # fp32: L2 weight decay
     PARAM_DTYPE: tl.constexpr,  # element type of the params
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
-    HAS_MASTER: tl.constexpr,  # params are low precision with an fp32 master
+    HAS_MASTER: tl.constexpr,  # low-precision params with an fp32 master (else updated in place)
     HAS_MOMENTUM: tl.constexpr,  # momentum != 0: keep a buffer
     NESTEROV: tl.constexpr,  # Nesterov momentum
     MAXIMIZE: tl.constexpr,  # ascend rather than descend
@@ -107,12 +108,12 @@ def _sgd_kernel(
             else:
                 g = buf
         p = p - lr * g
-        tl.store(master + offsets, p, mask=mask)
         if HAS_MASTER:
-            tl.store(param + offsets, round_to(p, PARAM_DTYPE), mask=mask)
+            tl.store(master + offsets, p, mask=mask)
+        tl.store(param + offsets, round_to(p, PARAM_DTYPE), mask=mask)
 
 
-def sgd_step(
+def prepare_sgd_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     momentum_buffers: Sequence[torch.Tensor] | None,
@@ -130,8 +131,11 @@ def sgd_step(
     norm_sq: torch.Tensor | None = None,
     max_norm: float = 0.0,
     cache: TableCache | None = None,
-) -> None:
-    """One fused SGD step over every tensor of a group, in place, with no host sync.
+) -> Callable[[], None]:
+    """Check the inputs and build the tables of a fused SGD step; return its launch (see
+    ``prepare_adam_step`` for why the two are split). ``sgd_step`` does both at once.
+
+    One fused SGD step over every tensor of a group, in place, with no host sync.
 
     ``momentum_buffers`` (fp32) and ``steps`` (fp32 one-element counts, 0 before a tensor's
     first step, advanced unless ``found_inf``) are required when ``momentum != 0`` and ignored
@@ -152,36 +156,48 @@ def sgd_step(
     param_ptrs, grad_ptrs, master_ptrs, buf_ptrs, step_ptrs = tables.addresses
     has_clip = norm_sq is not None and max_norm > 0
     scalar = tables.numels  # any tensor: stands in for absent optional pointers
-    if tables.n_programs > 0:
-        _sgd_kernel[(tables.n_programs,)](
-            param_ptrs,
-            grad_ptrs,
-            master_ptrs,
-            buf_ptrs,
-            step_ptrs,
-            tables.numels,
-            tables.chunk_map,
-            tables.n_programs,
-            grad_scale if grad_scale is not None else scalar,
-            found_inf if found_inf is not None else scalar,
-            norm_sq if has_clip else scalar,
-            float(max_norm),
-            float(lr),
-            float(momentum),
-            1.0 - float(dampening),
-            float(weight_decay),
-            PARAM_DTYPE=TORCH_TO_TRITON[params[0].dtype],
-            GRAD_DTYPE=TORCH_TO_TRITON[grads[0].dtype],
-            HAS_MASTER=masters is not None,
-            HAS_MOMENTUM=has_momentum,
-            NESTEROV=bool(nesterov),
-            MAXIMIZE=bool(maximize),
-            HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            HAS_CLIP=has_clip,
-            BLOCK=config["BLOCK"],
-            CHUNK=config["CHUNK"],
-            num_warps=config["num_warps"],
-        )
-    if has_momentum:
-        increment_steps(step_ptrs, len(params), found_inf)
+    param_dtype, grad_dtype = params[0].dtype, grads[0].dtype
+    n_tensors = len(params)
+
+    def launch():
+        if tables.n_programs > 0:
+            _sgd_kernel[(tables.n_programs,)](
+                param_ptrs,
+                grad_ptrs,
+                master_ptrs,
+                buf_ptrs,
+                step_ptrs,
+                tables.numels,
+                tables.chunk_map,
+                tables.n_programs,
+                grad_scale if grad_scale is not None else scalar,
+                found_inf if found_inf is not None else scalar,
+                norm_sq if has_clip else scalar,
+                float(max_norm),
+                float(lr),
+                float(momentum),
+                1.0 - float(dampening),
+                float(weight_decay),
+                PARAM_DTYPE=TORCH_TO_TRITON[param_dtype],
+                GRAD_DTYPE=TORCH_TO_TRITON[grad_dtype],
+                HAS_MASTER=masters is not None,
+                HAS_MOMENTUM=has_momentum,
+                NESTEROV=bool(nesterov),
+                MAXIMIZE=bool(maximize),
+                HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
+                HAS_CLIP=has_clip,
+                BLOCK=config["BLOCK"],
+                CHUNK=config["CHUNK"],
+                num_warps=config["num_warps"],
+            )
+        if has_momentum:
+            increment_steps(step_ptrs, n_tensors, found_inf)
+
+    return launch
+
+
+def sgd_step(*args, **kwargs) -> None:
+    """One fused SGD step, in place, with no host sync: ``prepare_sgd_step``'s arguments,
+    checked and launched at once."""
+    prepare_sgd_step(*args, **kwargs)()
