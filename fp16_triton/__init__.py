@@ -5,4 +5,10 @@ mixed-precision Adam/AdamW/SGD steps that keep fp32 master weights and write the
 parameters back, behind ``torch.optim``-compatible optimizers.
 """
 
+from .adam import Adam, AdamW
+from .optimizer import BACKEND_ENV, FusedOptimizer
+from .sgd import SGD
+
 __version__ = "0.1.0"
+
+__all__ = ["Adam", "AdamW", "SGD", "FusedOptimizer", "BACKEND_ENV", "__version__"]

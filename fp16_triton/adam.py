@@ -1,0 +1,168 @@
+"""``Adam`` and ``AdamW``: drop-in replacements for ``torch.optim.Adam`` / ``AdamW`` with fp32
+master weights for fp16/bf16 params and one fused Triton launch per param bucket."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .optimizer import Bucket, FusedOptimizer, check_lr, lr_value
+
+__all__ = ["Adam", "AdamW"]
+
+
+class Adam(FusedOptimizer):
+    """Adam (``torch.optim.Adam``'s arguments, defaults, math and state names).
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate, a float or a one-element tensor (default 1e-3).
+        betas: coefficients of the running averages of the grad and its square.
+        eps: added to the denominator after the bias-corrected square root (default 1e-8).
+        weight_decay: L2 penalty added to the grad (default 0).
+        amsgrad: use the running maximum of the second moment (default False).
+        maximize: maximize the objective (default False).
+        master_weights: keep an fp32 master copy of each fp16/bf16 param in
+            ``state[p]["master_param"]`` and write the param back rounded to nearest-even
+            after every step (default True). fp32 params are their own master.
+        backend: ``"triton"`` (fused kernels), ``"torch"`` (the pure-torch reference) or
+            ``"auto"`` (Triton for params on a GPU, torch otherwise). The environment
+            variable ``FP16_TRITON_BACKEND`` overrides it.
+
+    State per param, all fp32 on the param's device: ``step`` (a one-element tensor that a
+    skipped step does not advance), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad),
+    ``master_param`` (fp16/bf16 params with masters).
+    """
+
+    _state_names = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _decoupled_weight_decay = False
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        master_weights: bool = True,
+        backend: str = "auto",
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+        )
+        self._check_hyperparameters(defaults)
+        super().__init__(params, defaults, master_weights=master_weights, backend=backend)
+
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        eps, (beta1, beta2), wd = group["eps"], group["betas"], group["weight_decay"]
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+        if not 0.0 <= wd:
+            raise ValueError(f"Invalid weight_decay value: {wd}")
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        zeros = lambda: torch.zeros(p.shape, dtype=torch.float32, device=p.device)  # noqa: E731
+        state = {
+            "step": torch.zeros((), dtype=torch.float32, device=p.device),
+            "exp_avg": zeros(),
+            "exp_avg_sq": zeros(),
+        }
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = zeros()
+        return state
+
+    def _import_state(self, p, group, saved, key):
+        state = super()._import_state(p, group, saved, key)
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            if name not in state:
+                raise ValueError(f"loaded state of param {key!r} has no {name!r}")
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            # torch creates it at the first amsgrad step too: start from the current moment.
+            state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
+        return state
+
+    def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
+        beta1, beta2 = group["betas"]
+        if group["amsgrad"] and bucket.state["max_exp_avg_sq"] is None:
+            # amsgrad switched on after the first step: give every param of the bucket a max.
+            for p in bucket.params:
+                self.state[p].setdefault("max_exp_avg_sq", self.state[p]["exp_avg_sq"].clone())
+            bucket.state["max_exp_avg_sq"] = [
+                self.state[p]["max_exp_avg_sq"] for p in bucket.params
+            ]
+            if bucket.cache is not None:
+                bucket.cache.state_version += 1
+        kwargs = dict(
+            masters=bucket.state["master_param"],
+            max_exp_avg_sqs=bucket.state["max_exp_avg_sq"],
+            lr=lr_value(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=self._decoupled_weight_decay,
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            **scaling,
+        )
+        args = (
+            bucket.params,
+            grads,
+            bucket.state["exp_avg"],
+            bucket.state["exp_avg_sq"],
+            bucket.state["step"],
+        )
+        if bucket.backend == "triton":
+            from .kernels.adam import prepare_adam_step
+
+            return prepare_adam_step(*args, cache=bucket.cache, **kwargs)
+        from .kernels.reference import adam_step
+
+        return lambda: adam_step(*args, **kwargs)
+
+
+class AdamW(Adam):
+    """AdamW: Adam with decoupled weight decay (``p *= 1 - lr * weight_decay``), default
+    ``weight_decay=1e-2``; otherwise exactly ``Adam`` (see its arguments)."""
+
+    _decoupled_weight_decay = True
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        master_weights: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            master_weights=master_weights,
+            backend=backend,
+        )

@@ -1,0 +1,382 @@
+"""The base of the fused optimizers: grouping, fp32 masters, backends, state dicts, AMP contract.
+
+``FusedOptimizer`` is a ``torch.optim.Optimizer``: ``param_groups``, ``add_param_group``,
+``zero_grad``, ``state``, schedulers and ``torch.amp.GradScaler`` work as with torch's own. A
+subclass names its state (``_state_names``), how to create it (``_init_state``) and how to
+launch one step of a bucket (``_prepare_bucket``).
+
+A *bucket* is the set of params of one param group that share (device, param dtype, grad
+dtype, master or not): one kernel launch covers it, whatever the number of tensors. Buckets
+are rebuilt only when the set of params with a grad changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FusedOptimizer", "BACKEND_ENV"]
+
+BACKEND_ENV = "FP16_TRITON_BACKEND"
+"""Environment variable that overrides every optimizer's ``backend`` for a whole run."""
+
+BACKENDS = ("auto", "triton", "torch")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+_MAX_CACHED_ACTIVE_SETS = 8  # distinct "which params have grads" patterns kept per group
+
+
+@dataclass
+class Bucket:
+    """Params of one group that one launch updates together, with their state lists."""
+
+    params: list[torch.Tensor]
+    state: dict[str, list[torch.Tensor] | None]
+    backend: str
+    grad_dtype: torch.dtype
+    cache: Any = None  # kernels.multi_tensor.TableCache on the Triton backend
+
+
+@dataclass
+class _GroupPlan:
+    buckets: list[Bucket] = field(default_factory=list)
+
+
+def _interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """The backend that serves params on ``device``: ``"triton"`` or ``"torch"``.
+
+    ``FP16_TRITON_BACKEND`` overrides ``requested``. ``"auto"`` picks Triton on GPUs (CUDA or
+    ROCm) and torch elsewhere. ``"triton"`` on CPU tensors runs only under Triton's
+    interpreter (``TRITON_INTERPRET=1``, meant for tests); anywhere it cannot run is an error.
+    """
+    backend = os.environ.get(BACKEND_ENV, requested)
+    if backend not in BACKENDS:
+        source = BACKEND_ENV if BACKEND_ENV in os.environ else "backend"
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "triton":
+        if not _triton_available():
+            raise RuntimeError(
+                "backend='triton' needs the triton package (pip install triton, Linux); "
+                "use backend='torch' or 'auto'"
+            )
+        if device.type != "cuda" and not (device.type == "cpu" and _interpreter_enabled()):
+            raise RuntimeError(
+                f"backend='triton' cannot serve params on {device}: the kernels need a GPU "
+                "(or, for testing, CPU tensors with TRITON_INTERPRET=1 set before import). "
+                "Use backend='torch' or 'auto'."
+            )
+    return backend
+
+
+class FusedOptimizer(Optimizer):
+    """Base class of ``Adam``, ``AdamW`` and ``SGD``: see the module docstring.
+
+    Subclasses set ``_state_names`` (per-param fp32 state, in torch's names) and implement
+    ``_init_state`` and ``_prepare_bucket``.
+    """
+
+    # torch.amp.GradScaler passes its scale and inf flag as device tensors (grad_scale,
+    # found_inf attributes) instead of unscaling and syncing: the contract of torch's fused
+    # optimizers.
+    _step_supports_amp_scaling = True
+    _state_names: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        *,
+        master_weights: bool = True,
+        backend: str = "auto",
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self._plans: dict[int, dict[tuple, _GroupPlan]] = {}
+        defaults = dict(defaults, master_weights=bool(master_weights))
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- param groups and checks
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (as ``torch.optim.Optimizer.add_param_group``), after checking
+        that every param is a floating tensor of a supported dtype, appears once, and can be
+        served by the chosen backend."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        seen: set[int] = set()
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                continue  # torch's own check gives the message
+            if id(p) in seen:
+                raise ValueError(
+                    "a parameter appears twice in one param group; pass each parameter once "
+                    "(for tied weights, pass the shared tensor a single time)"
+                )
+            seen.add(id(p))
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"{type(self).__name__} updates float16, bfloat16 and float32 params; got "
+                    f"a {p.dtype} param of shape {tuple(p.shape)}"
+                )
+            resolve_backend(self.backend, p.device)  # raises if it cannot be served
+        super().add_param_group(param_group)
+
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
+        """Validate a group's hyperparameters (torch's messages). Subclasses override."""
+
+    # ----------------------------------------------------------------------------- state
+    def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """fp32 state for ``p`` on its device: the subclass's tensors plus ``master_param``."""
+        state = self._init_state(p, group)
+        if group["master_weights"] and p.dtype in LOW_PRECISION:
+            state["master_param"] = p.detach().float().clone(memory_format=torch.contiguous_format)
+        return state
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ steps
+    def _plan(self, group: dict[str, Any]) -> list[Bucket]:
+        """The buckets of ``group`` for this step (cached by which params have grads)."""
+        active = [p for p in group["params"] if p.grad is not None]
+        key = tuple(map(id, active))
+        plans = self._plans.setdefault(id(group), {})
+        plan = plans.get(key)
+        if plan is None:
+            if len(plans) >= _MAX_CACHED_ACTIVE_SETS:
+                plans.clear()
+            plan = plans[key] = _GroupPlan(self._build_buckets(group, active))
+        return plan.buckets
+
+    def _build_buckets(self, group: dict[str, Any], active: list[torch.Tensor]) -> list[Bucket]:
+        for p in active:
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients; use dense "
+                    "gradients (e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
+                )
+            if p.grad.shape != p.shape:
+                raise RuntimeError(
+                    f"a grad of shape {tuple(p.grad.shape)} for a param of shape "
+                    f"{tuple(p.shape)}: grads must have their param's shape"
+                )
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for p in active:
+            groups.setdefault((p.device, p.dtype, p.grad.dtype), []).append(p)
+        buckets = []
+        for (device, _, grad_dtype), params in groups.items():
+            backend = resolve_backend(self.backend, device)
+            for p in params:
+                if len(self.state[p]) == 0:
+                    self.state[p] = self._new_state(p, group)
+            names = list(self._state_names) + ["master_param"]
+            state = {
+                name: [self.state[p][name] for p in params]
+                if name in self.state[params[0]]
+                else None
+                for name in names
+            }
+            cache = None
+            if backend == "triton":
+                from .kernels.multi_tensor import TableCache
+
+                cache = TableCache()
+            buckets.append(Bucket(params, state, backend, grad_dtype, cache))
+        return buckets
+
+    def _fused_step(
+        self,
+        *,
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
+        norm_sq: torch.Tensor | None = None,
+        max_norm: float = 0.0,
+    ) -> None:
+        """One step of every param with a grad. ``grad_scale``, ``found_inf`` and ``norm_sq``
+        are optional device tensors (see ``kernels.adam.adam_step``); they are moved to each
+        bucket's device without a sync. Every bucket is checked before any is updated."""
+        launches: list[Callable[[], None]] = []
+        for group in self.param_groups:
+            self._check_hyperparameters(group)
+            for bucket in self._plan(group):
+                grads = [p.grad for p in bucket.params]
+                if grads[0].dtype != bucket.grad_dtype:
+                    self._plans.pop(id(group), None)  # dtypes changed: rebuild next step
+                    return self._fused_step(
+                        grad_scale=grad_scale,
+                        found_inf=found_inf,
+                        norm_sq=norm_sq,
+                        max_norm=max_norm,
+                    )
+                device = bucket.params[0].device
+                launches.append(
+                    self._prepare_bucket(
+                        bucket,
+                        grads,
+                        group,
+                        grad_scale=_on(grad_scale, device),
+                        found_inf=_on(found_inf, device),
+                        norm_sq=_on(norm_sq, device),
+                        max_norm=max_norm,
+                    )
+                )
+        for launch in launches:
+            launch()
+
+    def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform a single optimization step; returns the closure's loss if one is given.
+
+        Under ``torch.amp.GradScaler`` the scaler's ``grad_scale`` and ``found_inf`` device
+        tensors are used directly: grads are unscaled inside the fused step, and the step is
+        skipped (step counts included) when ``found_inf`` is non-zero. No host sync on the
+        Triton backend.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._fused_step(
+            grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None),
+        )
+        return loss
+
+    # ------------------------------------------------------------------------ state dicts
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout: ``{"state": {index: {...}}, "param_groups": [...]}``.
+
+        State tensors are torch's (``step``, ``exp_avg``, ...) in fp32, plus ``master_param``
+        for low-precision params with masters. ``step`` is a CPU fp32 tensor, as in
+        ``torch.optim``'s default (non-fused) optimizers, so the dict loads into those.
+        """
+        sd = super().state_dict()
+        for s in sd["state"].values():
+            if isinstance(s.get("step"), torch.Tensor):
+                s["step"] = s["step"].detach().to("cpu", torch.float32, copy=True)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this optimizer or of its ``torch.optim`` counterpart.
+
+        Everything is checked before anything changes: the number of groups and of params
+        per group, and each state tensor's size. State is kept in fp32 on the param's device
+        (torch would cast it to the param's dtype and lose the fp32 precision of fp16 runs).
+        Mapping from torch: a low-precision param without ``master_param`` gets its master
+        from the current param value; a missing ``step`` is derived by ``_import_state``.
+        """
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("a state dict needs the keys 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer "
+                f"has {len(self.param_groups)}"
+            )
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"loaded state dict's parameter group {i} has {len(saved['params'])} "
+                    f"params, this optimizer's has {len(group['params'])}"
+                )
+        id_to_param = {}
+        id_to_group = {}
+        for group, saved in zip(self.param_groups, saved_groups):
+            for p, saved_id in zip(group["params"], saved["params"]):
+                id_to_param[saved_id] = p
+                id_to_group[saved_id] = group
+        new_state: dict[torch.Tensor, dict[str, Any]] = {}
+        for key, saved_state in state_dict["state"].items():
+            if key not in id_to_param:
+                raise ValueError(f"loaded state refers to param {key!r}, which no group has")
+            p = id_to_param[key]
+            new_state[p] = self._import_state(p, id_to_group[key], saved_state, key)
+        # Everything checked: now change.
+        for group, saved in zip(self.param_groups, saved_groups):
+            for k, v in saved.items():
+                if k != "params" and k != "param_names":
+                    group[k] = v
+        self.state.clear()
+        self.state.update(new_state)
+        self._plans.clear()
+
+    def _import_state(self, p, group, saved: dict[str, Any], key) -> dict[str, torch.Tensor]:
+        """Convert one param's saved state to ours (checked, fp32, on ``p``'s device)."""
+        out: dict[str, Any] = {}
+        for name, value in saved.items():
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(float(value))
+            expected = () if name == "step" else tuple(p.shape)
+            if name != "step" and value.numel() != p.numel():
+                raise ValueError(
+                    f"loaded state {name!r} of param {key!r} has shape {tuple(value.shape)}, "
+                    f"the param has shape {expected}"
+                )
+            if name == "step" and value.numel() != 1:
+                raise ValueError(f"loaded 'step' of param {key!r} must be a single number")
+            value = value.detach().to(p.device, torch.float32).reshape(expected)
+            out[name] = value.clone(memory_format=torch.contiguous_format)
+        if group.get("master_weights", True) and p.dtype in LOW_PRECISION:
+            out.setdefault("master_param", p.detach().float().clone())
+        else:
+            out.pop("master_param", None)
+        return out
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return text[:-1] + f"backend: {self.backend}\n)"
+
+
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=True)
+
+
+def check_lr(lr) -> None:
+    """torch's learning-rate checks and messages."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def lr_value(lr) -> float:
+    """The learning rate as a float (a tensor lr on a GPU is read with a sync)."""
+    return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+
+
+def is_finite_number(x) -> bool:
+    """True for finite real numbers (and one-element tensors holding one)."""
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False

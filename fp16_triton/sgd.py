@@ -1,0 +1,116 @@
+"""``SGD``: a drop-in replacement for ``torch.optim.SGD`` with fp32 master weights for fp16/bf16
+params and one fused Triton launch per param bucket."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .optimizer import Bucket, FusedOptimizer, check_lr, lr_value
+
+__all__ = ["SGD"]
+
+
+class SGD(FusedOptimizer):
+    """SGD with momentum (``torch.optim.SGD``'s arguments, defaults, math and state names).
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate, a float or a one-element tensor (default 1e-3).
+        momentum: momentum factor (default 0).
+        dampening: dampening for momentum (default 0).
+        weight_decay: L2 penalty added to the grad (default 0).
+        nesterov: Nesterov momentum (default False).
+        maximize: maximize the objective (default False).
+        master_weights, backend: as in ``fp16_triton.Adam``.
+
+    State per param, fp32 on the param's device, when ``momentum != 0``: ``momentum_buffer``
+    (it starts as the first grad, as in torch) and ``step``, a one-element count that tells the
+    kernel which step is a param's first (torch's SGD has no ``step``; loading a torch state
+    dict derives it from whether a buffer exists). Plus ``master_param`` for fp16/bf16 params.
+    """
+
+    _state_names = ("step", "momentum_buffer")
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        master_weights: bool = True,
+        backend: str = "auto",
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
+        self._check_hyperparameters(defaults)
+        super().__init__(params, defaults, master_weights=master_weights, backend=backend)
+
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        if group["momentum"] < 0.0:
+            raise ValueError(f"Invalid momentum value: {group['momentum']}")
+        if group["weight_decay"] < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if group["momentum"] == 0:
+            return {}
+        return {
+            "step": torch.zeros((), dtype=torch.float32, device=p.device),
+            "momentum_buffer": torch.zeros(p.shape, dtype=torch.float32, device=p.device),
+        }
+
+    def _import_state(self, p, group, saved, key):
+        state = super()._import_state(p, group, saved, key)
+        if group["momentum"] != 0:
+            if "momentum_buffer" not in state:  # torch saves None before the first step
+                state["momentum_buffer"] = torch.zeros(
+                    p.shape, dtype=torch.float32, device=p.device
+                )
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state.setdefault("step", torch.ones((), dtype=torch.float32, device=p.device))
+        return state
+
+    def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
+        has_momentum = group["momentum"] != 0
+        if has_momentum and bucket.state["momentum_buffer"] is None:
+            # momentum switched on after the first step: buffers start at the next step.
+            for p in bucket.params:
+                self.state[p].update(self._init_state(p, group))
+            for name in ("step", "momentum_buffer"):
+                bucket.state[name] = [self.state[p][name] for p in bucket.params]
+            if bucket.cache is not None:
+                bucket.cache.state_version += 1
+        kwargs = dict(
+            masters=bucket.state["master_param"],
+            lr=lr_value(group["lr"]),
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            **scaling,
+        )
+        args = (bucket.params, grads, bucket.state["momentum_buffer"], bucket.state["step"])
+        if bucket.backend == "triton":
+            from .kernels.sgd import prepare_sgd_step
+
+            return prepare_sgd_step(*args, cache=bucket.cache, **kwargs)
+        from .kernels.reference import sgd_step
+
+        return lambda: sgd_step(*args, **kwargs)
