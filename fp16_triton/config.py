@@ -703,6 +703,7 @@ def _read_json(path: Path) -> Any:
         raise ConfigError(f"config file '{path}' has the key '{exc.args[0]}' twice") from exc
 
 
+#: What :func:`load_config` accepts: a mapping, a path to a JSON file, or ``None``.
 ConfigSource = Union[Mapping[str, Any], str, "os.PathLike[str]", None]
 
 

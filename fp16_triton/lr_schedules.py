@@ -53,6 +53,7 @@ __all__ = [
 #: The warm-up curves DeepSpeed implements.
 WARMUP_TYPES = ("log", "linear")
 
+#: A learning rate argument: one number for every param group, one per group, or ``None``.
 LrSpec = Union[float, Sequence[float], None]
 
 

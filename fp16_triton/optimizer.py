@@ -277,6 +277,8 @@ class FusedOptimizer(Optimizer):
         ``torch.optim``'s default (non-fused) optimizers, so the dict loads into those.
         """
         sd = super().state_dict()
+        # torch packs the live per-param dicts: copy each before replacing its step.
+        sd["state"] = {index: dict(s) for index, s in sd["state"].items()}
         for s in sd["state"].values():
             if isinstance(s.get("step"), torch.Tensor):
                 s["step"] = s["step"].detach().to("cpu", torch.float32, copy=True)

@@ -184,9 +184,12 @@ def _increment_steps_kernel(
     """Bytes: 8 per tensor (read and write its fp32 step). A separate launch because the step
     kernel's programs of one tensor all read its count: none of them may write it."""
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = index < n_tensors
+    limit = n_tensors
     if HAS_FOUND_INF:
-        mask = mask & (tl.load(found_inf_ptr) == 0)
+        # A skipped step advances nothing. (A limit rather than `mask & flag`: the interpreter
+        # cannot combine a block mask with a scalar boolean.)
+        limit = tl.where(tl.load(found_inf_ptr) == 0, n_tensors, 0)
+    mask = index < limit
     steps = tl.load(step_ptrs + index, mask=mask, other=0).to(tl.pointer_type(tl.float32))
     tl.store(steps, tl.load(steps, mask=mask) + 1.0, mask=mask)
 

@@ -153,7 +153,7 @@ def flag_tensor(overflow, kind):
     return torch.tensor([[int(overflow)]], dtype=torch.int32)
 
 
-PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPERTY

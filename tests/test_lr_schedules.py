@@ -7,6 +7,7 @@ Reference (deepspeedai/DeepSpeed, deepspeed/runtime/lr_schedules.py), with ``it`
 ``max(0, (total - it) / max(1, total - W))`` (WarmupDecayLR).
 """
 
+import inspect
 import io
 import math
 import warnings
@@ -95,8 +96,9 @@ def test_hand_computed_values():
     assert lrs[11] == pytest.approx(0.1)
 
     opt = make_optimizer()
-    sched = WarmupLR(opt, warmup_min_lr=0.0, warmup_max_lr=1.0, warmup_num_steps=4,
-                     warmup_type="linear")  # fmt: skip
+    sched = WarmupLR(
+        opt, warmup_min_lr=0.0, warmup_max_lr=1.0, warmup_num_steps=4, warmup_type="linear"
+    )
     lrs = dict(run(sched, opt, 6))
     assert [lrs[i] for i in range(6)] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
 
@@ -195,7 +197,7 @@ def test_load_deepspeed_state_dict_and_resume():
     sched = WarmupLR(opt, warmup_min_lr=0.0, warmup_max_lr=1.0, warmup_num_steps=10)
     sched.load_state_dict({"last_batch_iteration": 4})  # what DeepSpeed saves
     assert sched.last_batch_iteration == 4
-    (it, lr), = run(sched, opt, 1)  # fmt: skip
+    ((it, lr),) = run(sched, opt, 1)
     assert it == 5 and lr == pytest.approx(reference_lr(5, 0.0, 1.0, 10, "log"))
 
     with pytest.raises(ValueError, match="last_epoch"):
@@ -204,8 +206,9 @@ def test_load_deepspeed_state_dict_and_resume():
     # Resuming through the constructor (DeepSpeed's meaning of last_batch_iteration) on a fresh
     # optimizer that has no "initial_lr" yet.
     opt = make_optimizer()
-    sched = WarmupLR(opt, warmup_min_lr=0.0, warmup_max_lr=1.0, warmup_num_steps=10,
-                     last_batch_iteration=5)  # fmt: skip
+    sched = WarmupLR(
+        opt, warmup_min_lr=0.0, warmup_max_lr=1.0, warmup_num_steps=10, last_batch_iteration=5
+    )
     assert sched.last_batch_iteration == 5
     assert opt.param_groups[0]["lr"] == pytest.approx(reference_lr(5, 0.0, 1.0, 10, "log"))
     assert run(sched, opt, 1)[0][0] == 6
@@ -226,8 +229,9 @@ def test_drives_torch_adamw_without_warnings():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1.0, weight_decay=0.01)
-    sched = WarmupDecayLR(opt, total_num_steps=12, warmup_max_lr=0.1, warmup_num_steps=4,
-                          warmup_type="linear")  # fmt: skip
+    sched = WarmupDecayLR(
+        opt, total_num_steps=12, warmup_max_lr=0.1, warmup_num_steps=4, warmup_type="linear"
+    )
     seen = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. torch's "step() before optimizer.step()" warning
@@ -275,8 +279,6 @@ def test_build_scheduler_from_config():
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_config_defaults_match_class_signature(name):
     # The config fills in exactly the constructor's parameters, with its defaults.
-    import inspect
-
     params = {
         p.name: p.default
         for p in inspect.signature(SCHEDULERS[name]).parameters.values()
