@@ -6,9 +6,23 @@ parameters back, behind ``torch.optim``-compatible optimizers.
 """
 
 from .adam import Adam, AdamW
+from .fp16_optimizer import FP16Optimizer
+from .loss_scaler import DynamicLossScaler, LossScaler, MinLossScaleError, get_loss_scaler
 from .optimizer import BACKEND_ENV, FusedOptimizer
 from .sgd import SGD
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "AdamW", "SGD", "FusedOptimizer", "BACKEND_ENV", "__version__"]
+__all__ = [
+    "Adam",
+    "AdamW",
+    "SGD",
+    "FusedOptimizer",
+    "FP16Optimizer",
+    "LossScaler",
+    "DynamicLossScaler",
+    "MinLossScaleError",
+    "get_loss_scaler",
+    "BACKEND_ENV",
+    "__version__",
+]

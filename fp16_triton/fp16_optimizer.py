@@ -1,0 +1,379 @@
+"""``FP16Optimizer``: loss scaling, the non-finite skip and gradient clipping around an optimizer.
+
+DeepSpeed's ``FP16_Optimizer`` semantics with every decision made on the device. One step:
+
+1. one read-only pass over the scaled grads: the non-finite flag and the squared global norm
+   of the *unscaled* grads (``kernels.nonfinite``), with the scale used in backward;
+2. the fused optimizer step with the combined factor ``clip_coef / loss_scale``, where
+   ``clip_coef = min(1, clip_grad / (norm + 1e-6))`` as in ``torch.nn.utils.clip_grad_norm_``;
+   the kernels skip every write when the flag is set;
+3. the loss-scale update with the same device flag, *after* the unscale (DeepSpeed PR 8588).
+
+With an ``fp16_triton`` optimizer (the fused path) nothing syncs: ``overflow``,
+``skipped_steps``, ``global_grad_norm`` and ``loss_scale`` are device values read (and synced)
+only when you read them, and skipped steps are logged one step late from an asynchronous copy.
+Any other ``torch.optim.Optimizer`` works through a generic, slower path that keeps its own fp32
+masters, unscales into their ``.grad`` and reads the overflow flag on the host once per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .loss_scaler import LossScaler, get_loss_scaler
+from .optimizer import LOW_PRECISION, FusedOptimizer, resolve_backend
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FP16Optimizer"]
+
+_LOG_INTERVAL_S = 10.0  # skipped steps are logged at most this often (with a count)
+
+
+class _HostFlag:
+    """A device scalar copied to the host without a sync: read one step late on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self._cuda = device.type == "cuda"
+        self._host = torch.zeros((), pin_memory=True) if self._cuda else None
+        self._event = torch.cuda.Event() if self._cuda else None
+        self._pending = False
+        self._value: float | None = None
+
+    def record(self, value: torch.Tensor) -> None:
+        if self._cuda:
+            self._host.copy_(value, non_blocking=True)
+            self._event.record()
+            self._pending = True
+        else:
+            self._value = float(value)
+
+    def poll(self) -> float | None:
+        """The last recorded value once it has reached the host (once), else None."""
+        if self._cuda:
+            if not self._pending or not self._event.query():
+                return None
+            self._pending = False
+            return float(self._host)
+        value, self._value = self._value, None
+        return value
+
+
+class FP16Optimizer(Optimizer):
+    """Mixed-precision wrapper: dynamic loss scaling, non-finite skip, gradient clipping.
+
+    Args:
+        optimizer: an ``fp16_triton`` optimizer (``Adam``, ``AdamW``, ``SGD``: the fused path)
+            or any ``torch.optim.Optimizer`` over fp16/bf16/fp32 params (the generic path,
+            slower: extra passes and one host sync per step).
+        loss_scaler: a ``LossScaler`` / ``DynamicLossScaler``, a DeepSpeed-style ``fp16``
+            config dict, or None: dynamic defaults when any param is fp16, no scaling for
+            bf16/fp32 models.
+        clip_grad: clip the global norm of the unscaled grads to this value (0: off).
+        check_nonfinite: skip steps whose grads hold inf/nan (default True). With no scaling
+            and no clipping, False removes the check pass altogether (bf16 runs that accept
+            the risk).
+
+    ``param_groups`` and ``state`` are the wrapped optimizer's, so LR schedulers take this
+    wrapper. ``overflow``, ``skipped_steps``, ``global_grad_norm`` and ``loss_scale`` sync the
+    device when read.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        loss_scaler: LossScaler | dict | None = None,
+        clip_grad: float = 0.0,
+        check_nonfinite: bool = True,
+    ):
+        if not isinstance(optimizer, Optimizer) or isinstance(optimizer, FP16Optimizer):
+            raise TypeError(
+                "FP16Optimizer wraps a torch.optim.Optimizer (fp16_triton.Adam/AdamW/SGD for "
+                f"the fused path); got {type(optimizer).__name__}"
+            )
+        if not (isinstance(clip_grad, (int, float)) and math.isfinite(clip_grad)) or clip_grad < 0:
+            raise ValueError(f"clip_grad must be a finite number >= 0, got {clip_grad!r}")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if not params:
+            raise ValueError("the wrapped optimizer has no parameters")
+        self.optimizer = optimizer
+        self.fused = isinstance(optimizer, FusedOptimizer)
+        self.clip_grad = float(clip_grad)
+        self.check_nonfinite = bool(check_nonfinite)
+        self.device = params[0].device
+        if loss_scaler is None or isinstance(loss_scaler, dict):
+            has_fp16 = any(p.dtype == torch.float16 for p in params)
+            dtype = torch.float16 if has_fp16 else params[0].dtype
+            loss_scaler = get_loss_scaler(loss_scaler, dtype=dtype)
+        if not isinstance(loss_scaler, LossScaler):
+            raise TypeError(
+                f"loss_scaler must be a LossScaler, a config dict or None, got {loss_scaler!r}"
+            )
+        self.loss_scaler = loss_scaler.to(self.device)
+        self._scaling = loss_scaler.dynamic or loss_scaler.loss_scale != 1.0  # one read, here
+        self.defaults = optimizer.defaults
+        # Device-side results of the last step (no sync to produce them).
+        self._check = torch.zeros(2, dtype=torch.float32, device=self.device)
+        self._skip = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._skip_to_host = _HostFlag(self.device)
+        self._skips_since_log = 0
+        self._last_log = -math.inf
+        self._caches: dict = {}
+        self._masters: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if not self.fused:
+            self._make_masters()
+
+    # ------------------------------------------------------------- torch.optim.Optimizer face
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's param groups (schedulers edit these)."""
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        """The wrapped optimizer's state."""
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the model's grads (and the generic path's master grads)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                _zero(p, set_to_none)
+        for model_param, _ in self._masters:
+            _zero(model_param, set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer (fused path only)."""
+        if not self.fused:
+            raise NotImplementedError("add_param_group needs an fp16_triton optimizer")
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return (
+            f"FP16Optimizer(clip_grad={self.clip_grad}, fused={self.fused}, "
+            f"loss_scaler={self.loss_scaler!r},\n{self.optimizer!r})"
+        )
+
+    # --------------------------------------------------------------------------- training
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss * loss_scale``."""
+        return self.loss_scaler.scale_loss(loss)
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """Backpropagate ``loss * loss_scale``."""
+        self.loss_scaler.backward(loss, retain_graph=retain_graph)
+
+    def _model_params(self) -> list[torch.Tensor]:
+        if self.fused:
+            return [p for g in self.param_groups for p in g["params"]]
+        return [model_param for model_param, _ in self._masters]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Check, unscale, clip and step; then update the loss scale. Returns the closure's
+        loss. Raises ``MinLossScaleError`` if the previous step overflowed at the minimum scale
+        (nothing was applied since)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.loss_scaler.raise_if_error()
+        self._log_skips()
+        scaler = self.loss_scaler
+        scaling = self._scaling
+        grads = [p.grad for p in self._model_params() if p.grad is not None]
+        if not grads:
+            return loss
+        needs_check = self.check_nonfinite or scaling or self.clip_grad > 0
+        found_inf = None
+        if needs_check:
+            self._check_grads(grads)
+            torch.add(self._check[1], scaler.pending_error, out=self._skip)
+            found_inf = self._skip
+        grad_scale = scaler.scale_tensor if scaling else None
+        norm_sq = self._check[0] if self.clip_grad > 0 else None
+        if self.fused:
+            self.optimizer._fused_step(
+                grad_scale=grad_scale, found_inf=found_inf, norm_sq=norm_sq, max_norm=self.clip_grad
+            )
+        else:
+            self._generic_step(grad_scale, found_inf, norm_sq)
+        if needs_check:
+            self._skipped_steps.add_(self._skip != 0)
+            self._skip_to_host.record(self._skip)
+            scaler.update_scale(self._check[1])
+        return loss
+
+    def _check_grads(self, grads: list[torch.Tensor]) -> None:
+        """Fill ``self._check`` with [squared unscaled norm, non-finite flag] over all grads."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        results = []
+        for device, device_grads in by_device.items():
+            scale = self.loss_scaler.scale_tensor
+            scale = scale if scale.device == device else scale.to(device, non_blocking=True)
+            backend = resolve_backend(getattr(self.optimizer, "backend", "auto"), device)
+            if backend == "triton":
+                from .kernels.multi_tensor import TableCache
+                from .kernels.nonfinite import nonfinite_check_and_norm
+            else:
+                from .kernels.reference import nonfinite_check_and_norm
+            cache = self._caches.setdefault(device, TableCache()) if backend == "triton" else None
+            out = self._check if device == self.device else None
+            results.append(
+                nonfinite_check_and_norm(device_grads, grad_scale=scale, out=out, cache=cache)
+            )
+        if len(results) > 1:
+            total = torch.stack([r.to(self.device, non_blocking=True) for r in results]).sum(0)
+            self._check.copy_(total)
+
+    # ------------------------------------------------------------------------ generic path
+    def _make_masters(self) -> None:
+        """Give the wrapped optimizer fp32 masters in place of low-precision params."""
+        for group in self.optimizer.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.dtype in LOW_PRECISION:
+                    master = p.detach().float().requires_grad_(p.requires_grad)
+                    group["params"][i] = master
+                    if p in self.optimizer.state:
+                        self.optimizer.state[master] = self.optimizer.state.pop(p)
+                else:
+                    master = p
+                self._masters.append((p, master))
+
+    def _generic_step(self, grad_scale, found_inf, norm_sq) -> None:
+        if found_inf is not None and found_inf.item() != 0:
+            return  # one host sync per step: the price of the generic path
+        factor = torch.ones((), device=self.device)
+        if grad_scale is not None:
+            factor = factor / grad_scale
+        if norm_sq is not None:
+            factor = factor * torch.clamp(self.clip_grad / (norm_sq.sqrt() + 1e-6), max=1.0)
+        for model_param, master in self._masters:
+            if model_param.grad is None:
+                master.grad = None
+                continue
+            grad = model_param.grad.float() * factor.to(model_param.grad.device)
+            if master is model_param:
+                model_param.grad.copy_(grad)
+            else:
+                master.grad = grad
+        self.optimizer.step()
+        with torch.no_grad():
+            for model_param, master in self._masters:
+                if master is not model_param:
+                    model_param.copy_(master)
+
+    # ---------------------------------------------------------------------- bookkeeping
+    def _log_skips(self) -> None:
+        """Log skipped steps (always, rate-limited), one step late so that nothing syncs."""
+        skipped = self._skip_to_host.poll()
+        if skipped:
+            self._skips_since_log += 1
+        now = time.monotonic()
+        if self._skips_since_log and now - self._last_log >= _LOG_INTERVAL_S:
+            logger.warning(
+                "skipped %d optimizer step(s) with inf/nan gradients (loss scale now %s)",
+                self._skips_since_log,
+                f"{self.loss_scaler.loss_scale:g}" if self.loss_scaler.dynamic else "static",
+            )
+            self._skips_since_log = 0
+            self._last_log = now
+
+    @property
+    def overflow(self) -> bool:
+        """Whether the last step found inf/nan grads and was skipped (syncs)."""
+        return bool(self._skip.item() != 0)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far (syncs)."""
+        return int(self._skipped_steps.item())
+
+    @property
+    def global_grad_norm(self) -> float:
+        """Global 2-norm of the last step's unscaled grads, before clipping (syncs)."""
+        return math.sqrt(float(self._check[0].item()))
+
+    @property
+    def loss_scale(self) -> float:
+        """The current loss scale (syncs)."""
+        return self.loss_scaler.loss_scale
+
+    @property
+    def cur_scale(self) -> float:
+        """DeepSpeed's name for ``loss_scale`` (syncs)."""
+        return self.loss_scale
+
+    # ------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state (fp32 masters included), the scaler and counters."""
+        sd = {
+            "optimizer": self.optimizer.state_dict(),
+            "loss_scaler": self.loss_scaler.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "clip_grad": self.clip_grad,
+        }
+        if not self.fused:
+            sd["fp32_masters"] = [m.detach().clone() for _, m in self._masters]
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; checks everything first and changes nothing on error."""
+        missing = {"optimizer", "loss_scaler"} - set(state_dict)
+        if missing:
+            raise ValueError(f"FP16Optimizer state dict lacks {sorted(missing)}")
+        trial = copy.deepcopy(self.loss_scaler)
+        trial.load_state_dict(state_dict["loss_scaler"])  # validates without touching ours
+        masters = state_dict.get("fp32_masters")
+        if not self.fused:
+            if masters is None or len(masters) != len(self._masters):
+                raise ValueError("state dict has no fp32 masters matching this model")
+            for (_, m), saved in zip(self._masters, masters):
+                if saved.shape != m.shape:
+                    raise ValueError(
+                        f"fp32 master of shape {tuple(saved.shape)} for {tuple(m.shape)}"
+                    )
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.loss_scaler.load_state_dict(state_dict["loss_scaler"])
+        self._scaling = self.loss_scaler.dynamic or self.loss_scaler.loss_scale != 1.0
+        self._skipped_steps.fill_(int(state_dict.get("skipped_steps", 0)))
+        if not self.fused:
+            with torch.no_grad():
+                for (_, m), saved in zip(self._masters, masters):
+                    m.copy_(saved)
+
+    def refresh_fp32_params(self) -> None:
+        """Copy the model's params into the fp32 masters (after loading model weights alone:
+        otherwise the next step would overwrite them from stale masters)."""
+        with torch.no_grad():
+            if self.fused:
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        master = self.state.get(p, {}).get("master_param")
+                        if master is not None:
+                            master.copy_(p)
+            else:
+                for model_param, master in self._masters:
+                    if master is not model_param:
+                        master.copy_(model_param)
+
+
+def _zero(p: torch.Tensor, set_to_none: bool) -> None:
+    if p.grad is None:
+        return
+    if set_to_none:
+        p.grad = None
+    else:
+        p.grad.detach_().requires_grad_(False)
+        p.grad.zero_()
