@@ -6,6 +6,7 @@ parameters back, behind ``torch.optim``-compatible optimizers.
 """
 
 from .adam import Adam, AdamW
+from .engine import CheckpointError, Engine, initialize
 from .fp16_optimizer import FP16Optimizer
 from .loss_scaler import DynamicLossScaler, LossScaler, MinLossScaleError, get_loss_scaler
 from .optimizer import BACKEND_ENV, FusedOptimizer
@@ -23,6 +24,9 @@ __all__ = [
     "DynamicLossScaler",
     "MinLossScaleError",
     "get_loss_scaler",
+    "Engine",
+    "initialize",
+    "CheckpointError",
     "BACKEND_ENV",
     "__version__",
 ]
