@@ -1,27 +1,135 @@
-"""Launch configurations (elements per program, block size, warps) for each kernel.
+"""Launch configurations (elements per program, block size, warps) of each kernel, per GPU.
 
 Kept in our own code rather than in ``triton.autotune``: autotuning with several configs fails
-on a CPU-only host, and autotuning an in-place kernel on live data would apply the update once
-per trial. Per-GPU tuned values replace these defaults once the tuning command exists.
+on a CPU-only host, autotuning an in-place kernel on live data would apply the update once per
+trial, and a first training step must never pause to autotune. Instead:
 
-Why these defaults: an optimizer step is memory-bound; 1024-element blocks with 4 warps give
-each thread 8 contiguous elements (two 128-bit loads of fp32), and 4 blocks per program amortise
-the per-program table loads while keeping enough programs in flight for small tensors. They are
-starting points, not measurements.
+1. ``fp16-triton tune`` times the ``CANDIDATES`` on scratch tensors and writes the winners to
+   a per-user cache file keyed by GPU name, compute capability, Triton version and
+   ``KERNELS_VERSION``;
+2. configs shipped in ``kernels/configs/*.json`` cover common GPUs by name;
+3. ``DEFAULT_CONFIGS`` is the generic fallback (and what the interpreter uses on CPU).
+
+``launch_config`` reads them once per device, in that order of preference.
+
+Why the defaults: an optimizer step is memory-bound; 1024-element blocks with 4 warps give each
+thread 8 contiguous elements (two 128-bit loads of fp32), and 4 blocks per program amortise the
+per-program table loads while keeping enough programs in flight for small tensors. They are
+reasoned starting points, not measurements (no GPU has been available yet).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+
 import torch
 
+logger = logging.getLogger(__name__)
+
+KERNELS_VERSION = 1
+"""Bumped whenever a kernel changes in a way that invalidates tuned configurations."""
+
+KERNELS = ("nonfinite_check", "unscale", "adam", "sgd")
+
 DEFAULT_CONFIGS: dict[str, dict[str, int]] = {
-    "nonfinite_check": {"BLOCK": 1024, "CHUNK": 4096, "num_warps": 4},
-    "unscale": {"BLOCK": 1024, "CHUNK": 4096, "num_warps": 4},
-    "adam": {"BLOCK": 1024, "CHUNK": 4096, "num_warps": 4},
-    "sgd": {"BLOCK": 1024, "CHUNK": 4096, "num_warps": 4},
+    name: {"BLOCK": 1024, "CHUNK": 4096, "num_warps": 4} for name in KERNELS
 }
+
+CANDIDATES: list[dict[str, int]] = [
+    {"BLOCK": block, "CHUNK": block * per_program, "num_warps": warps}
+    for block in (512, 1024, 2048)
+    for per_program in (1, 4, 8)
+    for warps in (4, 8)
+    if block // (32 * warps) >= 2  # at least 2 elements per thread: keeps 64-bit loads possible
+]
+"""What ``fp16-triton tune`` tries for every kernel."""
+
+CACHE_ENV = "FP16_TRITON_CACHE_DIR"
+SHIPPED_DIR = Path(__file__).parent / "configs"
+_overrides: dict[str, dict[str, int]] = {}
+
+
+def cache_file() -> Path:
+    """The per-user file of tuned configurations (``$FP16_TRITON_CACHE_DIR`` or
+    ``~/.cache/fp16_triton``)/``tuned.json``."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fp16_triton"
+    return Path(root) / "tuned.json"
+
+
+def device_key(device: torch.device) -> str:
+    """What a tuned entry is valid for: GPU name, compute capability, Triton version and the
+    kernels' version (so a changed kernel or compiler invalidates old entries)."""
+    import triton
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name, capability = props.name, f"{props.major}.{props.minor}"
+    else:
+        name, capability = device.type, "none"
+    return f"{name}|sm{capability}|triton{triton.__version__}|kernels{KERNELS_VERSION}"
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+@functools.cache
+def _resolved(device: torch.device) -> tuple[dict[str, dict[str, int]], str]:
+    """(configs for every kernel, where they came from) for ``device``; read once."""
+    configs = {k: dict(v) for k, v in DEFAULT_CONFIGS.items()}
+    source = "generic defaults (kernels/launch_config.py)"
+    name = _device_name(device)
+    for path in sorted(SHIPPED_DIR.glob("*.json")):
+        entry = json.loads(path.read_text())
+        if any(pattern.lower() in name.lower() for pattern in entry.get("match", [])):
+            configs.update({k: dict(v) for k, v in entry["configs"].items()})
+            source = f"shipped {path.name} ({entry.get('note', '')})".strip()
+            break
+    tuned_file = cache_file()
+    if tuned_file.is_file():
+        try:
+            tuned = json.loads(tuned_file.read_text()).get(device_key(device))
+        except (OSError, json.JSONDecodeError) as e:
+            logger.warning("ignoring unreadable tuning cache %s: %s", tuned_file, e)
+            tuned = None
+        if tuned:
+            configs.update({k: dict(v) for k, v in tuned["configs"].items() if k in configs})
+            source = f"tuned {tuned_file} ({tuned.get('date', 'undated')})"
+    return configs, source
 
 
 def launch_config(kernel: str, device: torch.device) -> dict[str, int]:
     """The launch configuration of ``kernel`` on ``device`` (a copy: callers may modify it)."""
-    return dict(DEFAULT_CONFIGS[kernel])
+    if kernel in _overrides:
+        return dict(_overrides[kernel])
+    return dict(_resolved(torch.device(device))[0][kernel])
+
+
+def config_source(device: torch.device) -> tuple[dict[str, dict[str, int]], str]:
+    """Every kernel's configuration in effect on ``device`` and where it came from."""
+    configs, source = _resolved(torch.device(device))
+    return {k: dict(v) for k, v in configs.items()}, source
+
+
+def reload() -> None:
+    """Forget what was read, so the next launch reads the cache and shipped files again."""
+    _resolved.cache_clear()
+
+
+@contextlib.contextmanager
+def override(kernel: str, config: dict[str, int]):
+    """Force ``kernel``'s configuration inside the block (used by the tuner's trials)."""
+    previous = _overrides.get(kernel)
+    _overrides[kernel] = dict(config)
+    try:
+        yield
+    finally:
+        if previous is None:
+            _overrides.pop(kernel, None)
+        else:
+            _overrides[kernel] = previous
