@@ -102,9 +102,7 @@ class Adam(FusedOptimizer):
             # amsgrad switched on after the first step: give every param of the bucket a max.
             for p in bucket.params:
                 self.state[p].setdefault("max_exp_avg_sq", self.state[p]["exp_avg_sq"].clone())
-            bucket.state["max_exp_avg_sq"] = [
-                self.state[p]["max_exp_avg_sq"] for p in bucket.params
-            ]
+            bucket.state["max_exp_avg_sq"] = self._state_list(bucket.params, "max_exp_avg_sq")
             if bucket.cache is not None:
                 bucket.cache.state_version += 1
         kwargs = dict(
@@ -121,7 +119,7 @@ class Adam(FusedOptimizer):
             **scaling,
         )
         args = (
-            bucket.params,
+            bucket.local_params,
             grads,
             bucket.state["exp_avg"],
             bucket.state["exp_avg_sq"],

@@ -16,6 +16,7 @@ checkpoint before it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import tempfile
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Engine", "initialize", "CheckpointError"]
 
 CHECKPOINT_FILE = "fp16_triton_states.pt"
+ENGINE_FILE = "engine_states.pt"  # sharded checkpoints: the engine's own state, beside the shards
 LATEST_FILE = "latest"
 _CHECKPOINT_FORMAT = 1
 _OPTIMIZERS = {"Adam": Adam, "AdamW": AdamW, "SGD": SGD}
@@ -54,6 +56,8 @@ def initialize(
     config: ConfigSource = None,
     *,
     backend: str = "auto",
+    data_parallel: str | None = None,
+    process_group=None,
 ) -> tuple[Engine, FP16Optimizer, None, Any]:
     """Build an ``Engine`` the way ``deepspeed.initialize`` does.
 
@@ -68,6 +72,13 @@ def initialize(
             scheduler, or a callable taking the optimizer and returning one.
         config: DeepSpeed-style dict or path to a JSON file.
         backend: the ``backend`` of optimizers built from the config.
+        data_parallel: ``"ddp"`` wraps the model in ``DistributedDataParallel`` (launch under
+            ``torchrun``; torch.distributed must be initialised). Models sharded with FSDP2's
+            ``fully_shard`` before this call need nothing: the engine sees their DTensor
+            params, reduces the overflow flag and norm over their mesh, and checkpoints with
+            ``torch.distributed.checkpoint``.
+        process_group: the data-parallel group (default: the default group when
+            torch.distributed is initialised); it sets the world size for the batch keys.
 
     Returns:
         ``(engine, engine.optimizer, None, engine.lr_scheduler)`` — the third item stands for
@@ -80,6 +91,8 @@ def initialize(
         lr_scheduler=lr_scheduler,
         config=config,
         backend=backend,
+        data_parallel=data_parallel,
+        process_group=process_group,
     )
     return engine, engine.optimizer, None, engine.lr_scheduler
 
@@ -96,14 +109,37 @@ class Engine(nn.Module):
         lr_scheduler: Any = None,
         config: ConfigSource | EngineConfig = None,
         backend: str = "auto",
+        data_parallel: str | None = None,
+        process_group=None,
     ):
         super().__init__()
-        self.config = config if isinstance(config, EngineConfig) else load_config(config)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.world_size = torch.distributed.get_world_size(process_group) if distributed else 1
+        self.rank = torch.distributed.get_rank() if distributed else 0
+        if isinstance(config, EngineConfig):
+            self.config = config
+        else:
+            self.config = load_config(config, world_size=self.world_size)
         cfg = self.config
         self.module = model
+        if data_parallel not in (None, "ddp"):
+            raise ValueError(f"data_parallel must be None or 'ddp', got {data_parallel!r}")
+        if data_parallel == "ddp" and not distributed:
+            raise RuntimeError(
+                "data_parallel='ddp' needs torch.distributed initialised (launch with torchrun "
+                "and call torch.distributed.init_process_group first)"
+            )
         self.dtype = cfg.dtype
         if self.dtype != torch.float32:
             model.to(self.dtype)
+        self._forward_module = model
+        if data_parallel == "ddp":
+            # Gradients are all-reduced by DDP in backward, so every rank steps on identical
+            # grads and makes the same skip and clip decision without another collective.
+            self._forward_module = nn.parallel.DistributedDataParallel(
+                model, process_group=process_group
+            )
+        self.sharded = any(_is_dtensor(p) for p in model.parameters())
         params = list(model_parameters) if model_parameters is not None else None
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -125,6 +161,7 @@ class Engine(nn.Module):
             inner,
             loss_scaler=get_loss_scaler(scaler_config, dtype=self.dtype),
             clip_grad=cfg.gradient_clipping,
+            process_group=process_group if self.sharded else None,
         )
         if lr_scheduler is None:
             lr_scheduler = build_scheduler(self.optimizer, cfg.scheduler)
@@ -162,7 +199,7 @@ class Engine(nn.Module):
         if self.config.fp16.enabled and self.config.fp16.auto_cast:
             inputs = tuple(_cast(x, self.dtype) for x in inputs)
             kwargs = {k: _cast(v, self.dtype) for k, v in kwargs.items()}
-        return self.module(*inputs, **kwargs)
+        return self._forward_module(*inputs, **kwargs)
 
     def is_gradient_accumulation_boundary(self) -> bool:
         """Whether the next ``step()`` call updates the weights."""
@@ -249,6 +286,8 @@ class Engine(nn.Module):
         """
         tag = tag if tag is not None else f"global_step{self.global_steps}"
         _check_tag(tag)
+        if self.sharded:
+            return self._save_sharded(Path(save_dir), tag, client_state)
         state = {
             "format": _CHECKPOINT_FORMAT,
             "module": self.module.state_dict(),
@@ -282,6 +321,10 @@ class Engine(nn.Module):
         changes nothing: everything is read and checked before anything is loaded.
         """
         load_dir = Path(load_dir)
+        if self.sharded:
+            return self._load_sharded(
+                load_dir, tag, load_optimizer_states, load_lr_scheduler_states
+            )
         if tag is None:
             latest = load_dir / LATEST_FILE
             if not latest.is_file():
@@ -317,6 +360,82 @@ class Engine(nn.Module):
         logger.info("loaded checkpoint %s", path)
         return str(path), state["client_state"]
 
+    # Sharded (FSDP2) checkpoints: torch.distributed.checkpoint writes the model and optimizer
+    # shards of every rank under <tag>/sharded; rank 0 writes the engine's own small state
+    # (scaler, scheduler, counters, client state) atomically, and `latest` after a barrier.
+    def _engine_state(self, client_state) -> dict:
+        return {
+            "format": _CHECKPOINT_FORMAT,
+            "loss_scaler": self.optimizer.loss_scaler.state_dict(),
+            "skipped_steps": self.optimizer.skipped_steps,
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+            "global_steps": self.global_steps,
+            "micro_steps": self.micro_steps,
+            "global_samples": self.global_samples,
+            "client_state": client_state or {},
+            "config": self.config.to_dict(),
+        }
+
+    def _save_sharded(self, save_dir: Path, tag: str, client_state) -> str:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer.optimizer)
+        directory = save_dir / tag
+        directory.mkdir(parents=True, exist_ok=True)
+        dcp.save(
+            {"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory / "sharded")
+        )
+        engine_state = self._engine_state(client_state)  # every rank: reading it may sync
+        if self.rank == 0:
+            _atomic_write(directory / ENGINE_FILE, lambda f: torch.save(engine_state, f))
+        torch.distributed.barrier()
+        if self.rank == 0:
+            _atomic_write(save_dir / LATEST_FILE, lambda f: f.write(tag.encode()))
+        torch.distributed.barrier()
+        return str(directory)
+
+    def _load_sharded(self, load_dir: Path, tag, load_optimizer, load_scheduler):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if tag is None:
+            latest = load_dir / LATEST_FILE
+            if not latest.is_file():
+                raise CheckpointError(f"no checkpoint to load: {latest} does not exist")
+            tag = latest.read_text().strip()
+        directory = load_dir / tag
+        shards = directory / "sharded"
+        if not (shards / ".metadata").is_file() or not (directory / ENGINE_FILE).is_file():
+            raise CheckpointError(f"{directory} is not a complete sharded checkpoint")
+        try:
+            extra = torch.load(directory / ENGINE_FILE, map_location="cpu", weights_only=True)
+            trial = copy.deepcopy(self.optimizer.loss_scaler)
+            trial.load_state_dict(extra["loss_scaler"])
+        except Exception as e:
+            raise CheckpointError(f"{directory / ENGINE_FILE} is truncated or corrupt: {e}") from e
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer.optimizer)
+        state = {"model": model_sd}
+        if load_optimizer:
+            state["optimizer"] = optim_sd
+        dcp.load(state, checkpoint_id=str(shards))
+        set_state_dict(
+            self.module,
+            self.optimizer.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state.get("optimizer", optim_sd),
+        )
+        if not load_optimizer:
+            self.optimizer.refresh_fp32_params()
+        self.optimizer.loss_scaler.load_state_dict(extra["loss_scaler"])
+        self.optimizer._skipped_steps.fill_(int(extra["skipped_steps"]))
+        if load_scheduler and self.lr_scheduler is not None and extra["lr_scheduler"]:
+            self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+        self.global_steps = extra["global_steps"]
+        self.micro_steps = extra["micro_steps"]
+        self.global_samples = extra["global_samples"]
+        return str(directory), extra["client_state"]
+
     def _check_checkpoint(self, state, path, load_scheduler) -> None:
         required = {"format", "module", "optimizer", "lr_scheduler", "global_steps"}
         required |= {"micro_steps", "global_samples", "client_state"}
@@ -339,6 +458,12 @@ class Engine(nn.Module):
                 )
         if load_scheduler and self.lr_scheduler is not None and state["lr_scheduler"] is None:
             raise CheckpointError(f"{path} holds no LR scheduler state for this run's scheduler")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from .optimizer import _DTensor
+
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 def _cast(x, dtype):

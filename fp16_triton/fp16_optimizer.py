@@ -29,7 +29,7 @@ import torch
 from torch.optim import Optimizer
 
 from .loss_scaler import LossScaler, get_loss_scaler
-from .optimizer import LOW_PRECISION, FusedOptimizer, resolve_backend
+from .optimizer import LOW_PRECISION, FusedOptimizer, _DTensor, local, resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,11 @@ class FP16Optimizer(Optimizer):
         check_nonfinite: skip steps whose grads hold inf/nan (default True). With no scaling
             and no clipping, False removes the check pass altogether (bf16 runs that accept
             the risk).
+        process_group: the group over which the grads are *sharded* (FSDP2, ZeRO-2-like
+            setups): the packed [squared norm, non-finite count] is summed over it with one
+            ``all_reduce`` per step, so every rank skips and clips alike. Default: the mesh
+            group of FSDP2's DTensor params; none for plain params, whose grads DDP has
+            already made identical on every rank (and on a single process no collective runs).
 
     ``param_groups`` and ``state`` are the wrapped optimizer's, so LR schedulers take this
     wrapper. ``overflow``, ``skipped_steps``, ``global_grad_norm`` and ``loss_scale`` sync the
@@ -93,6 +98,7 @@ class FP16Optimizer(Optimizer):
         loss_scaler: LossScaler | dict | None = None,
         clip_grad: float = 0.0,
         check_nonfinite: bool = True,
+        process_group=None,
     ):
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, FP16Optimizer):
             raise TypeError(
@@ -108,7 +114,8 @@ class FP16Optimizer(Optimizer):
         self.fused = isinstance(optimizer, FusedOptimizer)
         self.clip_grad = float(clip_grad)
         self.check_nonfinite = bool(check_nonfinite)
-        self.device = params[0].device
+        self.device = local(params[0]).device
+        self.process_group = process_group if process_group is not None else _shard_group(params)
         if loss_scaler is None or isinstance(loss_scaler, dict):
             has_fp16 = any(p.dtype == torch.float16 for p in params)
             dtype = torch.float16 if has_fp16 else params[0].dtype
@@ -190,13 +197,17 @@ class FP16Optimizer(Optimizer):
         self._log_skips()
         scaler = self.loss_scaler
         scaling = self._scaling
-        grads = [p.grad for p in self._model_params() if p.grad is not None]
+        grads = [local(p.grad) for p in self._model_params() if p.grad is not None]
         if not grads:
             return loss
         needs_check = self.check_nonfinite or scaling or self.clip_grad > 0
         found_inf = None
         if needs_check:
             self._check_grads(grads)
+            if self.process_group is not None:
+                # One collective per step: the sum of the shards' squared norms is the global
+                # one, and a non-zero summed count means some rank found inf/nan.
+                torch.distributed.all_reduce(self._check, group=self.process_group)
             torch.add(self._check[1], scaler.pending_error, out=self._skip)
             found_inf = self._skip
         grad_scale = scaler.scale_tensor if scaling else None
@@ -335,6 +346,9 @@ class FP16Optimizer(Optimizer):
             raise ValueError(f"FP16Optimizer state dict lacks {sorted(missing)}")
         trial = copy.deepcopy(self.loss_scaler)
         trial.load_state_dict(state_dict["loss_scaler"])  # validates without touching ours
+        skipped = state_dict.get("skipped_steps", 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(f"skipped_steps must be an int >= 0, got {skipped!r}")
         masters = state_dict.get("fp32_masters")
         if not self.fused:
             if masters is None or len(masters) != len(self._masters):
@@ -347,7 +361,7 @@ class FP16Optimizer(Optimizer):
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.loss_scaler.load_state_dict(state_dict["loss_scaler"])
         self._scaling = self.loss_scaler.dynamic or self.loss_scaler.loss_scale != 1.0
-        self._skipped_steps.fill_(int(state_dict.get("skipped_steps", 0)))
+        self._skipped_steps.fill_(skipped)
         if not self.fused:
             with torch.no_grad():
                 for (_, m), saved in zip(self._masters, masters):
@@ -367,6 +381,23 @@ class FP16Optimizer(Optimizer):
                 for model_param, master in self._masters:
                     if master is not model_param:
                         master.copy_(model_param)
+
+
+def _shard_group(params: list[torch.Tensor]):
+    """The process group of FSDP2-sharded (DTensor, all ``Shard``) params, else None."""
+    dtensors = [p for p in params if _DTensor is not None and isinstance(p, _DTensor)]
+    if not dtensors:
+        return None
+    mesh = dtensors[0].device_mesh
+    for p in dtensors:
+        if p.device_mesh != mesh or mesh.ndim != 1 or not all(pl.is_shard() for pl in p.placements):
+            raise NotImplementedError(
+                "FP16Optimizer handles DTensor params sharded (Shard placements) on one 1-D "
+                f"device mesh, as fully_shard makes them; got {p.placements} on {p.device_mesh}"
+            )
+    if len(dtensors) != len(params):
+        raise NotImplementedError("a mix of DTensor (sharded) and plain params is not handled")
+    return mesh.get_group()
 
 
 def _zero(p: torch.Tensor, set_to_none: bool) -> None:

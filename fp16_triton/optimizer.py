@@ -37,9 +37,15 @@ _MAX_CACHED_ACTIVE_SETS = 8  # distinct "which params have grads" patterns kept 
 
 @dataclass
 class Bucket:
-    """Params of one group that one launch updates together, with their state lists."""
+    """Params of one group that one launch updates together, with their state lists.
+
+    ``params`` are the optimizer's params (keys of ``optimizer.state``); ``local_params`` and
+    the ``state`` lists are what the kernels update: the same tensors, or for DTensor params
+    (FSDP2) this rank's local shards.
+    """
 
     params: list[torch.Tensor]
+    local_params: list[torch.Tensor]
     state: dict[str, list[torch.Tensor] | None]
     backend: str
     grad_dtype: torch.dtype
@@ -49,6 +55,37 @@ class Bucket:
 @dataclass
 class _GroupPlan:
     buckets: list[Bucket] = field(default_factory=list)
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
+
+
+_DTensor = _dtensor_type()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's local shard of a DTensor (sharing its storage), or ``t`` itself."""
+    if _DTensor is not None and isinstance(t, _DTensor):
+        return t._local_tensor
+    return t
+
+
+def like_param(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Wrap a local state tensor as a DTensor sharded like ``p`` (so distributed checkpoints
+    see sharded state, as with torch's optimizers); plain params keep plain state."""
+    if _DTensor is None or not isinstance(p, _DTensor) or state.dim() == 0:
+        return state
+    return _DTensor.from_local(
+        state, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )
 
 
 def _interpreter_enabled() -> bool:
@@ -149,11 +186,14 @@ class FusedOptimizer(Optimizer):
 
     # ----------------------------------------------------------------------------- state
     def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """fp32 state for ``p`` on its device: the subclass's tensors plus ``master_param``."""
-        state = self._init_state(p, group)
+        """fp32 state for ``p`` on its device: the subclass's tensors plus ``master_param``
+        (sharded like ``p`` when it is a DTensor)."""
+        shard = local(p)
+        state = self._init_state(shard, group)
         if group["master_weights"] and p.dtype in LOW_PRECISION:
-            state["master_param"] = p.detach().float().clone(memory_format=torch.contiguous_format)
-        return state
+            master = shard.detach().float().clone(memory_format=torch.contiguous_format)
+            state["master_param"] = master
+        return {name: like_param(t, p) for name, t in state.items()}
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -185,7 +225,7 @@ class FusedOptimizer(Optimizer):
                 )
         groups: dict[tuple, list[torch.Tensor]] = {}
         for p in active:
-            groups.setdefault((p.device, p.dtype, p.grad.dtype), []).append(p)
+            groups.setdefault((local(p).device, p.dtype, p.grad.dtype), []).append(p)
         buckets = []
         for (device, _, grad_dtype), params in groups.items():
             backend = resolve_backend(self.backend, device)
@@ -193,19 +233,21 @@ class FusedOptimizer(Optimizer):
                 if len(self.state[p]) == 0:
                     self.state[p] = self._new_state(p, group)
             names = list(self._state_names) + ["master_param"]
-            state = {
-                name: [self.state[p][name] for p in params]
-                if name in self.state[params[0]]
-                else None
-                for name in names
-            }
+            state = {name: self._state_list(params, name) for name in names}
             cache = None
             if backend == "triton":
                 from .kernels.multi_tensor import TableCache
 
                 cache = TableCache()
-            buckets.append(Bucket(params, state, backend, grad_dtype, cache))
+            local_params = [local(p) for p in params]
+            buckets.append(Bucket(params, local_params, state, backend, grad_dtype, cache))
         return buckets
+
+    def _state_list(self, params: list[torch.Tensor], name: str) -> list[torch.Tensor] | None:
+        """The local tensors of state ``name`` of ``params`` (None if the first has none)."""
+        if name not in self.state[params[0]]:
+            return None
+        return [local(self.state[p][name]) for p in params]
 
     def _fused_step(
         self,
@@ -222,7 +264,7 @@ class FusedOptimizer(Optimizer):
         for group in self.param_groups:
             self._check_hyperparameters(group)
             for bucket in self._plan(group):
-                grads = [p.grad for p in bucket.params]
+                grads = [local(p.grad) for p in bucket.params]
                 if grads[0].dtype != bucket.grad_dtype:
                     self._plans.pop(id(group), None)  # dtypes changed: rebuild next step
                     return self._fused_step(
@@ -231,7 +273,7 @@ class FusedOptimizer(Optimizer):
                         norm_sq=norm_sq,
                         max_norm=max_norm,
                     )
-                device = bucket.params[0].device
+                device = bucket.local_params[0].device
                 launches.append(
                     self._prepare_bucket(
                         bucket,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .optimizer import Bucket, FusedOptimizer, check_lr, lr_value
+from .optimizer import Bucket, FusedOptimizer, check_lr, like_param, local, lr_value
 
 __all__ = ["SGD"]
 
@@ -91,9 +91,10 @@ class SGD(FusedOptimizer):
         if has_momentum and bucket.state["momentum_buffer"] is None:
             # momentum switched on after the first step: buffers start at the next step.
             for p in bucket.params:
-                self.state[p].update(self._init_state(p, group))
+                new = self._init_state(local(p), group)
+                self.state[p].update({name: like_param(t, p) for name, t in new.items()})
             for name in ("step", "momentum_buffer"):
-                bucket.state[name] = [self.state[p][name] for p in bucket.params]
+                bucket.state[name] = self._state_list(bucket.params, name)
             if bucket.cache is not None:
                 bucket.cache.state_version += 1
         kwargs = dict(
@@ -106,7 +107,7 @@ class SGD(FusedOptimizer):
             maximize=group["maximize"],
             **scaling,
         )
-        args = (bucket.params, grads, bucket.state["momentum_buffer"], bucket.state["step"])
+        args = (bucket.local_params, grads, bucket.state["momentum_buffer"], bucket.state["step"])
         if bucket.backend == "triton":
             from .kernels.sgd import prepare_sgd_step
 
