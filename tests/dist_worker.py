@@ -1,0 +1,214 @@
+"""Worker of tests/test_distributed.py, run on 2 CPU processes (gloo) under torchrun.
+
+``python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT PHASE``: PHASE
+"train" runs every scenario and writes results to OUT; PHASE "resume" loads the sharded
+checkpoint written by "train" in fresh processes and continues. The single-process references
+live here too (``single_*``), so both sides share one definition of model, data and config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fp16_triton  # noqa: E402
+
+STEPS, MORE_STEPS, INF_STEP, INF_RANK = 5, 3, 2, 1
+SGD = {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}}
+
+
+def make_model(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).to(dtype)
+
+
+def global_batch(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+
+
+def local_batch(step: int, rank: int, world: int):
+    x, y = global_batch(step)
+    return x.chunk(world)[rank], y.chunk(world)[rank]
+
+
+def fp16_config(clip=0.5):
+    return {
+        "fp16": {
+            "enabled": True,
+            "initial_scale_power": 8,
+            "loss_scale_window": 3,
+            "hysteresis": 1,
+        },
+        "gradient_clipping": clip,
+        "optimizer": SGD,
+    }
+
+
+def train_steps(engine, steps, batch_fn, inject=None):
+    """Run ``steps`` engine steps; return per-step records (norm, scale, skipped)."""
+    records = []
+    for step in steps:
+        x, y = batch_fn(step)
+        loss = F.mse_loss(engine(x.to(engine.dtype)).float(), y)
+        engine.backward(loss)
+        if inject is not None:
+            inject(step, engine)
+        engine.step()
+        records.append(
+            {
+                "norm": engine.optimizer.global_grad_norm,
+                "scale": engine.loss_scale,
+                "skipped": engine.skipped_steps,
+                "loss": loss.item(),
+            }
+        )
+    return records
+
+
+def full_params(model):
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+def single_fp16(steps=STEPS + MORE_STEPS):
+    """The single-process reference of the FSDP2 fp16 run: the whole batch, one process, the
+    same inf at the same step."""
+    model = make_model(torch.float16)
+    engine, *_ = fp16_triton.initialize(model=model, config=fp16_config(), backend="triton")
+
+    def inject(step, engine):
+        if step == INF_STEP:
+            next(engine.module.parameters()).grad.view(-1)[0] = float("inf")
+
+    records = train_steps(engine, range(steps), global_batch, inject=inject)
+    return full_params(model), records
+
+
+def single_fp32_sgd(steps=STEPS):
+    model = make_model()
+    config = {"optimizer": SGD, "gradient_clipping": 0.5}
+    engine, *_ = fp16_triton.initialize(model=model, config=config, backend="triton")
+    train_steps(engine, range(steps), global_batch)
+    return full_params(model)
+
+
+def fsdp_model(dtype, mp_policy=None):
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model(dtype)
+    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    for layer in (model[0], model[2]):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def inject_inf(step, engine):
+    if step == INF_STEP and dist.get_rank() == INF_RANK:
+        grad = next(engine.module.parameters()).grad
+        grad._local_tensor.view(-1)[0] = float("inf")  # this rank's shard only
+
+
+def phase_train(out: str, rank: int, world: int):
+    results = {}
+    batch = lambda step: local_batch(step, rank, world)  # noqa: E731
+
+    # DDP through the engine (fp32, SGD with momentum, clipping).
+    model = make_model()
+    config = {"optimizer": SGD, "gradient_clipping": 0.5}
+    engine, *_ = fp16_triton.initialize(
+        model=model, config=config, backend="triton", data_parallel="ddp"
+    )
+    train_steps(engine, range(STEPS), batch)
+    torch.save(full_params(model), f"{out}/ddp_rank{rank}.pt")
+
+    # FSDP2 with fp16 sharded params and our fp32 masters; an inf on one rank's shard.
+    model = fsdp_model(torch.float16)
+    engine, *_ = fp16_triton.initialize(model=model, config=fp16_config(), backend="triton")
+    results["fsdp_fp16"] = train_steps(engine, range(STEPS), batch, inject=inject_inf)
+    torch.save(full_params(model), f"{out}/fsdp_fp16_rank{rank}.pt")
+    engine.save_checkpoint(f"{out}/ckpt", client_state={"note": "sharded"})
+    results["fsdp_fp16_more"] = train_steps(engine, range(STEPS, STEPS + MORE_STEPS), batch)
+    torch.save(full_params(model), f"{out}/fsdp_continued_rank{rank}.pt")
+
+    # FSDP2's MixedPrecisionPolicy: fp32 sharded params, fp16 compute, our dynamic scaler.
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+    model = fsdp_model(torch.float32, policy)
+    optimizer = fp16_triton.FP16Optimizer(
+        fp16_triton.AdamW(model.parameters(), lr=1e-2, backend="triton"),
+        loss_scaler=fp16_triton.DynamicLossScaler(init_scale=2.0**8),
+    )
+    losses = []
+    for step in range(STEPS):
+        x, y = batch(step)
+        loss = F.mse_loss(model(x).float(), y)
+        optimizer.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    results["fsdp_mp_losses"] = losses
+    torch.save(full_params(model), f"{out}/fsdp_mp_rank{rank}.pt")
+
+    # ZeRO-1 through torch's ZeroRedundancyOptimizer with our AdamW as the inner optimizer,
+    # against plain DDP with our AdamW: the same kernel on the same values.
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    for name in ("zero", "plain"):
+        model = make_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        if name == "zero":
+            opt = ZeroRedundancyOptimizer(
+                model.parameters(), optimizer_class=fp16_triton.AdamW, lr=1e-2, backend="triton"
+            )
+        else:
+            opt = fp16_triton.AdamW(model.parameters(), lr=1e-2, backend="triton")
+        for step in range(STEPS):
+            x, y = batch(step)
+            F.mse_loss(ddp(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        torch.save(full_params(model), f"{out}/{name}_rank{rank}.pt")
+
+    with open(f"{out}/records_rank{rank}.json", "w") as f:
+        json.dump(results, f)
+
+
+def phase_resume(out: str, rank: int, world: int):
+    model = fsdp_model(torch.float16)
+    engine, *_ = fp16_triton.initialize(model=model, config=fp16_config(), backend="triton")
+    _, client = engine.load_checkpoint(f"{out}/ckpt")
+    assert client == {"note": "sharded"}, client
+    records = train_steps(
+        engine, range(STEPS, STEPS + MORE_STEPS), lambda s: local_batch(s, rank, world)
+    )
+    torch.save(full_params(model), f"{out}/fsdp_resumed_rank{rank}.pt")
+    with open(f"{out}/resume_records_rank{rank}.json", "w") as f:
+        json.dump({"global_steps": engine.global_steps, "records": records}, f)
+
+
+def main():
+    out, phase = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    try:
+        {"train": phase_train, "resume": phase_resume}[phase](out, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
