@@ -349,7 +349,9 @@ class Engine(nn.Module):
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{path}: optimizer state does not fit: {e}") from e
         self.module.load_state_dict(state["module"])
-        if not load_optimizer_states:
+        if not load_optimizer_states or not _has_masters(state["optimizer"]):
+            # No saved masters (weights only, or a run without fp16/bf16): the masters the
+            # optimizer made must come from the weights just loaded.
             self.optimizer.refresh_fp32_params()
         if load_lr_scheduler_states and self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -460,6 +462,14 @@ class Engine(nn.Module):
             raise CheckpointError(f"{path} holds no LR scheduler state for this run's scheduler")
 
 
+def _has_masters(optimizer_state: dict) -> bool:
+    """Whether a saved FP16Optimizer state holds fp32 masters (fused or generic path)."""
+    if optimizer_state.get("fp32_masters"):
+        return True
+    inner = optimizer_state.get("optimizer", {}).get("state", {})
+    return any("master_param" in s for s in inner.values())
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     from .optimizer import _DTensor
 
@@ -467,8 +477,14 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 
 def _cast(x, dtype):
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        return x.to(dtype)
+    """Floating tensors to ``dtype``, through lists, tuples and dicts (as DeepSpeed's
+    auto_cast); everything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast(v, dtype) for v in x)
+    if isinstance(x, dict):
+        return type(x)((k, _cast(v, dtype)) for k, v in x.items())
     return x
 
 
