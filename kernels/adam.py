@@ -37,7 +37,7 @@ import triton.language as tl
 from .launch_config import launch_config
 from .multi_tensor import TableCache, tables_for
 from .nonfinite import TORCH_TO_TRITON
-from .rounding import round_to
+from .rounding import round_to, widen
 
 __all__ = ["adam_step", "prepare_adam_step", "increment_steps"]
 
@@ -140,8 +140,11 @@ def _adam_kernel(
     for i in tl.static_range(0, CHUNK, BLOCK):
         offsets = start + i + tl.arange(0, BLOCK)
         mask = offsets < numel
-        g = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
-        p = tl.load(master + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
+        if HAS_MASTER:
+            p = tl.load(master + offsets, mask=mask, other=0.0)
+        else:
+            p = widen(tl.load(param + offsets, mask=mask, other=0.0), PARAM_DTYPE)
         m = tl.load(exp_avg + offsets, mask=mask, other=0.0)
         v = tl.load(exp_avg_sq + offsets, mask=mask, other=0.0)
         if HAS_GRAD_SCALE:

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .launch_config import launch_config
 from .multi_tensor import TableCache, tables_for
-from .rounding import round_to
+from .rounding import round_to, widen
 
 __all__ = ["nonfinite_check_and_norm", "unscale_and_check_", "TORCH_TO_TRITON"]
 
@@ -62,7 +62,7 @@ def _nonfinite_check_kernel(
     for i in tl.static_range(0, CHUNK, BLOCK):
         offsets = start + i + tl.arange(0, BLOCK)
         mask = offsets < numel
-        g = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
         bad = tl.maximum(bad, tl.where((g != g) | (tl.abs(g) == float("inf")), 1.0, 0.0))
         if COMPUTE_NORM:
             g = g * inv_scale
@@ -94,7 +94,7 @@ def _unscale_kernel(
     for i in tl.static_range(0, CHUNK, BLOCK):
         offsets = start + i + tl.arange(0, BLOCK)
         mask = offsets < numel
-        g = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
         bad = tl.maximum(bad, tl.where((g != g) | (tl.abs(g) == float("inf")), 1.0, 0.0))
         tl.store(grad + offsets, round_to(g * inv_scale, GRAD_DTYPE), mask=mask)
     if tl.max(bad, axis=0) > 0:
@@ -212,9 +212,13 @@ def unscale_and_check_(
     _check_scalar("found_inf", found_inf, device)
     _check_scalar("inv_scale", inv_scale, device)
     config = launch_config("unscale", device)
+    # Tables (and their checks) for every dtype group before any launch: a bad tensor in a
+    # later group must not leave an earlier group unscaled.
+    launches = []
     for dtype, tensors in _group_by_dtype(grads).items():
         cache_ = _sub_cache(cache, ("unscale", dtype))
-        tables = tables_for(["grads"], [tensors], [], config["CHUNK"], cache_)
+        launches.append((dtype, tables_for(["grads"], [tensors], [], config["CHUNK"], cache_)))
+    for dtype, tables in launches:
         if tables.n_programs == 0:
             continue
         _unscale_kernel[(tables.n_programs,)](

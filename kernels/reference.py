@@ -21,8 +21,10 @@ __all__ = ["nonfinite_check_and_norm", "unscale_and_check_", "adam_step", "sgd_s
 
 
 def _any_nonfinite(grads: Sequence[torch.Tensor]) -> bool:
-    # The max-abs norm is inf or nan exactly when some element is, and cannot overflow.
-    return any(not math.isfinite(n) for n in torch._foreach_norm(grads, math.inf))
+    # The max-abs norm is inf or nan exactly when some element is, and cannot overflow; it has
+    # no value for an empty tensor, which holds nothing non-finite anyway.
+    grads = [g for g in grads if g.numel() > 0]
+    return bool(grads) and any(not math.isfinite(n) for n in torch._foreach_norm(grads, math.inf))
 
 
 def nonfinite_check_and_norm(
@@ -43,7 +45,7 @@ def nonfinite_check_and_norm(
     if compute_norm:
         norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
         if grad_scale is not None:
-            norms = norms / grad_scale.float()
+            norms = norms / grad_scale.float().reshape(())
         sum_sq = norms.square().sum()
     result = torch.stack([torch.as_tensor(sum_sq, dtype=torch.float32), torch.tensor(flag)]).to(
         device
@@ -61,7 +63,7 @@ def unscale_and_check_(
         return
     if _any_nonfinite(grads):
         found_inf.fill_(1.0)
-    torch._foreach_mul_(list(grads), inv_scale)
+    torch._foreach_mul_(list(grads), inv_scale.reshape(()))
 
 
 def _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize):
@@ -72,9 +74,9 @@ def _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize):
     """
     g = [x.float() for x in grads]
     if grad_scale is not None:
-        g = torch._foreach_mul(g, 1.0 / grad_scale.float())
+        g = torch._foreach_mul(g, 1.0 / grad_scale.float().reshape(()))
     if norm_sq is not None and max_norm > 0:
-        clip_coef = torch.clamp(max_norm / (norm_sq.float().sqrt() + 1e-6), max=1.0)
+        clip_coef = torch.clamp(max_norm / (norm_sq.float().reshape(()).sqrt() + 1e-6), max=1.0)
         g = torch._foreach_mul(g, clip_coef)
     if maximize:
         g = torch._foreach_neg(g)

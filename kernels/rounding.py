@@ -20,3 +20,17 @@ def round_to(x, DTYPE: tl.constexpr):
         return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def widen(x, DTYPE: tl.constexpr):
+    """fp16/bf16/fp32 ``x`` (of type ``DTYPE``) as fp32, exactly, on GPUs and the interpreter.
+
+    bf16 is widened with bit operations (16 zero bits appended): Triton's interpreter converts
+    bf16 subnormals wrongly (normalises the significand, then clamps the exponent), while this
+    is exact everywhere and costs one shift on a GPU.
+    """
+    if DTYPE == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)

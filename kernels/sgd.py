@@ -31,7 +31,7 @@ from .adam import check_step_inputs, grad_factor, increment_steps
 from .launch_config import launch_config
 from .multi_tensor import TableCache, tables_for
 from .nonfinite import TORCH_TO_TRITON
-from .rounding import round_to
+from .rounding import round_to, widen
 
 __all__ = ["sgd_step", "prepare_sgd_step"]
 
@@ -90,8 +90,11 @@ def _sgd_kernel(
     for i in tl.static_range(0, CHUNK, BLOCK):
         offsets = start + i + tl.arange(0, BLOCK)
         mask = offsets < numel
-        g = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
-        p = tl.load(master + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
+        if HAS_MASTER:
+            p = tl.load(master + offsets, mask=mask, other=0.0)
+        else:
+            p = widen(tl.load(param + offsets, mask=mask, other=0.0), PARAM_DTYPE)
         if HAS_GRAD_SCALE:
             g = g * inv_scale
         if HAS_CLIP:
