@@ -204,10 +204,11 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    try:
-        {"train": phase_train, "resume": phase_resume}[phase](out, rank, world)
-    finally:
-        dist.destroy_process_group()
+    {"train": phase_train, "resume": phase_resume}[phase](out, rank, world)
+    # Both ranks done before either tears down gloo: a rank that exits while its peer still
+    # has collectives in flight can abort the peer.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def _launch(out: Path, phase: str) -> None:
         str(HERE / "dist_worker.py"), str(out), phase,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    (out / f"{phase}.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
