@@ -288,17 +288,9 @@ class Engine(nn.Module):
         _check_tag(tag)
         if self.sharded:
             return self._save_sharded(Path(save_dir), tag, client_state)
-        state = {
-            "format": _CHECKPOINT_FORMAT,
-            "module": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
-            "global_steps": self.global_steps,
-            "micro_steps": self.micro_steps,
-            "global_samples": self.global_samples,
-            "client_state": client_state or {},
-            "config": self.config.to_dict(),
-        }
+        state = self._common_state(client_state)
+        state["module"] = self.module.state_dict()
+        state["optimizer"] = self.optimizer.state_dict()
         directory = Path(save_dir) / tag
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / CHECKPOINT_FILE
@@ -353,23 +345,17 @@ class Engine(nn.Module):
             # No saved masters (weights only, or a run without fp16/bf16): the masters the
             # optimizer made must come from the weights just loaded.
             self.optimizer.refresh_fp32_params()
-        if load_lr_scheduler_states and self.lr_scheduler is not None:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.global_steps = state["global_steps"]
-        self.micro_steps = state["micro_steps"]
-        self.global_samples = state["global_samples"]
-        self._skipped_before = self.skipped_steps
+        self._load_common_state(state, load_lr_scheduler_states)
         logger.info("loaded checkpoint %s", path)
         return str(path), state["client_state"]
 
     # Sharded (FSDP2) checkpoints: torch.distributed.checkpoint writes the model and optimizer
     # shards of every rank under <tag>/sharded; rank 0 writes the engine's own small state
     # (scaler, scheduler, counters, client state) atomically, and `latest` after a barrier.
-    def _engine_state(self, client_state) -> dict:
+    def _common_state(self, client_state) -> dict:
+        """What every checkpoint holds beside the model and optimizer."""
         return {
             "format": _CHECKPOINT_FORMAT,
-            "loss_scaler": self.optimizer.loss_scaler.state_dict(),
-            "skipped_steps": self.optimizer.skipped_steps,
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
             "global_steps": self.global_steps,
             "micro_steps": self.micro_steps,
@@ -377,6 +363,14 @@ class Engine(nn.Module):
             "client_state": client_state or {},
             "config": self.config.to_dict(),
         }
+
+    def _load_common_state(self, state: dict, load_scheduler: bool) -> None:
+        if load_scheduler and self.lr_scheduler is not None and state["lr_scheduler"]:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_steps = state["global_steps"]
+        self.micro_steps = state["micro_steps"]
+        self.global_samples = state["global_samples"]
+        self._skipped_before = self.skipped_steps
 
     def _save_sharded(self, save_dir: Path, tag: str, client_state) -> str:
         import torch.distributed.checkpoint as dcp
@@ -388,7 +382,9 @@ class Engine(nn.Module):
         dcp.save(
             {"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory / "sharded")
         )
-        engine_state = self._engine_state(client_state)  # every rank: reading it may sync
+        engine_state = self._common_state(client_state)
+        engine_state["loss_scaler"] = self.optimizer.loss_scaler.state_dict()  # syncs: all ranks
+        engine_state["skipped_steps"] = self.optimizer.skipped_steps
         if self.rank == 0:
             _atomic_write(directory / ENGINE_FILE, lambda f: torch.save(engine_state, f))
         torch.distributed.barrier()
@@ -431,11 +427,7 @@ class Engine(nn.Module):
             self.optimizer.refresh_fp32_params()
         self.optimizer.loss_scaler.load_state_dict(extra["loss_scaler"])
         self.optimizer._skipped_steps.fill_(int(extra["skipped_steps"]))
-        if load_scheduler and self.lr_scheduler is not None and extra["lr_scheduler"]:
-            self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
-        self.global_steps = extra["global_steps"]
-        self.micro_steps = extra["micro_steps"]
-        self.global_samples = extra["global_samples"]
+        self._load_common_state(extra, load_scheduler)
         return str(directory), extra["client_state"]
 
     def _check_checkpoint(self, state, path, load_scheduler) -> None:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .launch_config import launch_config
-from .multi_tensor import TableCache, tables_for
+from .multi_tensor import TableCache, check_scalar, tables_for
 from .nonfinite import TORCH_TO_TRITON
 from .rounding import round_to, widen
 
@@ -211,16 +211,6 @@ def increment_steps(
     )
 
 
-def _check_scalar(name: str, t: torch.Tensor | None, device: torch.device):
-    if t is None:
-        return
-    if t.numel() != 1 or t.dtype != torch.float32 or t.device != device:
-        raise ValueError(
-            f"{name} must be a one-element float32 tensor on {device}, "
-            f"got {t.dtype} with {t.numel()} elements on {t.device}"
-        )
-
-
 def check_step_inputs(params, grads, masters, state_lists, grad_scale, found_inf, norm_sq):
     """O(1) checks of the dtype combination shared by the step launchers (the per-tensor checks
     run when tables are rebuilt)."""
@@ -241,7 +231,7 @@ def check_step_inputs(params, grads, masters, state_lists, grad_scale, found_inf
             raise TypeError(f"{name} must be float32, got {lst[0].dtype}")
     device = params[0].device
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf), ("norm_sq", norm_sq)):
-        _check_scalar(name, t, device)
+        check_scalar(name, t, device)
 
 
 def prepare_adam_step(

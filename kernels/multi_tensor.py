@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LaunchTables", "TableCache", "check_tensor_lists", "tables_for"]
+__all__ = ["LaunchTables", "TableCache", "check_scalar", "check_tensor_lists", "tables_for"]
 
 
 def check_tensor_lists(names: Sequence[str], lists: Sequence[Sequence[torch.Tensor] | None]):
@@ -66,6 +66,18 @@ def check_tensor_lists(names: Sequence[str], lists: Sequence[Sequence[torch.Tens
                     "read tensors as flat arrays: call .contiguous() on it, or use "
                     "backend='torch'"
                 )
+
+
+def check_scalar(name: str, t: torch.Tensor | None, device: torch.device) -> None:
+    """Raise unless ``t`` (a loss scale, flag or squared norm) is None or a one-element fp32
+    tensor on ``device``: the kernels read it through a pointer."""
+    if t is None:
+        return
+    if t.numel() != 1 or t.dtype != torch.float32 or t.device != device:
+        raise ValueError(
+            f"{name} must be a one-element float32 tensor on {device}, "
+            f"got {t.dtype} with {t.numel()} elements on {t.device}"
+        )
 
 
 def _addresses(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .launch_config import launch_config
-from .multi_tensor import TableCache, tables_for
+from .multi_tensor import TableCache, check_scalar, tables_for
 from .rounding import round_to, widen
 
 __all__ = ["nonfinite_check_and_norm", "unscale_and_check_", "TORCH_TO_TRITON"]
@@ -120,14 +120,6 @@ def _sub_cache(cache: TableCache | None, key) -> TableCache | None:
     return cache.scratch.setdefault(key, TableCache())
 
 
-def _check_scalar(name: str, t: torch.Tensor, device: torch.device):
-    if t.numel() != 1 or t.dtype != torch.float32 or t.device != device:
-        raise ValueError(
-            f"{name} must be a one-element float32 tensor on {device}, "
-            f"got {t.dtype} with {t.numel()} elements on {t.device}"
-        )
-
-
 def nonfinite_check_and_norm(
     grads: Sequence[torch.Tensor],
     *,
@@ -155,7 +147,7 @@ def nonfinite_check_and_norm(
         raise ValueError("nonfinite_check_and_norm needs at least one tensor")
     device = grads[0].device
     if grad_scale is not None:
-        _check_scalar("grad_scale", grad_scale, device)
+        check_scalar("grad_scale", grad_scale, device)
     if out is None:
         out = torch.empty(2, dtype=torch.float32, device=device)
     groups = _group_by_dtype(grads)
@@ -209,8 +201,8 @@ def unscale_and_check_(
     if len(grads) == 0:
         return
     device = grads[0].device
-    _check_scalar("found_inf", found_inf, device)
-    _check_scalar("inv_scale", inv_scale, device)
+    check_scalar("found_inf", found_inf, device)
+    check_scalar("inv_scale", inv_scale, device)
     config = launch_config("unscale", device)
     # Tables (and their checks) for every dtype group before any launch: a bad tensor in a
     # later group must not leave an earlier group unscaled.
