@@ -460,3 +460,29 @@ def test_hyperparameters_are_runtime_kernel_arguments():
         assert {"BLOCK", "CHUNK", "PARAM_DTYPE"} <= constexprs  # the check can see constexprs
         assert not constexprs & set(runtime)
         assert set(runtime) <= set(params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync detection needs a CUDA GPU")
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_cuda_step_makes_no_host_sync(wrapped):
+    """The fused path never syncs: steps after the first (which builds and uploads the tables)
+    run under torch.cuda.set_sync_debug_mode("error"), plain and under FP16Optimizer."""
+    model = torch.nn.Linear(64, 64).cuda().half()
+    opt = fp16_triton.AdamW(model.parameters(), lr=1e-3, backend="triton")
+    if wrapped:
+        opt = fp16_triton.FP16Optimizer(opt, clip_grad=1.0)
+    x = torch.randn(8, 64, device="cuda", dtype=torch.float16)
+
+    def step():
+        loss = model(x).float().square().mean()
+        opt.backward(loss) if wrapped else loss.backward()
+        opt.step()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
