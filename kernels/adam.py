@@ -14,8 +14,9 @@ decay), with the loss-scale division and the clip coefficient folded in::
     param = round_to_nearest_even(p)        # when a low-precision param has an fp32 master
 
 Bias corrections are computed per program in fp64 from the device step count (binary
-exponentiation of ``1 - (1 - beta)``, exact for integer steps): no transcendental functions,
-so GPUs and the interpreter agree, and ``1 - beta2**step`` keeps full precision at step 1.
+exponentiation of ``1 - (1 - beta)``, a few fp64 roundings): no transcendental functions, so
+GPUs and the interpreter agree, and ``1 - beta2**step`` keeps fp32 precision even at step 1
+(``1 - beta`` reaches the kernel rounded to fp32: a relative error of at most 2^-24).
 If ``found_inf`` is non-zero nothing at all is written and step counts do not advance.
 
 Bytes per element (fp16 param, fp16 grad, fp32 master/exp_avg/exp_avg_sq):
@@ -34,19 +35,26 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import (
+    LOW_PRECISION,
+    TORCH_TO_TRITON,
+    block_offsets,
+    program_chunk,
+    round_to,
+    tensor_ptr,
+    unscale_and_clip_factors,
+    widen,
+)
 from .launch_config import launch_config
-from .multi_tensor import TableCache, check_scalar, tables_for
-from .nonfinite import TORCH_TO_TRITON
-from .rounding import round_to, widen
+from .multi_tensor import TableCache, check_scalar, device_guard, learning_rate, tables_for
 
 __all__ = ["adam_step", "prepare_adam_step", "increment_steps"]
-
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
 def bias_correction(one_minus_beta, step):
-    """``1 - beta**step`` in fp64, by binary exponentiation of the integer step."""
+    """``1 - beta**step`` in fp64, by binary exponentiation of the integer step (about
+    2·log2(step) fp64 multiplications, so far below fp32 resolution)."""
     base = 1.0 - tl.cast(one_minus_beta, tl.float64)
     power = base * 0.0 + 1.0
     n = step.to(tl.int32)
@@ -56,20 +64,6 @@ def bias_correction(one_minus_beta, step):
         base = base * base
         n = n >> 1
     return 1.0 - power
-
-
-@triton.jit
-def grad_factor(grad_scale_ptr, norm_sq_ptr, max_norm, HAS_GRAD_SCALE, HAS_CLIP):
-    """The one fp32 factor that unscales and clips: ``clip_coef / grad_scale``, applied as two
-    multiplications in the kernels so each rounding matches unscale-then-clip."""
-    inv_scale = 1.0
-    if HAS_GRAD_SCALE:
-        inv_scale = 1.0 / tl.load(grad_scale_ptr)
-    clip_coef = 1.0
-    if HAS_CLIP:
-        norm = tl.sqrt_rn(tl.load(norm_sq_ptr))
-        clip_coef = tl.minimum(tl.div_rn(max_norm, norm + 1e-6), 1.0)
-    return inv_scale, clip_coef
 
 
 @triton.jit
@@ -87,12 +81,13 @@ def _adam_kernel(
     grad_scale_ptr,  # fp32 scalar: grads are divided by it (if HAS_GRAD_SCALE)
     found_inf_ptr,  # fp32 scalar: non-zero means skip, write nothing (if HAS_FOUND_INF)
     norm_sq_ptr,  # fp32 scalar: squared global norm of the unscaled grads (if HAS_CLIP)
+    lr_ptr,  # fp32 scalar: the learning rate, when it is a device tensor (if LR_ON_DEVICE)
     max_norm,  # fp32: clipping threshold (if HAS_CLIP)
-    lr,  # fp32: learning rate (runtime, so schedulers never recompile)
+    lr,  # fp32: learning rate (runtime, so schedulers never recompile), unless LR_ON_DEVICE
     beta1,  # fp32: first-moment decay
     beta2,  # fp32: second-moment decay
-    one_minus_beta1,  # fp32: 1 - beta1, computed in fp64 on the host
-    one_minus_beta2,  # fp32: 1 - beta2, computed in fp64 on the host
+    one_minus_beta1,  # fp32: 1 - beta1, computed in fp64 on the host, rounded to fp32
+    one_minus_beta2,  # fp32: 1 - beta2, computed in fp64 on the host, rounded to fp32
     eps,  # fp32: added after the bias-corrected square root
     weight_decay,  # fp32: L2 (Adam) or decoupled (AdamW) weight decay
     PARAM_DTYPE: tl.constexpr,  # element type of the params
@@ -104,41 +99,40 @@ def _adam_kernel(
     HAS_GRAD_SCALE: tl.constexpr,  # divide grads by *grad_scale_ptr
     HAS_FOUND_INF: tl.constexpr,  # skip everything when *found_inf_ptr != 0
     HAS_CLIP: tl.constexpr,  # clip by the global norm in *norm_sq_ptr
+    LR_ON_DEVICE: tl.constexpr,  # read the learning rate from *lr_ptr (no host sync)
+    ALIGNED: tl.constexpr,  # every address 16-byte aligned and every size a multiple of 8
     BLOCK: tl.constexpr,  # elements per vector operation
     CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
 ):
-    pid = tl.program_id(0)
-    tensor = tl.load(chunk_map + pid)
-    start = tl.load(chunk_map + n_programs + pid)
-    numel = tl.load(numels + tensor)
-    if HAS_FOUND_INF:
-        # A skipped step masks every load and store: nothing is read or written.
-        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+    """One Adam/AdamW update of one chunk of one tensor (see the module docstring).
 
-    param = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
-    grad = tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE))
-    master = param
-    if HAS_MASTER:
-        master = tl.load(master_ptrs + tensor).to(tl.pointer_type(tl.float32))
-    exp_avg = tl.load(exp_avg_ptrs + tensor).to(tl.pointer_type(tl.float32))
-    exp_avg_sq = tl.load(exp_avg_sq_ptrs + tensor).to(tl.pointer_type(tl.float32))
-    max_exp_avg_sq = exp_avg_sq
-    if AMSGRAD:
-        max_exp_avg_sq = tl.load(max_exp_avg_sq_ptrs + tensor).to(tl.pointer_type(tl.float32))
+    Bytes per element, fp16 param and grad with fp32 master and moments: read 2 + 4 + 4 + 4,
+    write 4 + 4 + 4 + 2 = 28 (amsgrad +8; fp32 params 28; fp16 without master 22)."""
+    tensor, start, numel = program_chunk(
+        chunk_map, n_programs, numels, found_inf_ptr, HAS_FOUND_INF, ALIGNED, CHUNK
+    )
+    param = tensor_ptr(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
+    grad = tensor_ptr(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
+    master = tensor_ptr(master_ptrs, tensor, tl.float32, ALIGNED)
+    exp_avg = tensor_ptr(exp_avg_ptrs, tensor, tl.float32, ALIGNED)
+    exp_avg_sq = tensor_ptr(exp_avg_sq_ptrs, tensor, tl.float32, ALIGNED)
+    max_exp_avg_sq = tensor_ptr(max_exp_avg_sq_ptrs, tensor, tl.float32, ALIGNED)
 
     # Per-program scalars, in fp64 where cancellation would cost precision.
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr)
     step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))) + 1.0
     bc1 = bias_correction(one_minus_beta1, step)
     bc2 = bias_correction(one_minus_beta2, step)
     step_size = (tl.cast(lr, tl.float64) / bc1).to(tl.float32)
     bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
     decay = (1.0 - tl.cast(lr, tl.float64) * tl.cast(weight_decay, tl.float64)).to(tl.float32)
-    inv_scale, clip_coef = grad_factor(
+    inv_scale, clip_coef = unscale_and_clip_factors(
         grad_scale_ptr, norm_sq_ptr, max_norm, HAS_GRAD_SCALE, HAS_CLIP
     )
 
     for i in tl.static_range(0, CHUNK, BLOCK):
-        offsets = start + i + tl.arange(0, BLOCK)
+        offsets = block_offsets(start, i, BLOCK, ALIGNED)
         mask = offsets < numel
         g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
         if HAS_MASTER:
@@ -243,7 +237,7 @@ def prepare_adam_step(
     *,
     masters: Sequence[torch.Tensor] | None = None,
     max_exp_avg_sqs: Sequence[torch.Tensor] | None = None,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -257,12 +251,11 @@ def prepare_adam_step(
     max_norm: float = 0.0,
     cache: TableCache | None = None,
 ) -> Callable[[], None]:
-    """Check the inputs and build the tables of a fused Adam/AdamW step; return its launch.
+    """Check the inputs and build the tables of a fused Adam/AdamW step (in place, no host
+    sync, every tensor of a group in one launch); return the launch.
 
     Splitting the checks from the launch lets an optimizer check every group before it
     updates any, so bad input changes nothing. ``adam_step`` does both at once.
-
-    One fused Adam/AdamW step over every tensor of a group, in place, with no host sync.
 
     Args:
         params: fp16/bf16 params (with ``masters``) or fp32 params (updated directly), all of
@@ -275,7 +268,8 @@ def prepare_adam_step(
             themselves (always so for fp32 params), still in fp32 math, rounding on store.
         max_exp_avg_sqs: fp32 running maxima, required with ``amsgrad``.
         lr, beta1, beta2, eps, weight_decay: hyperparameters (runtime values, never
-            compile-time constants, so changing them never recompiles).
+            compile-time constants, so changing them never recompiles). ``lr`` may be a
+            one-element tensor: on the params' device it is read by the kernel (no sync).
         decoupled_weight_decay: AdamW's decay (``p *= 1 - lr * wd``) rather than Adam's L2.
         amsgrad, maximize: as in ``torch.optim.Adam``.
         grad_scale: optional fp32 one-element device tensor; grads are divided by it.
@@ -307,45 +301,50 @@ def prepare_adam_step(
     scalar = tables.numels  # any tensor: stands in for absent optional pointers
     param_dtype, grad_dtype = params[0].dtype, grads[0].dtype
     n_tensors = len(params)
+    lr_value, lr_tensor = learning_rate(lr, device)
 
     def launch():
-        if tables.n_programs > 0:
-            _adam_kernel[(tables.n_programs,)](
-                param_ptrs,
-                grad_ptrs,
-                master_ptrs,
-                exp_avg_ptrs,
-                exp_avg_sq_ptrs,
-                max_ptrs,
-                step_ptrs,
-                tables.numels,
-                tables.chunk_map,
-                tables.n_programs,
-                grad_scale if grad_scale is not None else scalar,
-                found_inf if found_inf is not None else scalar,
-                norm_sq if has_clip else scalar,
-                float(max_norm),
-                float(lr),
-                float(beta1),
-                float(beta2),
-                1.0 - float(beta1),
-                1.0 - float(beta2),
-                float(eps),
-                float(weight_decay),
-                PARAM_DTYPE=TORCH_TO_TRITON[param_dtype],
-                GRAD_DTYPE=TORCH_TO_TRITON[grad_dtype],
-                HAS_MASTER=masters is not None,
-                DECOUPLED=bool(decoupled_weight_decay),
-                AMSGRAD=bool(amsgrad),
-                MAXIMIZE=bool(maximize),
-                HAS_GRAD_SCALE=grad_scale is not None,
-                HAS_FOUND_INF=found_inf is not None,
-                HAS_CLIP=has_clip,
-                BLOCK=config["BLOCK"],
-                CHUNK=config["CHUNK"],
-                num_warps=config["num_warps"],
-            )
-        increment_steps(step_ptrs, n_tensors, found_inf)
+        with device_guard(device):
+            if tables.n_programs > 0:
+                _adam_kernel[(tables.n_programs,)](
+                    param_ptrs,
+                    grad_ptrs,
+                    master_ptrs,
+                    exp_avg_ptrs,
+                    exp_avg_sq_ptrs,
+                    max_ptrs,
+                    step_ptrs,
+                    tables.numels,
+                    tables.chunk_map,
+                    tables.n_programs,
+                    grad_scale if grad_scale is not None else scalar,
+                    found_inf if found_inf is not None else scalar,
+                    norm_sq if has_clip else scalar,
+                    lr_tensor if lr_tensor is not None else scalar,
+                    float(max_norm),
+                    lr_value,
+                    float(beta1),
+                    float(beta2),
+                    1.0 - float(beta1),
+                    1.0 - float(beta2),
+                    float(eps),
+                    float(weight_decay),
+                    PARAM_DTYPE=TORCH_TO_TRITON[param_dtype],
+                    GRAD_DTYPE=TORCH_TO_TRITON[grad_dtype],
+                    HAS_MASTER=masters is not None,
+                    DECOUPLED=bool(decoupled_weight_decay),
+                    AMSGRAD=bool(amsgrad),
+                    MAXIMIZE=bool(maximize),
+                    HAS_GRAD_SCALE=grad_scale is not None,
+                    HAS_FOUND_INF=found_inf is not None,
+                    HAS_CLIP=has_clip,
+                    LR_ON_DEVICE=lr_tensor is not None,
+                    ALIGNED=tables.aligned,
+                    BLOCK=config["BLOCK"],
+                    CHUNK=config["CHUNK"],
+                    num_warps=config["num_warps"],
+                )
+            increment_steps(step_ptrs, n_tensors, found_inf)
 
     return launch
 

@@ -21,12 +21,21 @@ and no upload.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LaunchTables", "TableCache", "check_scalar", "check_tensor_lists", "tables_for"]
+__all__ = [
+    "LaunchTables",
+    "TableCache",
+    "check_scalar",
+    "check_tensor_lists",
+    "device_guard",
+    "learning_rate",
+    "tables_for",
+]
 
 
 def check_tensor_lists(names: Sequence[str], lists: Sequence[Sequence[torch.Tensor] | None]):
@@ -80,6 +89,25 @@ def check_scalar(name: str, t: torch.Tensor | None, device: torch.device) -> Non
         )
 
 
+def device_guard(device: torch.device):
+    """Make ``device`` current for a launch: Triton launches on the current CUDA device and
+    stream, whatever device the tensors are on."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def learning_rate(lr, device: torch.device) -> tuple[float, torch.Tensor | None]:
+    """``(value, tensor)`` for a kernel: a one-element fp32 tensor on ``device`` is passed as a
+    pointer (read by the kernel: no sync, capturable); anything else as a float (a tensor lr
+    elsewhere is read on the host)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.device == device and lr.dtype == torch.float32 and lr.numel() == 1:
+            return 0.0, lr
+        return float(lr.item()), None
+    return float(lr), None
+
+
 def _addresses(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
     return tuple([t.data_ptr() for t in tensors])
 
@@ -91,12 +119,15 @@ class LaunchTables:
     ``addresses[k]`` is the int64 address table of the k-th tensor list; ``numels[t]`` is the
     size of tensor t; ``chunk_map[0, pid]`` is the tensor handled by program ``pid`` and
     ``chunk_map[1, pid]`` the first element of its chunk. ``n_programs`` is the grid size.
+    ``aligned``: every address is 16-byte aligned and every size a multiple of 8, so the
+    kernels may promise the compiler 128-bit accesses.
     """
 
     addresses: torch.Tensor
     numels: torch.Tensor
     chunk_map: torch.Tensor
     n_programs: int
+    aligned: bool
 
     @staticmethod
     def build(
@@ -118,13 +149,19 @@ class LaunchTables:
         n_programs = int(tensor_of_program.numel())
         start = (torch.arange(n_programs) - first_program[tensor_of_program]) * chunk
         chunk_map = torch.stack([tensor_of_program, start])
+        aligned = all(
+            t.data_ptr() % 16 == 0
+            for name, lst in zip(names, lists)
+            if lst is not None and name != "steps"
+            for t in lst
+        ) and bool((numels % 8 == 0).all())
         if device.type != "cpu":
             # One host-to-device copy per rebuild; pinned memory keeps it asynchronous, and a
             # fresh pinned buffer per rebuild means no pending copy can see its source change.
             addresses = addresses.pin_memory().to(device, non_blocking=True)
             numels = numels.pin_memory().to(device, non_blocking=True)
             chunk_map = chunk_map.pin_memory().to(device, non_blocking=True)
-        return LaunchTables(addresses, numels, chunk_map, n_programs)
+        return LaunchTables(addresses, numels, chunk_map, n_programs, aligned)
 
 
 @dataclass

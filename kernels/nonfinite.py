@@ -18,17 +18,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import (
+    TORCH_TO_TRITON,
+    block_offsets,
+    program_chunk,
+    round_to,
+    tensor_ptr,
+    unscale_and_clip_factors,
+    widen,
+)
 from .launch_config import launch_config
-from .multi_tensor import TableCache, check_scalar, tables_for
-from .rounding import round_to, widen
+from .multi_tensor import TableCache, check_scalar, device_guard, tables_for
 
-__all__ = ["nonfinite_check_and_norm", "unscale_and_check_", "TORCH_TO_TRITON"]
-
-TORCH_TO_TRITON = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-}
+__all__ = ["nonfinite_check_and_norm", "unscale_and_check_"]
 
 
 @triton.jit
@@ -44,23 +46,22 @@ def _nonfinite_check_kernel(
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
     HAS_GRAD_SCALE: tl.constexpr,  # divide by *grad_scale before squaring
     COMPUTE_NORM: tl.constexpr,  # accumulate the sum of squares (else only the flag)
+    ALIGNED: tl.constexpr,  # every address 16-byte aligned and every size a multiple of 8
     BLOCK: tl.constexpr,  # elements per vector operation
     CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
 ):
     """Bytes per element: reads the grad once (2 for fp16/bf16, 4 for fp32), writes nothing
     per element (8 bytes per program of partials)."""
     pid = tl.program_id(0)
-    tensor = tl.load(chunk_map + pid)
-    start = tl.load(chunk_map + n_programs + pid)
-    numel = tl.load(numels + tensor)
-    grad = tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE))
-    inv_scale = 1.0
-    if HAS_GRAD_SCALE:
-        inv_scale = 1.0 / tl.load(grad_scale_ptr)
+    tensor, start, numel = program_chunk(
+        chunk_map, n_programs, numels, partials, False, ALIGNED, CHUNK
+    )
+    grad = tensor_ptr(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
+    inv_scale, _ = unscale_and_clip_factors(grad_scale_ptr, partials, 0.0, HAS_GRAD_SCALE, False)
     sum_sq = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(0, CHUNK, BLOCK):
-        offsets = start + i + tl.arange(0, BLOCK)
+        offsets = block_offsets(start, i, BLOCK, ALIGNED)
         mask = offsets < numel
         g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
         bad = tl.maximum(bad, tl.where((g != g) | (tl.abs(g) == float("inf")), 1.0, 0.0))
@@ -80,19 +81,19 @@ def _unscale_kernel(
     inv_scale_ptr,  # fp32 scalar: grads are multiplied by it
     found_inf_ptr,  # fp32 scalar: set to 1.0 when any input element is non-finite
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
+    ALIGNED: tl.constexpr,  # every address 16-byte aligned and every size a multiple of 8
     BLOCK: tl.constexpr,  # elements per vector operation
     CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
 ):
     """Bytes per element: reads and writes the grad (4 for fp16/bf16, 8 for fp32)."""
-    pid = tl.program_id(0)
-    tensor = tl.load(chunk_map + pid)
-    start = tl.load(chunk_map + n_programs + pid)
-    numel = tl.load(numels + tensor)
-    grad = tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE))
+    tensor, start, numel = program_chunk(
+        chunk_map, n_programs, numels, found_inf_ptr, False, ALIGNED, CHUNK
+    )
+    grad = tensor_ptr(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
     inv_scale = tl.load(inv_scale_ptr)
     bad = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(0, CHUNK, BLOCK):
-        offsets = start + i + tl.arange(0, BLOCK)
+        offsets = block_offsets(start, i, BLOCK, ALIGNED)
         mask = offsets < numel
         g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
         bad = tl.maximum(bad, tl.where((g != g) | (tl.abs(g) == float("inf")), 1.0, 0.0))
@@ -104,7 +105,10 @@ def _unscale_kernel(
 
 def _group_by_dtype(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    device = tensors[0].device
     for t in tensors:
+        if t.device != device:
+            raise ValueError(f"grads must all be on one device: {t.device} and {device}")
         if t.dtype not in TORCH_TO_TRITON:
             raise TypeError(
                 f"grads must be float16, bfloat16 or float32, got {t.dtype}; "
@@ -162,25 +166,27 @@ def nonfinite_check_and_norm(
     if total == 0:  # only zero-size tensors
         return out.zero_()
     partials = _scratch(cache, "check_partials", (2, total), device)
-    for dtype, tables, offset in launches:
-        if tables.n_programs == 0:
-            continue
-        _nonfinite_check_kernel[(tables.n_programs,)](
-            tables.addresses[0],
-            tables.numels,
-            tables.chunk_map,
-            tables.n_programs,
-            grad_scale if grad_scale is not None else partials,
-            partials,
-            total,
-            offset,
-            GRAD_DTYPE=TORCH_TO_TRITON[dtype],
-            HAS_GRAD_SCALE=grad_scale is not None,
-            COMPUTE_NORM=compute_norm,
-            BLOCK=config["BLOCK"],
-            CHUNK=config["CHUNK"],
-            num_warps=config["num_warps"],
-        )
+    with device_guard(device):
+        for dtype, tables, offset in launches:
+            if tables.n_programs == 0:
+                continue
+            _nonfinite_check_kernel[(tables.n_programs,)](
+                tables.addresses[0],
+                tables.numels,
+                tables.chunk_map,
+                tables.n_programs,
+                grad_scale if grad_scale is not None else partials,
+                partials,
+                total,
+                offset,
+                GRAD_DTYPE=TORCH_TO_TRITON[dtype],
+                HAS_GRAD_SCALE=grad_scale is not None,
+                COMPUTE_NORM=compute_norm,
+                ALIGNED=tables.aligned,
+                BLOCK=config["BLOCK"],
+                CHUNK=config["CHUNK"],
+                num_warps=config["num_warps"],
+            )
     torch.sum(partials, dim=1, out=out)
     return out
 
@@ -210,21 +216,23 @@ def unscale_and_check_(
     for dtype, tensors in _group_by_dtype(grads).items():
         cache_ = _sub_cache(cache, ("unscale", dtype))
         launches.append((dtype, tables_for(["grads"], [tensors], [], config["CHUNK"], cache_)))
-    for dtype, tables in launches:
-        if tables.n_programs == 0:
-            continue
-        _unscale_kernel[(tables.n_programs,)](
-            tables.addresses[0],
-            tables.numels,
-            tables.chunk_map,
-            tables.n_programs,
-            inv_scale,
-            found_inf,
-            GRAD_DTYPE=TORCH_TO_TRITON[dtype],
-            BLOCK=config["BLOCK"],
-            CHUNK=config["CHUNK"],
-            num_warps=config["num_warps"],
-        )
+    with device_guard(device):
+        for dtype, tables in launches:
+            if tables.n_programs == 0:
+                continue
+            _unscale_kernel[(tables.n_programs,)](
+                tables.addresses[0],
+                tables.numels,
+                tables.chunk_map,
+                tables.n_programs,
+                inv_scale,
+                found_inf,
+                GRAD_DTYPE=TORCH_TO_TRITON[dtype],
+                ALIGNED=tables.aligned,
+                BLOCK=config["BLOCK"],
+                CHUNK=config["CHUNK"],
+                num_warps=config["num_warps"],
+            )
 
 
 def _scratch(cache: TableCache | None, name: str, shape, device) -> torch.Tensor:

@@ -14,9 +14,9 @@ The "first step" is read from the tensor's device step count (0 before its first
 a skipped step cannot consume it. With ``momentum == 0`` there is no buffer and no step count.
 
 Bytes per element (fp16 param and grad, fp32 master and momentum buffer): reads grad 2 +
-master 4 + buf 4 = 10, writes master 4 + buf 4 + param 2 = 10: **20 bytes**. Without momentum
-12 bytes. fp32 params without master: 24 bytes with momentum (read g, p, buf; write p, buf);
-fp16 params without master: 16 bytes with momentum.
+master 4 + buf 4 = 10, writes master 4 + buf 4 + param 2 = 10: **20 bytes**; without momentum
+12. fp32 params (their own master), with momentum: read g, p, buf, write p, buf = 20 bytes;
+fp16 params without a master, with momentum: read g 2, p 2, buf 4, write p 2, buf 4 = 14.
 """
 
 from __future__ import annotations
@@ -27,11 +27,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .adam import check_step_inputs, grad_factor, increment_steps
+from .adam import check_step_inputs, increment_steps
+from .common import (
+    TORCH_TO_TRITON,
+    block_offsets,
+    program_chunk,
+    round_to,
+    tensor_ptr,
+    unscale_and_clip_factors,
+    widen,
+)
 from .launch_config import launch_config
-from .multi_tensor import TableCache, tables_for
-from .nonfinite import TORCH_TO_TRITON
-from .rounding import round_to, widen
+from .multi_tensor import TableCache, device_guard, learning_rate, tables_for
 
 __all__ = ["sgd_step", "prepare_sgd_step"]
 
@@ -49,8 +56,9 @@ def _sgd_kernel(
     grad_scale_ptr,  # fp32 scalar: grads are divided by it (if HAS_GRAD_SCALE)
     found_inf_ptr,  # fp32 scalar: non-zero means skip, write nothing (if HAS_FOUND_INF)
     norm_sq_ptr,  # fp32 scalar: squared global norm of the unscaled grads (if HAS_CLIP)
+    lr_ptr,  # fp32 scalar: the learning rate, when it is a device tensor (if LR_ON_DEVICE)
     max_norm,  # fp32: clipping threshold (if HAS_CLIP)
-    lr,  # fp32: learning rate
+    lr,  # fp32: learning rate (runtime), unless LR_ON_DEVICE
     momentum,  # fp32: momentum factor
     one_minus_dampening,  # fp32: 1 - dampening, computed on the host
     weight_decay,  # fp32: L2 weight decay
@@ -63,32 +71,33 @@ def _sgd_kernel(
     HAS_GRAD_SCALE: tl.constexpr,  # divide grads by *grad_scale_ptr
     HAS_FOUND_INF: tl.constexpr,  # skip everything when *found_inf_ptr != 0
     HAS_CLIP: tl.constexpr,  # clip by the global norm in *norm_sq_ptr
+    LR_ON_DEVICE: tl.constexpr,  # read the learning rate from *lr_ptr (no host sync)
+    ALIGNED: tl.constexpr,  # every address 16-byte aligned and every size a multiple of 8
     BLOCK: tl.constexpr,  # elements per vector operation
     CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
 ):
-    pid = tl.program_id(0)
-    tensor = tl.load(chunk_map + pid)
-    start = tl.load(chunk_map + n_programs + pid)
-    numel = tl.load(numels + tensor)
-    if HAS_FOUND_INF:
-        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+    """One SGD update of one chunk of one tensor (see the module docstring).
 
-    param = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
-    grad = tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE))
-    master = param
-    if HAS_MASTER:
-        master = tl.load(master_ptrs + tensor).to(tl.pointer_type(tl.float32))
-    buf_ptr = master
+    Bytes per element, fp16 param and grad with fp32 master and buffer: read 2 + 4 + 4, write
+    4 + 4 + 2 = 20 (12 without momentum; fp32 params 20; fp16 without master 14)."""
+    tensor, start, numel = program_chunk(
+        chunk_map, n_programs, numels, found_inf_ptr, HAS_FOUND_INF, ALIGNED, CHUNK
+    )
+    param = tensor_ptr(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
+    grad = tensor_ptr(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
+    master = tensor_ptr(master_ptrs, tensor, tl.float32, ALIGNED)
+    buf_ptr = tensor_ptr(momentum_buffer_ptrs, tensor, tl.float32, ALIGNED)
     first_step = False
     if HAS_MOMENTUM:
-        buf_ptr = tl.load(momentum_buffer_ptrs + tensor).to(tl.pointer_type(tl.float32))
         first_step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))) == 0
-    inv_scale, clip_coef = grad_factor(
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr)
+    inv_scale, clip_coef = unscale_and_clip_factors(
         grad_scale_ptr, norm_sq_ptr, max_norm, HAS_GRAD_SCALE, HAS_CLIP
     )
 
     for i in tl.static_range(0, CHUNK, BLOCK):
-        offsets = start + i + tl.arange(0, BLOCK)
+        offsets = block_offsets(start, i, BLOCK, ALIGNED)
         mask = offsets < numel
         g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
         if HAS_MASTER:
@@ -123,7 +132,7 @@ def prepare_sgd_step(
     steps: Sequence[torch.Tensor] | None,
     *,
     masters: Sequence[torch.Tensor] | None = None,
-    lr: float,
+    lr: float | torch.Tensor,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -161,41 +170,47 @@ def prepare_sgd_step(
     scalar = tables.numels  # any tensor: stands in for absent optional pointers
     param_dtype, grad_dtype = params[0].dtype, grads[0].dtype
     n_tensors = len(params)
+    device = params[0].device
+    lr_value, lr_tensor = learning_rate(lr, device)
 
     def launch():
-        if tables.n_programs > 0:
-            _sgd_kernel[(tables.n_programs,)](
-                param_ptrs,
-                grad_ptrs,
-                master_ptrs,
-                buf_ptrs,
-                step_ptrs,
-                tables.numels,
-                tables.chunk_map,
-                tables.n_programs,
-                grad_scale if grad_scale is not None else scalar,
-                found_inf if found_inf is not None else scalar,
-                norm_sq if has_clip else scalar,
-                float(max_norm),
-                float(lr),
-                float(momentum),
-                1.0 - float(dampening),
-                float(weight_decay),
-                PARAM_DTYPE=TORCH_TO_TRITON[param_dtype],
-                GRAD_DTYPE=TORCH_TO_TRITON[grad_dtype],
-                HAS_MASTER=masters is not None,
-                HAS_MOMENTUM=has_momentum,
-                NESTEROV=bool(nesterov),
-                MAXIMIZE=bool(maximize),
-                HAS_GRAD_SCALE=grad_scale is not None,
-                HAS_FOUND_INF=found_inf is not None,
-                HAS_CLIP=has_clip,
-                BLOCK=config["BLOCK"],
-                CHUNK=config["CHUNK"],
-                num_warps=config["num_warps"],
-            )
-        if has_momentum:
-            increment_steps(step_ptrs, n_tensors, found_inf)
+        with device_guard(device):
+            if tables.n_programs > 0:
+                _sgd_kernel[(tables.n_programs,)](
+                    param_ptrs,
+                    grad_ptrs,
+                    master_ptrs,
+                    buf_ptrs,
+                    step_ptrs,
+                    tables.numels,
+                    tables.chunk_map,
+                    tables.n_programs,
+                    grad_scale if grad_scale is not None else scalar,
+                    found_inf if found_inf is not None else scalar,
+                    norm_sq if has_clip else scalar,
+                    lr_tensor if lr_tensor is not None else scalar,
+                    float(max_norm),
+                    lr_value,
+                    float(momentum),
+                    1.0 - float(dampening),
+                    float(weight_decay),
+                    PARAM_DTYPE=TORCH_TO_TRITON[param_dtype],
+                    GRAD_DTYPE=TORCH_TO_TRITON[grad_dtype],
+                    HAS_MASTER=masters is not None,
+                    HAS_MOMENTUM=has_momentum,
+                    NESTEROV=bool(nesterov),
+                    MAXIMIZE=bool(maximize),
+                    HAS_GRAD_SCALE=grad_scale is not None,
+                    HAS_FOUND_INF=found_inf is not None,
+                    HAS_CLIP=has_clip,
+                    LR_ON_DEVICE=lr_tensor is not None,
+                    ALIGNED=tables.aligned,
+                    BLOCK=config["BLOCK"],
+                    CHUNK=config["CHUNK"],
+                    num_warps=config["num_warps"],
+                )
+            if has_momentum:
+                increment_steps(step_ptrs, n_tensors, found_inf)
 
     return launch
 
