@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .optimizer import Bucket, FusedOptimizer, check_lr, lr_value
+from .optimizer import Bucket, FusedOptimizer, check_lr, torch_compat_options
 
 __all__ = ["Adam", "AdamW"]
 
@@ -24,6 +24,11 @@ class Adam(FusedOptimizer):
         weight_decay: L2 penalty added to the grad (default 0).
         amsgrad: use the running maximum of the second moment (default False).
         maximize: maximize the objective (default False).
+        decoupled_weight_decay: AdamW's decay (as torch.optim.Adam's argument of that name).
+        foreach, capturable, fused: accepted for torch.optim compatibility and recorded in
+            the param groups; the step is always one fused launch (Triton backend) or foreach
+            ops (torch backend), and never syncs on the Triton backend.
+        differentiable: only False (the fused step runs outside autograd).
         master_weights: keep an fp32 master copy of each fp16/bf16 param in
             ``state[p]["master_param"]`` and write the param back rounded to nearest-even
             after every step (default True). fp32 params are their own master.
@@ -37,7 +42,6 @@ class Adam(FusedOptimizer):
     """
 
     _state_names = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    _decoupled_weight_decay = False
 
     def __init__(
         self,
@@ -48,7 +52,12 @@ class Adam(FusedOptimizer):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         *,
+        foreach: bool | None = None,
         maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
         master_weights: bool = True,
         backend: str = "auto",
     ):
@@ -59,6 +68,8 @@ class Adam(FusedOptimizer):
             weight_decay=weight_decay,
             amsgrad=amsgrad,
             maximize=maximize,
+            decoupled_weight_decay=bool(decoupled_weight_decay),
+            **torch_compat_options(foreach, capturable, differentiable, fused),
         )
         self._check_hyperparameters(defaults)
         super().__init__(params, defaults, master_weights=master_weights, backend=backend)
@@ -108,12 +119,12 @@ class Adam(FusedOptimizer):
         kwargs = dict(
             masters=bucket.state["master_param"],
             max_exp_avg_sqs=bucket.state["max_exp_avg_sq"],
-            lr=lr_value(group["lr"]),
+            lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
-            decoupled_weight_decay=self._decoupled_weight_decay,
+            decoupled_weight_decay=group["decoupled_weight_decay"],
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             **scaling,
@@ -138,8 +149,6 @@ class AdamW(Adam):
     """AdamW: Adam with decoupled weight decay (``p *= 1 - lr * weight_decay``), default
     ``weight_decay=1e-2``; otherwise exactly ``Adam`` (see its arguments)."""
 
-    _decoupled_weight_decay = True
-
     def __init__(
         self,
         params,
@@ -149,7 +158,11 @@ class AdamW(Adam):
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
         *,
+        foreach: bool | None = None,
         maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         master_weights: bool = True,
         backend: str = "auto",
     ):
@@ -160,7 +173,12 @@ class AdamW(Adam):
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
+            foreach=foreach,
             maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
             master_weights=master_weights,
             backend=backend,
         )

@@ -376,6 +376,7 @@ class Engine(nn.Module):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        _init_state(self.optimizer.optimizer)
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer.optimizer)
         directory = save_dir / tag
         directory.mkdir(parents=True, exist_ok=True)
@@ -412,6 +413,7 @@ class Engine(nn.Module):
             trial.load_state_dict(extra["loss_scaler"])
         except Exception as e:
             raise CheckpointError(f"{directory / ENGINE_FILE} is truncated or corrupt: {e}") from e
+        _init_state(self.optimizer.optimizer)
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer.optimizer)
         state = {"model": model_sd}
         if load_optimizer:
@@ -452,6 +454,13 @@ class Engine(nn.Module):
                 )
         if load_scheduler and self.lr_scheduler is not None and state["lr_scheduler"] is None:
             raise CheckpointError(f"{path} holds no LR scheduler state for this run's scheduler")
+
+
+def _init_state(optimizer) -> None:
+    """Create the optimizer's state without stepping, before ``get_state_dict``, which would
+    otherwise run a warm-up ``step()`` on an optimizer with empty state."""
+    if hasattr(optimizer, "init_state"):
+        optimizer.init_state()
 
 
 def _has_masters(optimizer_state: dict) -> bool:

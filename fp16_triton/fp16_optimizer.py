@@ -131,6 +131,7 @@ class FP16Optimizer(Optimizer):
         self._check = torch.zeros(2, dtype=torch.float32, device=self.device)
         self._skip = torch.zeros((), dtype=torch.float32, device=self.device)
         self._skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._skipped_now = torch.zeros((), dtype=torch.bool, device=self.device)
         self._skip_to_host = _HostFlag(self.device)
         self._skips_since_log = 0
         self._last_log = -math.inf
@@ -219,7 +220,8 @@ class FP16Optimizer(Optimizer):
         else:
             self._generic_step(grad_scale, found_inf, norm_sq)
         if needs_check:
-            self._skipped_steps.add_(self._skip != 0)
+            torch.ne(self._skip, 0, out=self._skipped_now)
+            self._skipped_steps.add_(self._skipped_now)
             self._skip_to_host.record(self._skip)
             scaler.update_scale(self._check[1])
         return loss
@@ -244,7 +246,7 @@ class FP16Optimizer(Optimizer):
             results.append(
                 nonfinite_check_and_norm(device_grads, grad_scale=scale, out=out, cache=cache)
             )
-        if len(results) > 1:
+        if len(results) > 1 or results[0] is not self._check:
             total = torch.stack([r.to(self.device, non_blocking=True) for r in results]).sum(0)
             self._check.copy_(total)
 
@@ -372,11 +374,7 @@ class FP16Optimizer(Optimizer):
         otherwise the next step would overwrite them from stale masters)."""
         with torch.no_grad():
             if self.fused:
-                for group in self.param_groups:
-                    for p in group["params"]:
-                        master = self.state.get(p, {}).get("master_param")
-                        if master is not None:
-                            master.copy_(p)
+                self.optimizer.refresh_master_weights()
             else:
                 for model_param, master in self._masters:
                     if master is not model_param:

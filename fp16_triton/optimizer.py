@@ -13,7 +13,7 @@ are rebuilt only when the set of params with a grad changes.
 from __future__ import annotations
 
 import logging
-import math
+import operator
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -49,7 +49,17 @@ class Bucket:
     state: dict[str, list[torch.Tensor] | None]
     backend: str
     grad_dtype: torch.dtype
+    state_dicts: list[dict] = field(default_factory=list)  # optimizer.state[p] when built
     cache: Any = None  # kernels.multi_tensor.TableCache on the Triton backend
+
+    def is_current(self, optimizer_state) -> bool:
+        """Whether the state and shards the bucket holds are still the params' own: state
+        replaced from outside (e.g. ZeroRedundancyOptimizer.load_state_dict writes
+        ``optim.state[p]`` itself) or a re-sharded DTensor makes the bucket stale."""
+        if not all(map(operator.is_, map(optimizer_state.__getitem__, self.params),
+                       self.state_dicts)):  # fmt: skip
+            return False
+        return all(map(operator.is_, map(local, self.params), self.local_params))
 
 
 @dataclass
@@ -198,6 +208,28 @@ class FusedOptimizer(Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create the state of every param that has none (as its first step would), without
+        stepping. ``torch.distributed.checkpoint.state_dict.get_state_dict`` otherwise runs a
+        zero-grad warm-up ``step()`` on an optimizer with empty state, which would consume a
+        bias-correction step (a bug DeepSpeed users know)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if len(self.state[p]) == 0:
+                    self.state[p] = self._new_state(p, group)
+
+    @torch.no_grad()
+    def refresh_master_weights(self) -> None:
+        """Copy the params into their fp32 masters. Call it after loading model weights alone
+        (``model.load_state_dict``) into a model whose optimizer has state: the next step
+        would otherwise start from the old masters and overwrite the loaded weights."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                master = self.state.get(p, {}).get("master_param")
+                if master is not None:
+                    master.copy_(p)
+
     # ------------------------------------------------------------------------------ steps
     def _plan(self, group: dict[str, Any]) -> list[Bucket]:
         """The buckets of ``group`` for this step (cached by which params have grads)."""
@@ -205,6 +237,8 @@ class FusedOptimizer(Optimizer):
         key = tuple(map(id, active))
         plans = self._plans.setdefault(id(group), {})
         plan = plans.get(key)
+        if plan is not None and not all(b.is_current(self.state) for b in plan.buckets):
+            plan = None
         if plan is None:
             if len(plans) >= _MAX_CACHED_ACTIVE_SETS:
                 plans.clear()
@@ -232,6 +266,8 @@ class FusedOptimizer(Optimizer):
             for p in params:
                 if len(self.state[p]) == 0:
                     self.state[p] = self._new_state(p, group)
+                else:
+                    _normalize_state(self.state[p], local(p).device)
             names = list(self._state_names) + ["master_param"]
             state = {name: self._state_list(params, name) for name in names}
             cache = None
@@ -240,7 +276,10 @@ class FusedOptimizer(Optimizer):
 
                 cache = TableCache()
             local_params = [local(p) for p in params]
-            buckets.append(Bucket(params, local_params, state, backend, grad_dtype, cache))
+            state_dicts = [self.state[p] for p in params]
+            buckets.append(
+                Bucket(params, local_params, state, backend, grad_dtype, state_dicts, cache)
+            )
         return buckets
 
     def _state_list(self, params: list[torch.Tensor], name: str) -> list[torch.Tensor] | None:
@@ -349,12 +388,20 @@ class FusedOptimizer(Optimizer):
                     f"loaded state dict's parameter group {i} has {len(saved['params'])} "
                     f"params, this optimizer's has {len(group['params'])}"
                 )
+        # The groups as they will be after loading: the saved hyperparameters decide how the
+        # saved state is read (momentum on or off, masters or not) and must be valid.
+        merged_groups = []
+        for group, saved in zip(self.param_groups, saved_groups):
+            merged = dict(group)
+            merged.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+            self._check_hyperparameters(merged)
+            merged_groups.append(merged)
         id_to_param = {}
         id_to_group = {}
-        for group, saved in zip(self.param_groups, saved_groups):
+        for group, merged, saved in zip(self.param_groups, merged_groups, saved_groups):
             for p, saved_id in zip(group["params"], saved["params"]):
                 id_to_param[saved_id] = p
-                id_to_group[saved_id] = group
+                id_to_group[saved_id] = merged
         new_state: dict[torch.Tensor, dict[str, Any]] = {}
         for key, saved_state in state_dict["state"].items():
             if key not in id_to_param:
@@ -362,10 +409,8 @@ class FusedOptimizer(Optimizer):
             p = id_to_param[key]
             new_state[p] = self._import_state(p, id_to_group[key], saved_state, key)
         # Everything checked: now change.
-        for group, saved in zip(self.param_groups, saved_groups):
-            for k, v in saved.items():
-                if k != "params" and k != "param_names":
-                    group[k] = v
+        for group, merged in zip(self.param_groups, merged_groups):
+            group.update(merged)
         self.state.clear()
         self.state.update(new_state)
         self._plans.clear()
@@ -399,6 +444,16 @@ class FusedOptimizer(Optimizer):
         return text[:-1] + f"backend: {self.backend}\n)"
 
 
+def _normalize_state(state: dict[str, Any], device: torch.device) -> None:
+    """State written from outside (ZeroRedundancyOptimizer keeps ``step`` on the CPU, torch's
+    loaders cast to the param dtype) back to what the kernels read: fp32 on the param's
+    device."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if local(value).device != device or value.dtype != torch.float32:
+                state[name] = value.to(device=device, dtype=torch.float32)
+
+
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     if t is None or t.device == device:
         return t
@@ -406,21 +461,27 @@ def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 
 
 def check_lr(lr) -> None:
-    """torch's learning-rate checks and messages."""
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
+    """torch's learning-rate checks and messages. A tensor lr on a GPU is not compared (that
+    would sync the device at every step): its value is the caller's."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr.device.type != "cpu":
+            return
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
-def lr_value(lr) -> float:
-    """The learning rate as a float (a tensor lr on a GPU is read with a sync)."""
-    return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
-
-
-def is_finite_number(x) -> bool:
-    """True for finite real numbers (and one-element tensors holding one)."""
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
+def torch_compat_options(foreach, capturable, differentiable, fused) -> dict[str, Any]:
+    """torch.optim's implementation switches, accepted so that code written for torch runs
+    unchanged (and state dicts carry the same group keys); only ``differentiable`` changes
+    what is possible, and it is not supported."""
+    if differentiable:
+        raise ValueError(
+            "differentiable=True is not supported: the fused step runs outside autograd; "
+            "use torch.optim for differentiable optimizer steps"
+        )
+    options = {"foreach": foreach, "differentiable": False, "fused": fused}
+    if capturable is not None:
+        options["capturable"] = bool(capturable)
+    return options

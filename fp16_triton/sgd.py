@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .optimizer import Bucket, FusedOptimizer, check_lr, like_param, local, lr_value
+from .optimizer import Bucket, FusedOptimizer, check_lr, like_param, local, torch_compat_options
 
 __all__ = ["SGD"]
 
@@ -24,7 +24,7 @@ class SGD(FusedOptimizer):
         weight_decay: L2 penalty added to the grad (default 0).
         nesterov: Nesterov momentum (default False).
         maximize: maximize the objective (default False).
-        master_weights, backend: as in ``fp16_triton.Adam``.
+        foreach, differentiable, fused, master_weights, backend: as in ``fp16_triton.Adam``.
 
     State per param, fp32 on the param's device, when ``momentum != 0``: ``momentum_buffer``
     (it starts as the first grad, as in torch) and ``step``, a one-element count that tells the
@@ -44,6 +44,9 @@ class SGD(FusedOptimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
         master_weights: bool = True,
         backend: str = "auto",
     ):
@@ -54,6 +57,7 @@ class SGD(FusedOptimizer):
             weight_decay=weight_decay,
             nesterov=nesterov,
             maximize=maximize,
+            **torch_compat_options(foreach, None, differentiable, fused),
         )
         self._check_hyperparameters(defaults)
         super().__init__(params, defaults, master_weights=master_weights, backend=backend)
@@ -99,7 +103,7 @@ class SGD(FusedOptimizer):
                 bucket.cache.state_version += 1
         kwargs = dict(
             masters=bucket.state["master_param"],
-            lr=lr_value(group["lr"]),
+            lr=group["lr"],
             momentum=group["momentum"],
             dampening=group["dampening"],
             weight_decay=group["weight_decay"],

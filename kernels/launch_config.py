@@ -87,7 +87,7 @@ def _resolved(device: torch.device) -> tuple[dict[str, dict[str, int]], str]:
     for path in sorted(SHIPPED_DIR.glob("*.json")):
         entry = json.loads(path.read_text())
         if any(pattern.lower() in name.lower() for pattern in entry.get("match", [])):
-            configs.update({k: dict(v) for k, v in entry["configs"].items()})
+            _merge(configs, entry["configs"], str(path))
             source = f"shipped {path.name} ({entry.get('note', '')})".strip()
             break
     tuned_file = cache_file()
@@ -98,15 +98,39 @@ def _resolved(device: torch.device) -> tuple[dict[str, dict[str, int]], str]:
             logger.warning("ignoring unreadable tuning cache %s: %s", tuned_file, e)
             tuned = None
         if tuned:
-            configs.update({k: dict(v) for k, v in tuned["configs"].items() if k in configs})
+            _merge(configs, tuned["configs"], str(tuned_file))
             source = f"tuned {tuned_file} ({tuned.get('date', 'undated')})"
     return configs, source
+
+
+def _valid(config) -> bool:
+    """A usable configuration: powers of two, CHUNK a multiple of BLOCK (else programs'
+    chunks would overlap and update elements twice)."""
+    try:
+        block, chunk, warps = int(config["BLOCK"]), int(config["CHUNK"]), int(config["num_warps"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    power_of_two = all(x > 0 and x & (x - 1) == 0 for x in (block, chunk, warps))
+    return power_of_two and chunk % block == 0 and warps <= 32 and block <= 65536
+
+
+def _merge(configs: dict, entries: dict, origin: str) -> None:
+    """Take the valid entries of ``entries`` into ``configs``; warn about the others."""
+    for kernel, config in entries.items():
+        if kernel not in configs:
+            continue
+        if _valid(config):
+            configs[kernel] = {k: int(config[k]) for k in ("BLOCK", "CHUNK", "num_warps")}
+        else:
+            logger.warning(
+                "ignoring invalid launch config for %s in %s: %r", kernel, origin, config
+            )
 
 
 def launch_config(kernel: str, device: torch.device) -> dict[str, int]:
     """The launch configuration of ``kernel`` on ``device`` (a copy: callers may modify it)."""
     if kernel in _overrides:
-        return dict(_overrides[kernel])
+        return dict(_overrides[kernel])  # the tuner's trials: CANDIDATES are all valid
     return dict(_resolved(torch.device(device))[0][kernel])
 
 

@@ -180,6 +180,7 @@ def sgd_step(
         raise ValueError("momentum != 0 needs momentum_buffers and steps")
     if len(params) == 0 or _skipped(found_inf):
         return
+    lr = float(lr)  # a tensor lr is read on the host: the reference may sync
     weights = _fp32_weights(params, masters)
     g = _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize)
     if weight_decay != 0:

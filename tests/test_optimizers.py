@@ -486,3 +486,102 @@ def test_cuda_step_makes_no_host_sync(wrapped):
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_implementation_switches_are_accepted(backend):
+    """Code written for torch (``fused=True``, ``foreach=...``) runs unchanged; the switches
+    are recorded in the groups like torch's, and ``differentiable=True`` is refused."""
+    params = make_params()
+    opt = fp16_triton.AdamW(params, lr=0.01, fused=True, foreach=False, capturable=True)
+    assert opt.param_groups[0]["fused"] is True
+    assert set(torch.optim.AdamW(make_params()).param_groups[0]) <= set(opt.param_groups[0])
+    fp16_triton.SGD(make_params(), lr=0.1, momentum=0.9, fused=True, foreach=True)
+    with pytest.raises(ValueError, match="differentiable"):
+        fp16_triton.Adam(make_params(), differentiable=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adam_decoupled_weight_decay_is_adamw(backend):
+    ours_p, ref_p = make_params(), make_params()
+    ours = fp16_triton.Adam(ours_p, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True,
+                            backend=backend)  # fmt: skip
+    ref = torch.optim.AdamW(ref_p, lr=0.01, weight_decay=0.1)
+    for step in range(5):
+        for params, opt in ((ours_p, ours), (ref_p, ref)):
+            for p, g in zip(params, random_grads(params, step)):
+                p.grad = g
+            opt.step()
+    for a, b in zip(ours_p, ref_p):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_replaced_from_outside_is_used(backend):
+    """ZeroRedundancyOptimizer.load_state_dict writes ``optim.state[p]`` itself (with ``step``
+    on the CPU): the next step must use the new state, not tensors cached from before."""
+    params = make_params()
+    opt = fp16_triton.AdamW(params, lr=0.01, backend=backend)
+    for step in range(3):
+        for p, g in zip(params, random_grads(params, step)):
+            p.grad = g
+        opt.step()
+    replacement = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    for p in params:
+        replacement[p]["step"] = torch.tensor(10.0)  # CPU, as ZeRO leaves it
+        opt.state[p] = replacement[p]
+    opt.step()
+    for p in params:
+        assert opt.state[p]["step"].item() == 11.0
+        assert opt.state[p]["step"].device == p.device
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_uses_the_saved_hyperparameters(backend):
+    """torch SGD(momentum=0.9) state loaded into ours built with momentum 0: the buffers are
+    read as the saved groups say, and the next steps follow torch."""
+    ref_p, ours_p = make_params(), make_params()
+    ref = torch.optim.SGD(ref_p, lr=0.1, momentum=0.9)
+    ours = fp16_triton.SGD(ours_p, lr=0.1, backend=backend)
+    for p, g in zip(ref_p, random_grads(ref_p, 0)):
+        p.grad = g
+    ref.step()
+    with torch.no_grad():
+        for a, b in zip(ours_p, ref_p):
+            a.copy_(b)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.param_groups[0]["momentum"] == 0.9
+    for step in range(1, 4):
+        for params, opt in ((ours_p, ours), (ref_p, ref)):
+            for p, g in zip(params, random_grads(params, step)):
+                p.grad = g
+            opt.step()
+    for a, b in zip(ours_p, ref_p):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refresh_master_weights_after_loading_weights_alone(backend):
+    params = make_params(torch.float16)
+    opt = fp16_triton.AdamW(params, lr=0.01, backend=backend)
+    for p, g in zip(params, random_grads(params, 0)):
+        p.grad = g
+    opt.step()
+    with torch.no_grad():
+        for p in params:
+            p.fill_(5.0)  # as model.load_state_dict would
+    opt.refresh_master_weights()
+    for p in params:
+        assert torch.equal(opt.state[p]["master_param"], p.detach().float())
+
+
+def test_init_state_creates_state_without_stepping():
+    params = make_params(torch.float16)
+    before = [p.detach().clone() for p in params]
+    opt = fp16_triton.AdamW(params, lr=0.01, amsgrad=True, backend="torch")
+    opt.init_state()
+    for p, b in zip(params, before):
+        assert opt.state[p]["step"].item() == 0
+        assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+                                     "master_param"}  # fmt: skip
+        assert torch.equal(p.detach(), b)

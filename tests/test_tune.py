@@ -108,3 +108,19 @@ def test_cli_without_gpu_says_so_and_fails(capsys):
     assert cli.main(["tune", "--show"]) == 0
     out = capsys.readouterr().out
     assert "source: generic defaults" in out and "adam" in out
+
+
+def test_invalid_configs_are_ignored_with_a_warning(caplog):
+    """A CHUNK that is not a multiple of BLOCK would make programs' chunks overlap (elements
+    updated twice): such entries fall back to the defaults."""
+    for config in lc.CANDIDATES:
+        assert lc._valid(config)
+    bad = {"BLOCK": 512, "CHUNK": 768, "num_warps": 4}
+    assert not lc._valid(bad)
+    lc.cache_file().parent.mkdir(parents=True)
+    entry = {"date": "today", "configs": {"adam": bad, "sgd": CANDIDATES[0]}}
+    lc.cache_file().write_text(json.dumps({lc.device_key(CPU): entry}))
+    lc.reload()
+    assert lc.launch_config("adam", CPU) == lc.DEFAULT_CONFIGS["adam"]
+    assert lc.launch_config("sgd", CPU) == CANDIDATES[0]
+    assert "ignoring invalid launch config for adam" in caplog.text
