@@ -68,7 +68,7 @@ BYTES_OURS_ADAMW_FP16 = 30  # check + norm pass 2 (nonfinite.py) + AdamW step 28
 BYTES_TORCH_AMP = 48  # unscale 8 + clip norm 4 + clip scale 8 + fused AdamW fp32 28
 BYTES_ADAMW_FP16_NO_MASTER = 14  # fp16 p, g, m, v: read 8, write p, m, v 6
 BYTES_ADAMW_FP32 = 28  # read g, p, m, v 16, write p, m, v 12 (adam.py, fp32 params)
-BYTES_SGD_MOMENTUM_FP32 = 24  # read g, p, buf 12, write p, buf 8 (sgd.py, fp32 params)
+BYTES_SGD_MOMENTUM_FP32 = 20  # read g, p, buf 12, write p, buf 8 (sgd.py, fp32 params)
 BYTES_COPY = 2  # dst.copy_(src): read and write each byte; "size" of the copy row is bytes
 
 GPU_NOTE = "GPU figures need a GPU: none measured in this run"
