@@ -257,11 +257,15 @@ class FusedOptimizer(Optimizer):
                     f"a grad of shape {tuple(p.grad.shape)} for a param of shape "
                     f"{tuple(p.shape)}: grads must have their param's shape"
                 )
+        # One bucket per (device, dtypes, alignment): a param of odd size or address gets its
+        # own launch rather than taking 128-bit loads away from the others.
         groups: dict[tuple, list[torch.Tensor]] = {}
         for p in active:
-            groups.setdefault((local(p).device, p.dtype, p.grad.dtype), []).append(p)
+            shard = local(p)
+            key = (shard.device, p.dtype, p.grad.dtype, _aligned(shard))
+            groups.setdefault(key, []).append(p)
         buckets = []
-        for (device, _, grad_dtype), params in groups.items():
+        for (device, _, grad_dtype, _), params in groups.items():
             backend = resolve_backend(self.backend, device)
             for p in params:
                 if len(self.state[p]) == 0:
@@ -442,6 +446,12 @@ class FusedOptimizer(Optimizer):
     def __repr__(self) -> str:
         text = super().__repr__()
         return text[:-1] + f"backend: {self.backend}\n)"
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """The kernels' alignment condition (``kernels.multi_tensor.is_aligned``), without
+    importing the kernels (and so Triton) on the torch backend."""
+    return t.data_ptr() % 16 == 0 and t.numel() % 8 == 0
 
 
 def _normalize_state(state: dict[str, Any], device: torch.device) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "check_scalar",
     "check_tensor_lists",
     "device_guard",
+    "is_aligned",
     "learning_rate",
     "tables_for",
 ]
@@ -87,6 +88,12 @@ def check_scalar(name: str, t: torch.Tensor | None, device: torch.device) -> Non
             f"{name} must be a one-element float32 tensor on {device}, "
             f"got {t.dtype} with {t.numel()} elements on {t.device}"
         )
+
+
+def is_aligned(t: torch.Tensor) -> bool:
+    """Whether ``t`` qualifies for the kernels' ALIGNED variant: 16-byte aligned data and a
+    size divisible by 8 (so masks are uniform over 128-bit vectors of fp16 and fp32)."""
+    return t.data_ptr() % 16 == 0 and t.numel() % 8 == 0
 
 
 def device_guard(device: torch.device):
@@ -150,11 +157,11 @@ class LaunchTables:
         start = (torch.arange(n_programs) - first_program[tensor_of_program]) * chunk
         chunk_map = torch.stack([tensor_of_program, start])
         aligned = all(
-            t.data_ptr() % 16 == 0
+            is_aligned(t)
             for name, lst in zip(names, lists)
             if lst is not None and name != "steps"
             for t in lst
-        ) and bool((numels % 8 == 0).all())
+        )
         if device.type != "cpu":
             # One host-to-device copy per rebuild; pinned memory keeps it asynchronous, and a
             # fresh pinned buffer per rebuild means no pending copy can see its source change.

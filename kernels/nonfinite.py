@@ -28,7 +28,7 @@ from .common import (
     widen,
 )
 from .launch_config import launch_config
-from .multi_tensor import TableCache, check_scalar, device_guard, tables_for
+from .multi_tensor import TableCache, check_scalar, device_guard, is_aligned, tables_for
 
 __all__ = ["nonfinite_check_and_norm", "unscale_and_check_"]
 
@@ -103,8 +103,10 @@ def _unscale_kernel(
         tl.store(found_inf_ptr, 1.0)
 
 
-def _group_by_dtype(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:
-    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+def _group_by_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+    """Tensors by (dtype, aligned): one launch each, and a tensor of odd size or address does
+    not take the 128-bit loads away from the others."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
     device = tensors[0].device
     for t in tensors:
         if t.device != device:
@@ -114,7 +116,7 @@ def _group_by_dtype(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[t
                 f"grads must be float16, bfloat16 or float32, got {t.dtype}; "
                 "the kernels do not handle other dtypes"
             )
-        groups.setdefault(t.dtype, []).append(t)
+        groups.setdefault((t.dtype, is_aligned(t)), []).append(t)
     return groups
 
 
@@ -158,8 +160,8 @@ def nonfinite_check_and_norm(
     config = launch_config("nonfinite_check", device)
     launches = []
     total = 0
-    for dtype, tensors in groups.items():
-        cache_ = _sub_cache(cache, ("check", dtype))
+    for (dtype, aligned), tensors in groups.items():
+        cache_ = _sub_cache(cache, ("check", dtype, aligned))
         tables = tables_for(["grads"], [tensors], [], config["CHUNK"], cache_)
         launches.append((dtype, tables, total))
         total += tables.n_programs
@@ -213,8 +215,8 @@ def unscale_and_check_(
     # Tables (and their checks) for every dtype group before any launch: a bad tensor in a
     # later group must not leave an earlier group unscaled.
     launches = []
-    for dtype, tensors in _group_by_dtype(grads).items():
-        cache_ = _sub_cache(cache, ("unscale", dtype))
+    for (dtype, aligned), tensors in _group_by_dtype(grads).items():
+        cache_ = _sub_cache(cache, ("unscale", dtype, aligned))
         launches.append((dtype, tables_for(["grads"], [tensors], [], config["CHUNK"], cache_)))
     with device_guard(device):
         for dtype, tables in launches:

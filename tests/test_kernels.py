@@ -1367,12 +1367,13 @@ def test_table_cache_sgd_and_check(builds):
     grads = [torch.ones(5, device=DEVICE), torch.ones(7, device=DEVICE, dtype=torch.bfloat16)]
     assert nonfinite.nonfinite_check_and_norm(grads, cache=cache).tolist() == [12.0, 0.0]
     sub = {k: c._tables for k, c in cache.scratch.items() if isinstance(c, TableCache)}
-    assert len(sub) == 2 and len(builds) == 2  # one table per dtype group
+    assert len(sub) == 2 and len(builds) == 2  # one table per (dtype, alignment) group
     assert nonfinite.nonfinite_check_and_norm(grads, cache=cache).tolist() == [12.0, 0.0]
     assert len(builds) == 2
     old = grads[0]
     grads[0] = torch.full((5,), math.nan, device=DEVICE)
     assert nonfinite.nonfinite_check_and_norm(grads, cache=cache)[1].item() != 0
     assert len(builds) == 3 and old.numel() == 5
-    assert cache.scratch[("check", torch.float32)]._tables is not sub[("check", torch.float32)]
-    assert cache.scratch[("check", torch.bfloat16)]._tables is sub[("check", torch.bfloat16)]
+    f32, b16 = ("check", torch.float32, False), ("check", torch.bfloat16, False)  # odd sizes
+    assert cache.scratch[f32]._tables is not sub[f32]
+    assert cache.scratch[b16]._tables is sub[b16]

@@ -585,3 +585,25 @@ def test_init_state_creates_state_without_stepping():
         assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
                                      "master_param"}  # fmt: skip
         assert torch.equal(p.detach(), b)
+
+
+def test_odd_sized_params_get_their_own_unaligned_launch(monkeypatch):
+    """A param whose size is not a multiple of 8 must not take the 128-bit (ALIGNED) loads
+    away from the others: the optimizer buckets by alignment."""
+    from fp16_triton.kernels import adam
+
+    seen = []
+    original = adam._adam_kernel.run
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["ALIGNED"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(adam._adam_kernel, "run", record)
+    params = [torch.randn(64, 8, device=DEVICE, requires_grad=True) for _ in range(3)]
+    params.append(torch.randn(10, device=DEVICE, requires_grad=True))  # 10 % 8 != 0
+    opt = fp16_triton.AdamW(params, lr=0.01, backend="triton")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert sorted(seen) == [False, True]
