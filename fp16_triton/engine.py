@@ -199,6 +199,13 @@ class Engine(nn.Module):
         if self.config.fp16.enabled and self.config.fp16.auto_cast:
             inputs = tuple(_cast(x, self.dtype) for x in inputs)
             kwargs = {k: _cast(v, self.dtype) for k, v in kwargs.items()}
+        if isinstance(self._forward_module, nn.parallel.DistributedDataParallel):
+            # DDP's no_sync(), spelled so that it spans engine(x) ... engine.backward(loss):
+            # micro-batches before the accumulation boundary keep their grads local, and the
+            # boundary's backward all-reduces the accumulated sum once.
+            self._forward_module.require_backward_grad_sync = (
+                self.is_gradient_accumulation_boundary()
+            )
         return self._forward_module(*inputs, **kwargs)
 
     def is_gradient_accumulation_boundary(self) -> bool:

@@ -114,6 +114,29 @@ def fsdp_model(dtype, mp_policy=None):
     return model
 
 
+def count_all_reduces(ddp) -> dict:
+    """Count DDP's gradient all-reduces through a communication hook."""
+    counter = {"count": 0}
+
+    def hook(state, bucket):
+        counter["count"] += 1
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        return allreduce_hook(None, bucket)
+
+    ddp.register_comm_hook(None, hook)
+    return counter
+
+
+def single_fp32_sgd_accumulated(steps=STEPS):
+    """One process, the same optimizer steps over global batches, two per step."""
+    model = make_model()
+    config = {"optimizer": SGD, "gradient_clipping": 0.5, "gradient_accumulation_steps": 2}
+    engine, *_ = fp16_triton.initialize(model=model, config=config, backend="triton")
+    train_steps(engine, range(2 * steps), global_batch)
+    return full_params(model)
+
+
 def inject_inf(step, engine):
     if step == INF_STEP and dist.get_rank() == INF_RANK:
         grad = next(engine.module.parameters()).grad
@@ -132,6 +155,17 @@ def phase_train(out: str, rank: int, world: int):
     )
     train_steps(engine, range(STEPS), batch)
     torch.save(full_params(model), f"{out}/ddp_rank{rank}.pt")
+
+    # DDP with gradient accumulation: grads stay local until the boundary (no_sync).
+    model = make_model()
+    config = {"optimizer": SGD, "gradient_clipping": 0.5, "gradient_accumulation_steps": 2}
+    engine, *_ = fp16_triton.initialize(
+        model=model, config=config, backend="triton", data_parallel="ddp"
+    )
+    reductions = count_all_reduces(engine._forward_module)
+    train_steps(engine, range(2 * STEPS), batch)
+    torch.save(full_params(model), f"{out}/ddp_accum_rank{rank}.pt")
+    results["ddp_accum_reductions"] = reductions["count"]
 
     # FSDP2 with fp16 sharded params and our fp32 masters; an inf on one rank's shard.
     model = fsdp_model(torch.float16)

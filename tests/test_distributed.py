@@ -69,7 +69,8 @@ def assert_same(a: dict, b: dict):
 
 
 @pytest.mark.parametrize(
-    "name", ["ddp", "fsdp_fp16", "fsdp_continued", "fsdp_resumed", "fsdp_mp", "zero", "plain"]
+    "name",
+    ["ddp", "ddp_accum", "fsdp_fp16", "fsdp_continued", "fsdp_resumed", "fsdp_mp", "zero", "plain"],
 )
 def test_ranks_hold_identical_params(runs, name):
     _, load = runs
@@ -82,6 +83,15 @@ def test_ddp_equals_single_process_over_the_global_batch(runs, worker):
     # they differ by fp32 rounding only (~1e-7 relative), which 5 SGD steps keep below 1e-5.
     reference = worker.single_fp32_sgd()
     torch.testing.assert_close(load("ddp", 0), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_accumulation_reduces_once_per_optimizer_step(runs, worker):
+    out, load = runs
+    records = json.loads((out / "records_rank0.json").read_text())
+    # 2 micro-batches per step, STEPS steps: one all-reduce (one bucket: a tiny model) each.
+    assert records["ddp_accum_reductions"] == worker.STEPS
+    reference = worker.single_fp32_sgd_accumulated()
+    torch.testing.assert_close(load("ddp_accum", 0), reference, rtol=1e-5, atol=1e-6)
 
 
 def test_fsdp2_fp16_skips_together_and_clips_by_the_global_norm(runs, worker):
