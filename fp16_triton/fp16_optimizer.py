@@ -50,8 +50,9 @@ class _HostFlag:
 
     def record(self, value: torch.Tensor) -> None:
         if self._cuda:
-            self._host.copy_(value, non_blocking=True)
-            self._event.record()
+            with torch.cuda.device(value.device):  # the event goes on the copy's stream
+                self._host.copy_(value, non_blocking=True)
+                self._event.record()
             self._pending = True
         else:
             self._value = float(value)
