@@ -117,6 +117,8 @@ class FP16Optimizer(Optimizer):
         self.check_nonfinite = bool(check_nonfinite)
         self.device = local(params[0]).device
         self.process_group = process_group if process_group is not None else _shard_group(params)
+        self._sharded = _DTensor is not None and any(isinstance(p, _DTensor) for p in params)
+        self._single_device = all(local(p).device == self.device for p in params)
         if loss_scaler is None or isinstance(loss_scaler, dict):
             has_fp16 = any(p.dtype == torch.float16 for p in params)
             dtype = torch.float16 if has_fp16 else params[0].dtype
@@ -199,7 +201,8 @@ class FP16Optimizer(Optimizer):
         self._log_skips()
         scaler = self.loss_scaler
         scaling = self._scaling
-        grads = [local(p.grad) for p in self._model_params() if p.grad is not None]
+        grads = [p.grad for p in self._model_params()]
+        grads = [local(g) if self._sharded else g for g in grads if g is not None]
         if not grads:
             return loss
         needs_check = self.check_nonfinite or scaling or self.clip_grad > 0
@@ -229,9 +232,12 @@ class FP16Optimizer(Optimizer):
 
     def _check_grads(self, grads: list[torch.Tensor]) -> None:
         """Fill ``self._check`` with [squared unscaled norm, non-finite flag] over all grads."""
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
+        if self._single_device:  # the common case, without a per-grad device read
+            by_device = {self.device: grads}
+        else:
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for g in grads:
+                by_device.setdefault(g.device, []).append(g)
         results = []
         for device, device_grads in by_device.items():
             scale = self.loss_scaler.scale_tensor

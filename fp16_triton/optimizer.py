@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,22 +50,50 @@ class Bucket:
     state: dict[str, list[torch.Tensor] | None]
     backend: str
     grad_dtype: torch.dtype
-    state_dicts: list[dict] = field(default_factory=list)  # optimizer.state[p] when built
     cache: Any = None  # kernels.multi_tensor.TableCache on the Triton backend
+    indices: list[int] | None = None  # positions in the group's list of grads; None: all
+    sharded: bool = False  # DTensor params: kernels see their local shards
 
-    def is_current(self, optimizer_state) -> bool:
-        """Whether the state and shards the bucket holds are still the params' own: state
-        replaced from outside (e.g. ZeroRedundancyOptimizer.load_state_dict writes
-        ``optim.state[p]`` itself) or a re-sharded DTensor makes the bucket stale."""
-        if not all(map(operator.is_, map(optimizer_state.__getitem__, self.params),
-                       self.state_dicts)):  # fmt: skip
-            return False
-        return all(map(operator.is_, map(local, self.params), self.local_params))
+    def grads(self, active_grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This bucket's grads, as the kernels read them, out of the group's active grads."""
+        grads = active_grads if self.indices is None else [active_grads[i] for i in self.indices]
+        return [local(g) for g in grads] if self.sharded else grads
+
+    def shards_current(self) -> bool:
+        """False once a DTensor param's local shard is another tensor (FSDP2 re-sharded)."""
+        return not self.sharded or all(map(operator.is_, map(local, self.params),
+                                           self.local_params))  # fmt: skip
+
+
+class _VersionedState(defaultdict):
+    """``optimizer.state`` that counts assignments of a param's state, so cached buckets
+    notice state replaced from outside (ZeroRedundancyOptimizer.load_state_dict writes
+    ``optim.state[p] = ...`` itself) with an O(1) check per step."""
+
+    def __init__(self, *args):
+        super().__init__(dict, *args)
+        self.version = 0
+
+    def __setitem__(self, key, value):
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.version += 1
+        super().__delitem__(key)
+
+    def clear(self):
+        self.version += 1
+        super().clear()
+
+    def __reduce__(self):  # deepcopy/pickle: rebuilt as the same class
+        return (type(self), (), None, None, iter(self.items()))
 
 
 @dataclass
 class _GroupPlan:
     buckets: list[Bucket] = field(default_factory=list)
+    state_version: int = -1  # optimizer.state's version when the buckets were built
 
 
 def _dtensor_type():
@@ -165,6 +194,7 @@ class FusedOptimizer(Optimizer):
         self._plans: dict[int, dict[tuple, _GroupPlan]] = {}
         defaults = dict(defaults, master_weights=bool(master_weights))
         super().__init__(params, defaults)
+        self.state = _VersionedState(self.state)
 
     # ----------------------------------------------------------------- param groups and checks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -231,19 +261,30 @@ class FusedOptimizer(Optimizer):
                     master.copy_(p)
 
     # ------------------------------------------------------------------------------ steps
-    def _plan(self, group: dict[str, Any]) -> list[Bucket]:
-        """The buckets of ``group`` for this step (cached by which params have grads)."""
-        active = [p for p in group["params"] if p.grad is not None]
+    def _plan(self, group: dict[str, Any]) -> tuple[list[Bucket], list[torch.Tensor]]:
+        """The buckets of ``group`` for this step (cached by which params have grads) and the
+        group's grads. One pass reads every ``p.grad`` (a costly attribute at 10k params)."""
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):  # not `None in grads`: that calls Tensor.__eq__
+            active = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
+        else:
+            active = params
         key = tuple(map(id, active))
         plans = self._plans.setdefault(id(group), {})
         plan = plans.get(key)
-        if plan is not None and not all(b.is_current(self.state) for b in plan.buckets):
+        if plan is not None and (
+            plan.state_version != self.state.version
+            or not all(b.shards_current() for b in plan.buckets)
+        ):
             plan = None
         if plan is None:
             if len(plans) >= _MAX_CACHED_ACTIVE_SETS:
                 plans.clear()
             plan = plans[key] = _GroupPlan(self._build_buckets(group, active))
-        return plan.buckets
+            plan.state_version = self.state.version
+        return plan.buckets, grads
 
     def _build_buckets(self, group: dict[str, Any], active: list[torch.Tensor]) -> list[Bucket]:
         for p in active:
@@ -259,13 +300,14 @@ class FusedOptimizer(Optimizer):
                 )
         # One bucket per (device, dtypes, alignment): a param of odd size or address gets its
         # own launch rather than taking 128-bit loads away from the others.
-        groups: dict[tuple, list[torch.Tensor]] = {}
-        for p in active:
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(active):
             shard = local(p)
             key = (shard.device, p.dtype, p.grad.dtype, _aligned(shard))
-            groups.setdefault(key, []).append(p)
+            groups.setdefault(key, []).append(i)
         buckets = []
-        for (device, _, grad_dtype, _), params in groups.items():
+        for (device, _, grad_dtype, _), indices in groups.items():
+            params = [active[i] for i in indices]
             backend = resolve_backend(self.backend, device)
             for p in params:
                 if len(self.state[p]) == 0:
@@ -280,10 +322,12 @@ class FusedOptimizer(Optimizer):
 
                 cache = TableCache()
             local_params = [local(p) for p in params]
-            state_dicts = [self.state[p] for p in params]
+            sharded = any(lp is not p for lp, p in zip(local_params, params))
+            whole = len(indices) == len(active)
             buckets.append(
-                Bucket(params, local_params, state, backend, grad_dtype, state_dicts, cache)
-            )
+                Bucket(params, local_params, state, backend, grad_dtype, cache,
+                       None if whole else indices, sharded)
+            )  # fmt: skip
         return buckets
 
     def _state_list(self, params: list[torch.Tensor], name: str) -> list[torch.Tensor] | None:
@@ -306,8 +350,9 @@ class FusedOptimizer(Optimizer):
         launches: list[Callable[[], None]] = []
         for group in self.param_groups:
             self._check_hyperparameters(group)
-            for bucket in self._plan(group):
-                grads = [local(p.grad) for p in bucket.params]
+            buckets, group_grads = self._plan(group)
+            for bucket in buckets:
+                grads = bucket.grads(group_grads)
                 if grads[0].dtype != bucket.grad_dtype:
                     self._plans.pop(id(group), None)  # dtypes changed: rebuild next step
                     return self._fused_step(
