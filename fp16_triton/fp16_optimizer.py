@@ -117,8 +117,6 @@ class FP16Optimizer(Optimizer):
         self.check_nonfinite = bool(check_nonfinite)
         self.device = local(params[0]).device
         self.process_group = process_group if process_group is not None else _shard_group(params)
-        self._sharded = _DTensor is not None and any(isinstance(p, _DTensor) for p in params)
-        self._single_device = all(local(p).device == self.device for p in params)
         if loss_scaler is None or isinstance(loss_scaler, dict):
             has_fp16 = any(p.dtype == torch.float16 for p in params)
             dtype = torch.float16 if has_fp16 else params[0].dtype
@@ -183,11 +181,6 @@ class FP16Optimizer(Optimizer):
         """Backpropagate ``loss * loss_scale``."""
         self.loss_scaler.backward(loss, retain_graph=retain_graph)
 
-    def _model_params(self) -> list[torch.Tensor]:
-        if self.fused:
-            return [p for g in self.param_groups for p in g["params"]]
-        return [model_param for model_param, _ in self._masters]
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Check, unscale, clip and step; then update the loss scale. Returns the closure's
@@ -201,14 +194,20 @@ class FP16Optimizer(Optimizer):
         self._log_skips()
         scaler = self.loss_scaler
         scaling = self._scaling
-        grads = [p.grad for p in self._model_params()]
-        grads = [local(g) if self._sharded else g for g in grads if g is not None]
-        if not grads:
+        if self.fused:
+            # The optimizer's buckets for this step: grads read and grouped once, for the
+            # check pass and the step alike.
+            work = self.optimizer._gather()
+            grad_groups = [grads for _, _, grads in work]
+        else:
+            grads = [p.grad for p, _ in self._masters if p.grad is not None]
+            grad_groups = [grads] if grads else []
+        if not grad_groups:
             return loss
         needs_check = self.check_nonfinite or scaling or self.clip_grad > 0
         found_inf = None
         if needs_check:
-            self._check_grads(grads)
+            self._check_grads(grad_groups)
             if self.process_group is not None:
                 # One collective per step: the sum of the shards' squared norms is the global
                 # one, and a non-zero summed count means some rank found inf/nan.
@@ -219,7 +218,11 @@ class FP16Optimizer(Optimizer):
         norm_sq = self._check[0] if self.clip_grad > 0 else None
         if self.fused:
             self.optimizer._fused_step(
-                grad_scale=grad_scale, found_inf=found_inf, norm_sq=norm_sq, max_norm=self.clip_grad
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                norm_sq=norm_sq,
+                max_norm=self.clip_grad,
+                work=work,
             )
         else:
             self._generic_step(grad_scale, found_inf, norm_sq)
@@ -230,29 +233,34 @@ class FP16Optimizer(Optimizer):
             scaler.update_scale(self._check[1])
         return loss
 
-    def _check_grads(self, grads: list[torch.Tensor]) -> None:
-        """Fill ``self._check`` with [squared unscaled norm, non-finite flag] over all grads."""
-        if self._single_device:  # the common case, without a per-grad device read
-            by_device = {self.device: grads}
-        else:
-            by_device: dict[torch.device, list[torch.Tensor]] = {}
-            for g in grads:
-                by_device.setdefault(g.device, []).append(g)
+    def _check_grads(self, grad_groups: list[list[torch.Tensor]]) -> None:
+        """Fill ``self._check`` with [squared unscaled norm, non-finite count] over all grads
+        (``grad_groups``: lists of one dtype on one device, the optimizer's buckets)."""
+        by_device: dict[torch.device, dict[int, list[torch.Tensor]]] = {}
+        for i, grads in enumerate(grad_groups):
+            by_device.setdefault(grads[0].device, {})[i] = grads
         results = []
-        for device, device_grads in by_device.items():
+        for device, groups in by_device.items():
             scale = self.loss_scaler.scale_tensor
             scale = scale if scale.device == device else scale.to(device, non_blocking=True)
+            out = self._check if device == self.device else None
             backend = resolve_backend(getattr(self.optimizer, "backend", "auto"), device)
             if backend == "triton":
                 from .kernels.multi_tensor import TableCache
-                from .kernels.nonfinite import nonfinite_check_and_norm
+                from .kernels.nonfinite import check_and_norm_grouped, nonfinite_check_and_norm
+
+                cache = self._caches.setdefault(device, TableCache())
+                if self.fused:  # buckets: one dtype each
+                    result = check_and_norm_grouped(groups, grad_scale=scale, out=out, cache=cache)
+                else:  # the generic path's one list, dtypes mixed
+                    (grads,) = groups.values()
+                    result = nonfinite_check_and_norm(grads, grad_scale=scale, out=out, cache=cache)
             else:
-                from .kernels.reference import nonfinite_check_and_norm
-            cache = self._caches.setdefault(device, TableCache()) if backend == "triton" else None
-            out = self._check if device == self.device else None
-            results.append(
-                nonfinite_check_and_norm(device_grads, grad_scale=scale, out=out, cache=cache)
-            )
+                from .kernels import reference
+
+                flat = [g for grads in groups.values() for g in grads]
+                result = reference.nonfinite_check_and_norm(flat, grad_scale=scale, out=out)
+            results.append(result)
         if len(results) > 1 or results[0] is not self._check:
             total = torch.stack([r.to(self.device, non_blocking=True) for r in results]).sum(0)
             self._check.copy_(total)

@@ -336,6 +336,22 @@ class FusedOptimizer(Optimizer):
             return None
         return [local(self.state[p][name]) for p in params]
 
+    def _gather(self) -> list[tuple[dict[str, Any], Bucket, list[torch.Tensor]]]:
+        """This step's work: ``(group, bucket, grads)`` for every bucket with grads. The
+        ``FP16Optimizer`` reuses it for its check pass, so one step reads each ``p.grad`` once
+        and groups the grads once."""
+        work = []
+        for group in self.param_groups:
+            self._check_hyperparameters(group)
+            buckets, group_grads = self._plan(group)
+            for bucket in buckets:
+                grads = bucket.grads(group_grads)
+                if grads[0].dtype != bucket.grad_dtype:  # grad dtypes changed: regroup
+                    self._plans.pop(id(group), None)
+                    return self._gather()
+                work.append((group, bucket, grads))
+        return work
+
     def _fused_step(
         self,
         *,
@@ -343,36 +359,26 @@ class FusedOptimizer(Optimizer):
         found_inf: torch.Tensor | None = None,
         norm_sq: torch.Tensor | None = None,
         max_norm: float = 0.0,
+        work: list | None = None,
     ) -> None:
         """One step of every param with a grad. ``grad_scale``, ``found_inf`` and ``norm_sq``
         are optional device tensors (see ``kernels.adam.adam_step``); they are moved to each
-        bucket's device without a sync. Every bucket is checked before any is updated."""
+        bucket's device without a sync. ``work`` is this step's ``_gather()``, if the caller
+        made it. Every bucket is checked before any is updated."""
         launches: list[Callable[[], None]] = []
-        for group in self.param_groups:
-            self._check_hyperparameters(group)
-            buckets, group_grads = self._plan(group)
-            for bucket in buckets:
-                grads = bucket.grads(group_grads)
-                if grads[0].dtype != bucket.grad_dtype:
-                    self._plans.pop(id(group), None)  # dtypes changed: rebuild next step
-                    return self._fused_step(
-                        grad_scale=grad_scale,
-                        found_inf=found_inf,
-                        norm_sq=norm_sq,
-                        max_norm=max_norm,
-                    )
-                device = bucket.local_params[0].device
-                launches.append(
-                    self._prepare_bucket(
-                        bucket,
-                        grads,
-                        group,
-                        grad_scale=_on(grad_scale, device),
-                        found_inf=_on(found_inf, device),
-                        norm_sq=_on(norm_sq, device),
-                        max_norm=max_norm,
-                    )
+        for group, bucket, grads in work if work is not None else self._gather():
+            device = bucket.local_params[0].device
+            launches.append(
+                self._prepare_bucket(
+                    bucket,
+                    grads,
+                    group,
+                    grad_scale=_on(grad_scale, device),
+                    found_inf=_on(found_inf, device),
+                    norm_sq=_on(norm_sq, device),
+                    max_norm=max_norm,
                 )
+            )
         for launch in launches:
             launch()
 

@@ -116,7 +116,7 @@ def learning_rate(lr, device: torch.device) -> tuple[float, torch.Tensor | None]
 
 
 def _addresses(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
-    return tuple([t.data_ptr() for t in tensors])
+    return tuple(map(torch.Tensor.data_ptr, tensors))  # map: no per-item attribute lookup
 
 
 @dataclass
@@ -196,7 +196,7 @@ class TableCache:
     ) -> LaunchTables:
         """Tables for ``moving + state`` lists, rebuilt only when something changed."""
         key = (chunk, tuple(_addresses(lst) if lst is not None else None for lst in moving))
-        key += (tuple([t.numel() for t in moving[0]]),)
+        key += (tuple(map(torch.Tensor.numel, moving[0])),)
         if self._state_key is None or self._state_key[0] != self.state_version:
             state_addresses = tuple(_addresses(lst) if lst is not None else None for lst in state)
             self._state_key = (self.state_version, state_addresses)

@@ -13,6 +13,7 @@ Two kernels over pointer tables (see ``multi_tensor``), one launch per grad dtyp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
@@ -30,7 +31,7 @@ from .common import (
 from .launch_config import launch_config
 from .multi_tensor import TableCache, check_scalar, device_guard, is_aligned, tables_for
 
-__all__ = ["nonfinite_check_and_norm", "unscale_and_check_"]
+__all__ = ["nonfinite_check_and_norm", "check_and_norm_grouped", "unscale_and_check_"]
 
 
 @triton.jit
@@ -151,19 +152,44 @@ def nonfinite_check_and_norm(
     """
     if len(grads) == 0:
         raise ValueError("nonfinite_check_and_norm needs at least one tensor")
-    device = grads[0].device
+    return check_and_norm_grouped(
+        _group_by_dtype(grads),
+        grad_scale=grad_scale,
+        compute_norm=compute_norm,
+        out=out,
+        cache=cache,
+    )
+
+
+def check_and_norm_grouped(
+    groups: dict[Any, Sequence[torch.Tensor]],
+    *,
+    grad_scale: torch.Tensor | None = None,
+    compute_norm: bool = True,
+    out: torch.Tensor | None = None,
+    cache: TableCache | None = None,
+) -> torch.Tensor:
+    """``nonfinite_check_and_norm`` over grads already grouped by the caller: each value of
+    ``groups`` is a list of one dtype on one device (an optimizer's buckets), launched as one
+    kernel; keys name the groups' table caches. Saves a per-step pass over every grad."""
+    groups = {key: list(tensors) for key, tensors in groups.items() if len(tensors)}
+    if not groups:
+        raise ValueError("nonfinite_check_and_norm needs at least one tensor")
+    device = next(iter(groups.values()))[0].device
+    for tensors in groups.values():
+        if tensors[0].device != device:
+            raise ValueError(f"grads must all be on one device: {tensors[0].device} and {device}")
     if grad_scale is not None:
         check_scalar("grad_scale", grad_scale, device)
     if out is None:
         out = torch.empty(2, dtype=torch.float32, device=device)
-    groups = _group_by_dtype(grads)
     config = launch_config("nonfinite_check", device)
     launches = []
     total = 0
-    for (dtype, aligned), tensors in groups.items():
-        cache_ = _sub_cache(cache, ("check", dtype, aligned))
+    for key, tensors in groups.items():
+        cache_ = _sub_cache(cache, ("check", *key) if isinstance(key, tuple) else ("check", key))
         tables = tables_for(["grads"], [tensors], [], config["CHUNK"], cache_)
-        launches.append((dtype, tables, total))
+        launches.append((tensors[0].dtype, tables, total))
         total += tables.n_programs
     if total == 0:  # only zero-size tensors
         return out.zero_()

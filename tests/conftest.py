@@ -13,3 +13,15 @@ if not torch.cuda.is_available():
 
 # Tests that build several processes or train a model must not fight over the two CI cores.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# CI runs the property tests on a fixed sequence of examples, so that a run is reproducible
+# and a landing never depends on luck; local runs keep exploring new examples (and report
+# any failure with the seed to reproduce it).
+try:
+    from hypothesis import settings
+except ImportError:  # hypothesis is in the test extra; conftest must not need it otherwise
+    pass
+else:
+    settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")

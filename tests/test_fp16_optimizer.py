@@ -300,14 +300,19 @@ def _count_check_calls(monkeypatch):
     import fp16_triton.kernels.reference as reference_mod
 
     calls = []
-    for mod in (triton_mod, reference_mod):
-        original = mod.nonfinite_check_and_norm
+    entry_points = [
+        (triton_mod, "nonfinite_check_and_norm"),
+        (triton_mod, "check_and_norm_grouped"),  # the fused path's pre-grouped variant
+        (reference_mod, "nonfinite_check_and_norm"),
+    ]
+    for mod, name in entry_points:
+        original = getattr(mod, name)
 
         def counting(*args, _original=original, **kwargs):
             calls.append(1)
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(mod, "nonfinite_check_and_norm", counting)
+        monkeypatch.setattr(mod, name, counting)
     return calls
 
 

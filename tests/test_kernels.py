@@ -555,7 +555,12 @@ def check_lowp(param, want, scale, k, what):
     err = (param.double() - want.double()).abs().reshape(-1)
     mag = torch.maximum(param.double().abs(), want.double().abs()).reshape(-1)
     tol = ulp(mag, param.dtype) + k * ulp(scale.reshape(-1))
-    bad = ~(err <= tol)
+    # Past the dtype's largest finite value, rounding to nearest gives +-inf (e.g. an fp16
+    # param pushed beyond 65504 by a huge unscaled grad): that is the correct rounded value.
+    p64, w64 = param.double().reshape(-1), want.double().reshape(-1)
+    overflow = torch.isinf(p64) & (torch.sign(p64) == torch.sign(w64))
+    overflow &= w64.abs() >= torch.finfo(param.dtype).max
+    bad = ~(err <= tol) & ~overflow
     if bad.any():
         i = int(bad.nonzero()[0])
         raise AssertionError(
@@ -692,6 +697,10 @@ def test_adam_step(case, hp):
     exp_avgs, exp_avg_sqs, max_sqs, steps = adam_state(case, hp, gen, params)
     cache = TableCache() if case["use_cache"] else None
     for it in range(case["n_steps"]):
+        if masters is None and not all(torch.isfinite(p).all() for p in params):
+            # A low-precision param without a master overflowed to inf at the last step
+            # (checked there by check_lowp): later steps have nothing meaningful to compare.
+            break
         grads = make_grads(case, gen)
         extras = grad_extras(case, grads)
         state = [params, grads, exp_avgs, exp_avg_sqs, steps, masters, max_sqs]
@@ -838,6 +847,10 @@ def test_sgd_step(case, hp):
     cache = TableCache() if case["use_cache"] else None
     has_momentum = hp["momentum"] != 0
     for it in range(case["n_steps"]):
+        if masters is None and not all(torch.isfinite(p).all() for p in params):
+            # A low-precision param without a master overflowed to inf at the last step
+            # (checked there by check_lowp): later steps have nothing meaningful to compare.
+            break
         grads = make_grads(case, gen)
         extras = grad_extras(case, grads)
         state = [params, grads, bufs, steps, masters]
