@@ -14,9 +14,12 @@ stay torch's, and the launch count is constant in the number of tensors. torch's
 ~30-110 tensors; a table in device memory has no such limit.
 
 Tables are rebuilt only when an address or a size changes. The caching allocator usually hands
-autograd the same addresses step after step, so the steady state costs one Python pass over
-``data_ptr()`` of the lists that can move (about 0.1 us per tensor, measured on the dev CPU)
-and no upload.
+autograd the same addresses step after step, so the steady state costs Python passes over
+``data_ptr()``/``numel()`` of the lists that can move, and no upload. Measured on the 2-core
+dev machine, 10,000 tensors, launches stubbed: ~5.5 ms of host time per AdamW step, ~7.5 ms
+with FP16Optimizer. Reaching ~100 us would take grads that are views into an optimizer-owned
+flat buffer (no per-tensor reads at all); that changes how users call ``zero_grad`` and is
+left for a later design.
 """
 
 from __future__ import annotations
