@@ -86,6 +86,24 @@ class _VersionedState(defaultdict):
         self.version += 1
         super().clear()
 
+    # dict's C methods bypass __setitem__/__delitem__: count them too.
+    def pop(self, *args):
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self.version += 1
+        return super().popitem()
+
+    def update(self, *args, **kwargs):
+        self.version += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self.version += 1
+        return super().setdefault(key, default)
+
     def __reduce__(self):  # deepcopy/pickle: rebuilt as the same class
         return (type(self), (), None, None, iter(self.items()))
 

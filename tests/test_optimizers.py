@@ -607,3 +607,24 @@ def test_odd_sized_params_get_their_own_unaligned_launch(monkeypatch):
         p.grad = torch.randn_like(p)
     opt.step()
     assert sorted(seen) == [False, True]
+
+
+def test_versioned_state_counts_every_kind_of_replacement():
+    """optimizer.state counts replacements through every dict method (dict's C methods skip
+    __setitem__), and survives deepcopy as the same class."""
+    params = make_params()
+    opt = fp16_triton.SGD(params, lr=0.1, momentum=0.9, backend="torch")
+    state = opt.state
+    for change in (
+        lambda: state.__setitem__(params[0], {}),
+        lambda: state.update({params[1]: {}}),
+        lambda: state.pop(params[1]),
+        lambda: state.setdefault(params[2], {}),
+        lambda: state.__delitem__(params[0]),
+        lambda: state.clear(),
+    ):
+        before = state.version
+        change()
+        assert state.version > before
+    copied = copy.deepcopy(opt)
+    assert type(copied.state) is type(opt.state)
