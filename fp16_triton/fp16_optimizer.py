@@ -200,8 +200,11 @@ class FP16Optimizer(Optimizer):
             work = self.optimizer._gather()
             grad_groups = [grads for _, _, grads in work]
         else:
-            grads = [p.grad for p, _ in self._masters if p.grad is not None]
-            grad_groups = [grads] if grads else []
+            grads = [local(p.grad) for p, _ in self._masters if p.grad is not None]
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for g in grads:
+                by_device.setdefault(g.device, []).append(g)
+            grad_groups = list(by_device.values())
         if not grad_groups:
             return loss
         needs_check = self.check_nonfinite or scaling or self.clip_grad > 0

@@ -99,6 +99,10 @@ class _VersionedState(defaultdict):
         self.version += 1
         super().update(*args, **kwargs)
 
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
     def setdefault(self, key, default=None):
         if key not in self:
             self.version += 1
@@ -213,6 +217,17 @@ class FusedOptimizer(Optimizer):
         defaults = dict(defaults, master_weights=bool(master_weights))
         super().__init__(params, defaults)
         self.state = _VersionedState(self.state)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["backend"] = self.backend
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._plans = {}  # buckets hold tensors of the original: rebuilt on the next step
+        if not isinstance(self.state, _VersionedState):
+            self.state = _VersionedState(self.state)
 
     # ----------------------------------------------------------------- param groups and checks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -364,7 +379,9 @@ class FusedOptimizer(Optimizer):
             buckets, group_grads = self._plan(group)
             for bucket in buckets:
                 grads = bucket.grads(group_grads)
-                if grads[0].dtype != bucket.grad_dtype:  # grad dtypes changed: regroup
+                # torch refuses a grad whose dtype differs from its param's, so one grad's
+                # dtype speaks for the bucket; a change means the params were cast: regroup.
+                if grads[0].dtype != bucket.grad_dtype:
                     self._plans.pop(id(group), None)
                     return self._gather()
                 work.append((group, bucket, grads))

@@ -621,6 +621,7 @@ def test_versioned_state_counts_every_kind_of_replacement():
         lambda: state.pop(params[1]),
         lambda: state.setdefault(params[2], {}),
         lambda: state.__delitem__(params[0]),
+        lambda: state.__ior__({params[0]: {}}),
         lambda: state.clear(),
     ):
         before = state.version
@@ -628,3 +629,7 @@ def test_versioned_state_counts_every_kind_of_replacement():
         assert state.version > before
     copied = copy.deepcopy(opt)
     assert type(copied.state) is type(opt.state)
+    assert copied.backend == opt.backend
+    for p in copied.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    copied.step()  # a copy steps on its own params
