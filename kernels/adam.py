@@ -39,11 +39,11 @@ from .common import (
     LOW_PRECISION,
     TORCH_TO_TRITON,
     block_offsets,
+    load_grad_and_weight,
     program_chunk,
     round_to,
     tensor_ptr,
     unscale_and_clip_factors,
-    widen,
 )
 from .launch_config import launch_config
 from .multi_tensor import TableCache, check_scalar, device_guard, learning_rate, tables_for
@@ -134,19 +134,12 @@ def _adam_kernel(
     for i in tl.static_range(0, CHUNK, BLOCK):
         offsets = block_offsets(start, i, BLOCK, ALIGNED)
         mask = offsets < numel
-        g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
-        if HAS_MASTER:
-            p = tl.load(master + offsets, mask=mask, other=0.0)
-        else:
-            p = widen(tl.load(param + offsets, mask=mask, other=0.0), PARAM_DTYPE)
+        g, p = load_grad_and_weight(
+            grad, param, master, offsets, mask, inv_scale, clip_coef, GRAD_DTYPE, PARAM_DTYPE,
+            HAS_MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE,
+        )  # fmt: skip
         m = tl.load(exp_avg + offsets, mask=mask, other=0.0)
         v = tl.load(exp_avg_sq + offsets, mask=mask, other=0.0)
-        if HAS_GRAD_SCALE:
-            g = g * inv_scale
-        if HAS_CLIP:
-            g = g * clip_coef
-        if MAXIMIZE:
-            g = -g
         if DECOUPLED:
             p = p * decay
         else:

@@ -101,3 +101,26 @@ def unscale_and_clip_factors(
         norm = tl.sqrt_rn(tl.load(norm_sq_ptr))
         clip_coef = tl.minimum(tl.div_rn(max_norm, norm + 1e-6), 1.0)
     return inv_scale, clip_coef
+
+
+@triton.jit
+def load_grad_and_weight(
+    grad, param, master, offsets, mask, inv_scale, clip_coef,
+    GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr,
+):  # fmt: skip
+    """A block's fp32 grad, unscaled, clipped and signed in torch's order, and its fp32
+    weight (the master, or the widened param when there is none): the step kernels' shared
+    first half."""
+    g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
+    if HAS_MASTER:
+        p = tl.load(master + offsets, mask=mask, other=0.0)
+    else:
+        p = widen(tl.load(param + offsets, mask=mask, other=0.0), PARAM_DTYPE)
+    if HAS_GRAD_SCALE:
+        g = g * inv_scale
+    if HAS_CLIP:
+        g = g * clip_coef
+    if MAXIMIZE:
+        g = -g
+    return g, p

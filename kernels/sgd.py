@@ -31,11 +31,11 @@ from .adam import check_step_inputs, increment_steps
 from .common import (
     TORCH_TO_TRITON,
     block_offsets,
+    load_grad_and_weight,
     program_chunk,
     round_to,
     tensor_ptr,
     unscale_and_clip_factors,
-    widen,
 )
 from .launch_config import launch_config
 from .multi_tensor import TableCache, device_guard, learning_rate, tables_for
@@ -99,17 +99,10 @@ def _sgd_kernel(
     for i in tl.static_range(0, CHUNK, BLOCK):
         offsets = block_offsets(start, i, BLOCK, ALIGNED)
         mask = offsets < numel
-        g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
-        if HAS_MASTER:
-            p = tl.load(master + offsets, mask=mask, other=0.0)
-        else:
-            p = widen(tl.load(param + offsets, mask=mask, other=0.0), PARAM_DTYPE)
-        if HAS_GRAD_SCALE:
-            g = g * inv_scale
-        if HAS_CLIP:
-            g = g * clip_coef
-        if MAXIMIZE:
-            g = -g
+        g, p = load_grad_and_weight(
+            grad, param, master, offsets, mask, inv_scale, clip_coef, GRAD_DTYPE, PARAM_DTYPE,
+            HAS_MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE,
+        )  # fmt: skip
         g = g + weight_decay * p
         if HAS_MOMENTUM:
             buf = tl.load(buf_ptr + offsets, mask=mask, other=0.0)
