@@ -35,6 +35,11 @@ class Adam(FusedOptimizer):
         backend: ``"triton"`` (fused kernels), ``"torch"`` (the pure-torch reference) or
             ``"auto"`` (Triton for params on a GPU, torch otherwise). The environment
             variable ``FP16_TRITON_BACKEND`` overrides it.
+        flat_buffers: keep each bucket's params, grads and state in flat buffers owned by the
+            optimizer, the param tensors becoming views, so that a step reads no per-param
+            attribute (host time independent of the number of tensors). Every param that
+            requires grad is then stepped at every step, with a zero grad if it got none, and
+            ``zero_grad()`` zeroes in place. See ``fp16_triton/flat_buffers.py`` (default False).
 
     State per param, all fp32 on the param's device: ``step`` (a one-element tensor that a
     skipped step does not advance), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad),
@@ -60,6 +65,7 @@ class Adam(FusedOptimizer):
         decoupled_weight_decay: bool = False,
         master_weights: bool = True,
         backend: str = "auto",
+        flat_buffers: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -72,7 +78,13 @@ class Adam(FusedOptimizer):
             **torch_compat_options(foreach, capturable, differentiable, fused),
         )
         self._check_hyperparameters(defaults)
-        super().__init__(params, defaults, master_weights=master_weights, backend=backend)
+        super().__init__(
+            params,
+            defaults,
+            master_weights=master_weights,
+            backend=backend,
+            flat_buffers=flat_buffers,
+        )
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -113,9 +125,7 @@ class Adam(FusedOptimizer):
             # amsgrad switched on after the first step: give every param of the bucket a max.
             for p in bucket.params:
                 self.state[p].setdefault("max_exp_avg_sq", self.state[p]["exp_avg_sq"].clone())
-            bucket.state["max_exp_avg_sq"] = self._state_list(bucket.params, "max_exp_avg_sq")
-            if bucket.cache is not None:
-                bucket.cache.state_version += 1
+            self._refresh_state_lists(bucket)
         kwargs = dict(
             masters=bucket.state["master_param"],
             max_exp_avg_sqs=bucket.state["max_exp_avg_sq"],
@@ -165,6 +175,7 @@ class AdamW(Adam):
         fused: bool | None = None,
         master_weights: bool = True,
         backend: str = "auto",
+        flat_buffers: bool = False,
     ):
         super().__init__(
             params,
@@ -181,4 +192,5 @@ class AdamW(Adam):
             decoupled_weight_decay=True,
             master_weights=master_weights,
             backend=backend,
+            flat_buffers=flat_buffers,
         )

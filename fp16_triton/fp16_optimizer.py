@@ -29,7 +29,14 @@ import torch
 from torch.optim import Optimizer
 
 from .loss_scaler import LossScaler, get_loss_scaler
-from .optimizer import LOW_PRECISION, FusedOptimizer, _DTensor, local, resolve_backend
+from .optimizer import (
+    LOW_PRECISION,
+    FusedOptimizer,
+    _DTensor,
+    local,
+    resolve_backend,
+    zero_grads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,12 +160,10 @@ class FP16Optimizer(Optimizer):
         return self.optimizer.state
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the model's grads (and the generic path's master grads)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                _zero(p, set_to_none)
-        for model_param, _ in self._masters:
-            _zero(model_param, set_to_none)
+        """Reset the model's grads (and the generic path's master grads), as the wrapped
+        optimizer's ``zero_grad`` does (flat buffers are zeroed in place)."""
+        self.optimizer.zero_grad(set_to_none)
+        zero_grads((model_param for model_param, _ in self._masters), set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer (fused path only)."""
@@ -414,13 +419,3 @@ def _shard_group(params: list[torch.Tensor]):
     if len(dtensors) != len(params):
         raise NotImplementedError("a mix of DTensor (sharded) and plain params is not handled")
     return mesh.get_group()
-
-
-def _zero(p: torch.Tensor, set_to_none: bool) -> None:
-    if p.grad is None:
-        return
-    if set_to_none:
-        p.grad = None
-    else:
-        p.grad.detach_().requires_grad_(False)
-        p.grad.zero_()

@@ -7,7 +7,9 @@ launch one step of a bucket (``_prepare_bucket``).
 
 A *bucket* is the set of params of one param group that share (device, param dtype, grad
 dtype, master or not): one kernel launch covers it, whatever the number of tensors. Buckets
-are rebuilt only when the set of params with a grad changes.
+are rebuilt only when the set of params with a grad changes. With ``flat_buffers=True`` a
+bucket owns flat storage instead (``flat_buffers.py``) and a steady step reads no per-param
+attribute at all.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .flat_buffers import FlatBuffers
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["FusedOptimizer", "BACKEND_ENV"]
@@ -34,6 +38,7 @@ BACKENDS = ("auto", "triton", "torch")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 _MAX_CACHED_ACTIVE_SETS = 8  # distinct "which params have grads" patterns kept per group
+_FLAT = "flat"  # key of a group's plan with flat_buffers=True
 
 
 @dataclass
@@ -53,9 +58,12 @@ class Bucket:
     cache: Any = None  # kernels.multi_tensor.TableCache on the Triton backend
     indices: list[int] | None = None  # positions in the group's list of grads; None: all
     sharded: bool = False  # DTensor params: kernels see their local shards
+    flat: FlatBuffers | None = None  # flat_buffers=True: the bucket's storage
 
-    def grads(self, active_grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def grads(self, active_grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """This bucket's grads, as the kernels read them, out of the group's active grads."""
+        if self.flat is not None:
+            return [self.flat.grad]
         grads = active_grads if self.indices is None else [active_grads[i] for i in self.indices]
         return [local(g) for g in grads] if self.sharded else grads
 
@@ -116,6 +124,8 @@ class _VersionedState(defaultdict):
 class _GroupPlan:
     buckets: list[Bucket] = field(default_factory=list)
     state_version: int = -1  # optimizer.state's version when the buckets were built
+    n_params: int = 0  # flat_buffers: len(group["params"]) when the buckets were built
+    others: list[torch.Tensor] = field(default_factory=list)  # flat_buffers: not adopted
 
 
 def _dtensor_type():
@@ -209,10 +219,12 @@ class FusedOptimizer(Optimizer):
         *,
         master_weights: bool = True,
         backend: str = "auto",
+        flat_buffers: bool = False,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        self.flat_buffers = bool(flat_buffers)
         self._plans: dict[int, dict[tuple, _GroupPlan]] = {}
         defaults = dict(defaults, master_weights=bool(master_weights))
         super().__init__(params, defaults)
@@ -221,10 +233,12 @@ class FusedOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["backend"] = self.backend
+        state["flat_buffers"] = self.flat_buffers
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("flat_buffers", False)
         self._plans = {}  # buckets hold tensors of the original: rebuilt on the next step
         if not isinstance(self.state, _VersionedState):
             self.state = _VersionedState(self.state)
@@ -252,6 +266,11 @@ class FusedOptimizer(Optimizer):
                     f"a {p.dtype} param of shape {tuple(p.shape)}"
                 )
             resolve_backend(self.backend, p.device)  # raises if it cannot be served
+            if self.flat_buffers and _DTensor is not None and isinstance(p, _DTensor):
+                raise ValueError(
+                    "flat_buffers=True cannot take DTensor (FSDP2) params: FSDP2 keeps its "
+                    "own flat shards; use flat_buffers=False"
+                )
         super().add_param_group(param_group)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
@@ -296,7 +315,10 @@ class FusedOptimizer(Optimizer):
     # ------------------------------------------------------------------------------ steps
     def _plan(self, group: dict[str, Any]) -> tuple[list[Bucket], list[torch.Tensor]]:
         """The buckets of ``group`` for this step (cached by which params have grads) and the
-        group's grads. One pass reads every ``p.grad`` (a costly attribute at 10k params)."""
+        group's grads (None with flat buffers: each bucket has its own). One pass reads every
+        ``p.grad`` (a costly attribute at 10k params)."""
+        if self.flat_buffers:
+            return self._flat_plan(group), None
         params = group["params"]
         grads = [p.grad for p in params]
         if any(g is None for g in grads):  # not `None in grads`: that calls Tensor.__eq__
@@ -318,6 +340,101 @@ class FusedOptimizer(Optimizer):
             plan = plans[key] = _GroupPlan(self._build_buckets(group, active))
             plan.state_version = self.state.version
         return plan.buckets, grads
+
+    def _flat_plan(self, group: dict[str, Any]) -> list[Bucket]:
+        """The group's flat buckets: O(1) when nothing was replaced since the last step."""
+        plan = self._plans.get(id(group), {}).get(_FLAT)
+        if (
+            plan is not None
+            and plan.state_version == self.state.version
+            and plan.n_params == len(group["params"])
+            and all(b.flat.intact() for b in plan.buckets)
+        ):
+            return plan.buckets
+        return self._adopt_group(group, plan)
+
+    def _adopt_group(self, group: dict[str, Any], plan: _GroupPlan | None) -> list[Bucket]:
+        """(Re)build the group's flat buckets and move every param's data, grad and state into
+        them: at the first step, and after grads, data or state were replaced from outside (an
+        O(n) pass). Everything is checked before anything moves."""
+        adopted = [p for p in group["params"] if p.requires_grad]
+        if plan is None and all(p.grad is None for p in adopted):
+            return []  # no grad yet: like torch, a step before any backward changes nothing
+        by_key: dict[tuple, list[torch.Tensor]] = {}
+        for p in adopted:
+            by_key.setdefault((p.device, p.dtype), []).append(p)
+        old = {(b.flat.device, b.flat.dtype): b for b in plan.buckets} if plan else {}
+        buckets = []
+        for (device, dtype), params in by_key.items():
+            bucket = old.get((device, dtype))
+            if bucket is None or not bucket.flat.fits(params):
+                flat = FlatBuffers(params)
+                backend = resolve_backend(self.backend, device)
+                cache = None
+                if backend == "triton":
+                    from .kernels.multi_tensor import TableCache
+
+                    cache = TableCache()
+                bucket = Bucket(params, [flat.param], {}, backend, dtype, cache, flat=flat)
+            for p in params:
+                if len(self.state[p]) == 0:
+                    self.state[p] = self._new_state(p, group)
+                else:
+                    _normalize_state(self.state[p], device)
+            bucket.flat.check(self.state)
+            buckets.append(bucket)
+        moved = 0
+        for bucket in buckets:
+            moved += self._refresh_state_lists(bucket)
+        if plan is not None and moved:
+            log = logger.warning if not getattr(self, "_warned_readopt", False) else logger.debug
+            self._warned_readopt = True
+            log(
+                "flat_buffers: re-adopted %d params whose grad or data had been replaced "
+                "(model.zero_grad() sets grads to None; optimizer.zero_grad() zeroes them in "
+                "place and keeps the step O(1))",
+                moved,
+            )
+        plan = _GroupPlan(buckets, self.state.version, len(group["params"]))
+        plan.others = [p for p in group["params"] if not p.requires_grad]
+        self._plans[id(group)] = {_FLAT: plan}
+        return buckets
+
+    def _refresh_state_lists(self, bucket: Bucket) -> int:
+        """Point ``bucket.state`` at the current state tensors (after state was added or
+        replaced); a flat bucket first adopts them. Returns the number of params whose data
+        or grad a flat bucket had to move."""
+        moved = 0
+        names = list(self._state_names) + ["master_param"]
+        if bucket.flat is not None:
+            flat = bucket.flat
+            moved = flat.adopt(self.state)
+            bucket.state = {name: [flat.state[name]] if name in flat.state else None
+                            for name in names}  # fmt: skip
+            bucket.state["step"] = [flat.step] if flat.step is not None else None
+        else:
+            bucket.state = {name: self._state_list(bucket.params, name) for name in names}
+        if bucket.cache is not None:
+            bucket.cache.state_version += 1
+        return moved
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``. With ``flat_buffers=True`` the grads of adopted
+        params are views that stay: each bucket's grad buffer is zeroed in place (one fill),
+        whatever ``set_to_none`` says, as with DDP's ``gradient_as_bucket_view``."""
+        if not self.flat_buffers:
+            return super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            plan = self._plans.get(id(group), {}).get(_FLAT)
+            if plan is None:
+                zero_grads(group["params"], set_to_none)
+                continue
+            for bucket in plan.buckets:
+                bucket.flat.grad.zero_()
+            if all(b.flat.intact() for b in plan.buckets):
+                zero_grads(plan.others, set_to_none)
+            else:  # grads replaced from outside: torch's semantics; the next step re-adopts
+                zero_grads(group["params"], set_to_none)
 
     def _build_buckets(self, group: dict[str, Any], active: list[torch.Tensor]) -> list[Bucket]:
         for p in active:
@@ -347,8 +464,6 @@ class FusedOptimizer(Optimizer):
                     self.state[p] = self._new_state(p, group)
                 else:
                     _normalize_state(self.state[p], local(p).device)
-            names = list(self._state_names) + ["master_param"]
-            state = {name: self._state_list(params, name) for name in names}
             cache = None
             if backend == "triton":
                 from .kernels.multi_tensor import TableCache
@@ -357,10 +472,10 @@ class FusedOptimizer(Optimizer):
             local_params = [local(p) for p in params]
             sharded = any(lp is not p for lp, p in zip(local_params, params))
             whole = len(indices) == len(active)
-            buckets.append(
-                Bucket(params, local_params, state, backend, grad_dtype, cache,
-                       None if whole else indices, sharded)
-            )  # fmt: skip
+            bucket = Bucket(params, local_params, {}, backend, grad_dtype, cache,
+                            None if whole else indices, sharded)  # fmt: skip
+            self._refresh_state_lists(bucket)
+            buckets.append(bucket)
         return buckets
 
     def _state_list(self, params: list[torch.Tensor], name: str) -> list[torch.Tensor] | None:
@@ -538,6 +653,21 @@ def _aligned(t: torch.Tensor) -> bool:
     """The kernels' alignment condition (``kernels.multi_tensor.is_aligned``), without
     importing the kernels (and so Triton) on the torch backend."""
     return t.data_ptr() % 16 == 0 and t.numel() % 8 == 0
+
+
+def zero_grads(params: Iterable[torch.Tensor], set_to_none: bool) -> None:
+    """``torch.optim.Optimizer.zero_grad``'s treatment of ``params``' grads."""
+    for p in params:
+        if p.grad is None:
+            continue
+        if set_to_none:
+            p.grad = None
+        else:
+            if p.grad.grad_fn is not None:
+                p.grad.detach_()
+            else:
+                p.grad.requires_grad_(False)
+            p.grad.zero_()
 
 
 def _normalize_state(state: dict[str, Any], device: torch.device) -> None:

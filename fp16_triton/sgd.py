@@ -24,7 +24,8 @@ class SGD(FusedOptimizer):
         weight_decay: L2 penalty added to the grad (default 0).
         nesterov: Nesterov momentum (default False).
         maximize: maximize the objective (default False).
-        foreach, differentiable, fused, master_weights, backend: as in ``fp16_triton.Adam``.
+        foreach, differentiable, fused, master_weights, backend, flat_buffers: as in
+            ``fp16_triton.Adam``.
 
     State per param, fp32 on the param's device, when ``momentum != 0``: ``momentum_buffer``
     (it starts as the first grad, as in torch) and ``step``, a one-element count that tells the
@@ -49,6 +50,7 @@ class SGD(FusedOptimizer):
         fused: bool | None = None,
         master_weights: bool = True,
         backend: str = "auto",
+        flat_buffers: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -60,7 +62,13 @@ class SGD(FusedOptimizer):
             **torch_compat_options(foreach, None, differentiable, fused),
         )
         self._check_hyperparameters(defaults)
-        super().__init__(params, defaults, master_weights=master_weights, backend=backend)
+        super().__init__(
+            params,
+            defaults,
+            master_weights=master_weights,
+            backend=backend,
+            flat_buffers=flat_buffers,
+        )
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -97,10 +105,7 @@ class SGD(FusedOptimizer):
             for p in bucket.params:
                 new = self._init_state(local(p), group)
                 self.state[p].update({name: like_param(t, p) for name, t in new.items()})
-            for name in ("step", "momentum_buffer"):
-                bucket.state[name] = self._state_list(bucket.params, name)
-            if bucket.cache is not None:
-                bucket.cache.state_version += 1
+            self._refresh_state_lists(bucket)
         kwargs = dict(
             masters=bucket.state["master_param"],
             lr=group["lr"],
