@@ -154,12 +154,17 @@ class OptimizerConfig:
 
     ``torch_adam`` (DeepSpeed: use torch's Adam instead of its fused kernel) is kept for the
     engine to read; it does not change the math.
+
+    ``flat_buffers`` (ours, default false) is the optimizers' ``flat_buffers`` argument
+    (optimizer-owned flat storage, see ``fp16_triton/flat_buffers.py``); like ``adam_w_mode`` it
+    is lifted out of ``params``.
     """
 
     type: str
     params: dict[str, Any] = field(default_factory=dict)
     adam_w_mode: bool | None = None
     torch_adam: bool = False
+    flat_buffers: bool = False
 
     @property
     def effective_type(self) -> str:
@@ -230,6 +235,8 @@ class EngineConfig:
             if self.optimizer.adam_w_mode is not None:
                 params["adam_w_mode"] = self.optimizer.adam_w_mode
                 params["torch_adam"] = self.optimizer.torch_adam
+            if self.optimizer.flat_buffers:
+                params["flat_buffers"] = True
             out["optimizer"] = {"type": self.optimizer.type, "params": params}
         if self.scheduler is not None:
             out["scheduler"] = {"type": self.scheduler.type, "params": dict(self.scheduler.params)}
@@ -268,6 +275,8 @@ _ADAM_PARAMS: dict[str, tuple[str, Any]] = {
     "bias_correction": ("bool", True),
     "adam_w_mode": ("bool", True),
     "torch_adam": ("bool", False),
+    # fp16_triton's own: optimizer-owned flat buffers (see fp16_triton/flat_buffers.py).
+    "flat_buffers": ("bool", False),
 }
 _SGD_PARAMS: dict[str, tuple[str, Any]] = {
     "lr": ("nonneg", 1e-3),
@@ -276,6 +285,7 @@ _SGD_PARAMS: dict[str, tuple[str, Any]] = {
     "weight_decay": ("nonneg", 0.0),
     "nesterov": ("bool", False),
     "maximize": ("bool", False),
+    "flat_buffers": ("bool", False),
 }
 _OPTIMIZER_PARAMS = {"Adam": _ADAM_PARAMS, "AdamW": _ADAM_PARAMS, "SGD": _SGD_PARAMS}
 
@@ -529,6 +539,7 @@ def _parse_optimizer(value: Any) -> OptimizerConfig:
         key: _check_value(f"optimizer.params.{key}", kind, params.get(key, default))
         for key, (kind, default) in spec.items()
     }
+    flat_buffers = values.pop("flat_buffers")
 
     if canonical == "SGD":
         if values["nesterov"] and (values["momentum"] <= 0.0 or values["dampening"] != 0.0):
@@ -536,7 +547,7 @@ def _parse_optimizer(value: Any) -> OptimizerConfig:
             raise ConfigError(
                 "config key 'optimizer.params.nesterov' requires momentum > 0 and dampening 0"
             )
-        return OptimizerConfig(type=canonical, params=values)
+        return OptimizerConfig(type=canonical, params=values, flat_buffers=flat_buffers)
 
     if not values.pop("bias_correction"):
         raise ConfigError(
@@ -558,6 +569,7 @@ def _parse_optimizer(value: Any) -> OptimizerConfig:
         params=values,
         adam_w_mode=canonical == "AdamW" or adam_w_mode,
         torch_adam=torch_adam,
+        flat_buffers=flat_buffers,
     )
 
 

@@ -190,7 +190,7 @@ class Engine(nn.Module):
                 'section to the config, e.g. {"type": "AdamW", "params": {"lr": 1e-3}}'
             )
         cls = _OPTIMIZERS[spec.effective_type]
-        return cls(params, backend=backend, **spec.params)
+        return cls(params, backend=backend, flat_buffers=spec.flat_buffers, **spec.params)
 
     # ------------------------------------------------------------------------- training
     def forward(self, *inputs, **kwargs):

@@ -69,7 +69,10 @@ def test_every_key():
         "steps_per_print": 50,
         "train_batch_size": 64,
         "train_micro_batch_size_per_gpu": 8,
-        "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9, "nesterov": True}},
+        "optimizer": {
+            "type": "SGD",
+            "params": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "flat_buffers": True},
+        },
         "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}},
     }
     cfg = load_config(raw, world_size=2)
@@ -89,6 +92,7 @@ def test_every_key():
             "nesterov": True,
             "maximize": False,
         },
+        flat_buffers=True,
     )
     assert cfg.scheduler.type == "WarmupLR"
     assert cfg.scheduler.params["warmup_num_steps"] == 10
