@@ -35,6 +35,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from .optimizer import resolve_backend
+
 __all__ = ["LossScaler", "DynamicLossScaler", "MinLossScaleError", "get_loss_scaler"]
 
 logger = logging.getLogger(__name__)
@@ -377,11 +379,6 @@ class DynamicLossScaler(LossScaler):
         self._cur_iter = torch.zeros((), dtype=torch.int64)
         self._last_overflow_iter = torch.full((), -1, dtype=torch.int64)
         self._cur_hysteresis = torch.full((), self._hysteresis, dtype=torch.int64)
-        # Constants as device tensors: dividing by a tensor (not a Python scalar) keeps the
-        # division exact on CUDA, where a scalar divisor is turned into a multiplication by its
-        # rounded reciprocal, which would differ from the host path for scale_factor=3.
-        self._min_t = torch.tensor(min_scale, dtype=torch.float32)
-        self._factor_t = torch.tensor(scale_factor, dtype=torch.float32)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -390,8 +387,6 @@ class DynamicLossScaler(LossScaler):
             "_last_overflow_iter": self._last_overflow_iter,
             "_cur_hysteresis": self._cur_hysteresis,
             "_error_flag": self._error_flag,
-            "_min_t": self._min_t,
-            "_factor_t": self._factor_t,
         }
 
     # ---- hyperparameters (read-only: the device copies of min/factor must stay in step) -----
@@ -548,45 +543,26 @@ class DynamicLossScaler(LossScaler):
                 f"overflow flag is on {overflow.device} but the scaler state is on {device}: "
                 "call scaler.to(flag.device) once before the first update"
             )
-        ov = overflow.detach().reshape(()).to(device=device, non_blocking=True) != 0
-
-        scale, hyst = self._scale, self._cur_hysteresis
-        it, last = self._cur_iter, self._last_overflow_iter
-        ds = self._hysteresis  # Python branching on hyperparameters only, never on state.
-
-        # Overflow branch.
-        shift = hyst == 1
-        if ds == 1:
-            shift = torch.ones_like(shift)
-        if self._raise_at_min:
-            new_error = ov & shift & (scale == self._min_t)
+        flag = overflow.detach().reshape(()).to(device=device, non_blocking=True)
+        # One Triton launch on a GPU (kernels/loss_scale.py); ~35 torch ops elsewhere.
+        if resolve_backend("auto", device) == "triton":
+            from .kernels.loss_scale import update_loss_scale
         else:
-            new_error = torch.zeros_like(ov)
-        scale_ov = torch.where(shift, torch.maximum(scale / self._factor_t, self._min_t), scale)
-        hyst_ov = torch.where(shift, hyst, hyst - 1)
-
-        # Clean branch.
-        stable = it - last - 1
-        grow = (stable > 0) & (torch.remainder(stable, self._scale_window) == 0)
-        grown = scale * self._factor_t
-        grown = torch.where(torch.isfinite(grown), grown, scale)  # float32 cap, see docstring
-        scale_clean = torch.where(grow, grown, scale)
-        if self._consecutive:
-            hyst_clean = torch.full_like(hyst, ds)
-        else:
-            hyst_clean = torch.where(grow, torch.full_like(hyst, ds), hyst)
-
-        # Select, then apply unless an error is new or still pending (state frozen, as the host
-        # path leaves it when it raises). All inputs above were read before any write below.
-        freeze = (self._error_flag != 0) | new_error
-        new_scale = torch.where(ov, scale_ov, scale_clean)
-        new_hyst = torch.where(ov, hyst_ov, hyst_clean)
-        new_last = torch.where(ov, it, last)
-        self._scale.copy_(torch.where(freeze, scale, new_scale))
-        self._cur_hysteresis.copy_(torch.where(freeze, hyst, new_hyst))
-        self._last_overflow_iter.copy_(torch.where(freeze, last, new_last))
-        self._cur_iter.copy_(torch.where(freeze, it, it + 1))
-        self._error_flag.copy_(freeze.to(torch.float32))
+            from .kernels.reference import update_loss_scale
+        update_loss_scale(
+            flag,
+            self._scale,
+            self._cur_hysteresis,
+            self._cur_iter,
+            self._last_overflow_iter,
+            self._error_flag,
+            min_scale=self._min_scale,
+            scale_factor=self._scale_factor,
+            scale_window=self._scale_window,
+            hysteresis=self._hysteresis,
+            consecutive=self._consecutive,
+            raise_at_min=self._raise_at_min,
+        )
 
         if self._host_error is not None:
             # Asynchronous copy into pinned memory; raise_if_error reads it once the event says
@@ -667,8 +643,6 @@ class DynamicLossScaler(LossScaler):
         self._raise_at_min = v.get("raise_error_at_min_scale", self._raise_at_min)
         self._scale_factor = v["scale_factor"]
         self._init_scale = v.get("init_scale", self._init_scale)
-        self._min_t.fill_(self._min_scale)
-        self._factor_t.fill_(self._scale_factor)
         self._scale.fill_(v["cur_scale"])
         self._cur_iter.fill_(v["cur_iter"])
         self._last_overflow_iter.fill_(v["last_overflow_iter"])

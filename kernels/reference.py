@@ -1,8 +1,9 @@
 """Pure-torch references of every kernel: the CPU fallback and the tests' oracle.
 
 Same signatures and semantics as the Triton launchers (``nonfinite_check_and_norm``,
-``unscale_and_check_``, ``adam_step``, ``sgd_step``), written with ``torch._foreach_*`` ops in
-fp32, in the kernels' order of operations, so the two agree to a few ulps. Bias corrections
+``unscale_and_check_``, ``adam_step``, ``sgd_step``, ``update_loss_scale``), written with
+``torch._foreach_*`` ops in fp32, in the kernels' order of operations, so the two agree to a
+few ulps. Bias corrections
 are computed in Python floats (fp64) from the step counts.
 
 Differences that are allowed: these functions read flags and step counts with ``.item()``,
@@ -17,7 +18,13 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["nonfinite_check_and_norm", "unscale_and_check_", "adam_step", "sgd_step"]
+__all__ = [
+    "nonfinite_check_and_norm",
+    "unscale_and_check_",
+    "adam_step",
+    "sgd_step",
+    "update_loss_scale",
+]
 
 
 def _any_nonfinite(grads: Sequence[torch.Tensor]) -> bool:
@@ -203,3 +210,52 @@ def sgd_step(
         torch._foreach_add_(list(steps), 1.0)
     torch._foreach_add_(weights, g, alpha=-lr)
     _write_back(params, weights)
+
+
+def update_loss_scale(
+    overflow: torch.Tensor,
+    scale: torch.Tensor,
+    cur_hysteresis: torch.Tensor,
+    cur_iter: torch.Tensor,
+    last_overflow_iter: torch.Tensor,
+    error: torch.Tensor,
+    *,
+    min_scale: float,
+    scale_factor: float,
+    scale_window: int,
+    hysteresis: int,
+    consecutive: bool,
+    raise_at_min: bool,
+) -> None:
+    """Reference of ``kernels.loss_scale.update_loss_scale``, in torch ops that never sync
+    (``torch.where`` instead of branches), so it also serves devices without Triton."""
+    device = scale.device
+    ov = overflow.detach().reshape(()).to(device=device, non_blocking=True) != 0
+    # Constants as tensors (filled on the device: no copy, no sync): dividing by a tensor keeps
+    # the division exact on CUDA, where a Python-scalar divisor becomes a multiplication by its
+    # rounded reciprocal.
+    min_t = torch.full((), min_scale, dtype=torch.float32, device=device)
+    factor_t = torch.full((), scale_factor, dtype=torch.float32, device=device)
+    hyst, it, last = cur_hysteresis, cur_iter, last_overflow_iter
+
+    shift = (hyst == 1) | (hysteresis == 1)
+    new_error = ov & shift & (scale == min_t) & raise_at_min
+    scale_ov = torch.where(shift, torch.maximum(scale / factor_t, min_t), scale)
+    hyst_ov = torch.where(shift, hyst, hyst - 1)
+
+    stable = it - last - 1
+    grow = (stable > 0) & (torch.remainder(stable, scale_window) == 0)
+    grown = scale * factor_t
+    scale_clean = torch.where(grow & torch.isfinite(grown), grown, scale)
+    hyst_clean = torch.where(grow | consecutive, torch.full_like(hyst, hysteresis), hyst)
+
+    # All inputs above were read before any write below.
+    freeze = (error != 0) | new_error
+    new_scale = torch.where(ov, scale_ov, scale_clean)
+    new_hyst = torch.where(ov, hyst_ov, hyst_clean)
+    new_last = torch.where(ov, it, last)
+    scale.copy_(torch.where(freeze, scale, new_scale))
+    cur_hysteresis.copy_(torch.where(freeze, hyst, new_hyst))
+    last_overflow_iter.copy_(torch.where(freeze, last, new_last))
+    cur_iter.copy_(torch.where(freeze, it, it + 1))
+    error.copy_(freeze.to(torch.float32))

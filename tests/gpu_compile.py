@@ -19,7 +19,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fp16_triton.kernels import adam, nonfinite, sgd  # noqa: E402
+from fp16_triton.kernels import adam, loss_scale, nonfinite, sgd  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SCALAR_POINTERS = {
@@ -28,11 +28,14 @@ SCALAR_POINTERS = {
 INTS = {"n_programs", "partial_stride", "partial_offset", "n_tensors"}
 
 
-def compile_variant(kernel, constexprs: dict) -> dict:
-    """Compile ``kernel`` with ``constexprs``; every other argument typed by its name."""
+def compile_variant(kernel, constexprs: dict, types: dict | None = None) -> dict:
+    """Compile ``kernel`` with ``constexprs``; every other argument typed by ``types`` or by
+    its name."""
     signature, consts = {}, {}
     for index, name in enumerate(kernel.arg_names):
-        if name in constexprs:
+        if types and name in types:
+            signature[name] = types[name]
+        elif name in constexprs:
             signature[name] = "constexpr"
             consts[(index,)] = constexprs[name]
         elif name in SCALAR_POINTERS:
@@ -100,6 +103,16 @@ def main() -> None:
     results["increment-steps"] = compile_variant(
         adam._increment_steps_kernel, dict(HAS_FOUND_INF=True, BLOCK=1024)
     )
+    results["loss-scale-update"] = compile_variant(
+        loss_scale._update_loss_scale_kernel,
+        {},
+        types={
+            "overflow_ptr": "*fp32", "scale_ptr": "*fp32", "error_ptr": "*fp32",
+            "cur_hysteresis_ptr": "*i64", "cur_iter_ptr": "*i64", "last_overflow_iter_ptr": "*i64",
+            "scale_window": "i32", "hysteresis": "i32", "consecutive": "i32",
+            "raise_at_min": "i32",
+        },
+    )  # fmt: skip
     json.dump(results, sys.stdout)
 
 

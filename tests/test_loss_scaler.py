@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from fp16_triton.loss_scaler import (
     MinLossScaleError,
     get_loss_scaler,
 )
+from fp16_triton.optimizer import BACKEND_ENV
 
 # --------------------------------------------------------------------------------------------
 # Reference model: DeepSpeed 0.19 DynamicLossScaler.update_scale, written from its description,
@@ -180,6 +183,53 @@ def test_host_path_matches_model(cfg, seq):
 @PROPERTY
 @given(cfg=configs(), seq=sequences())
 def test_tensor_path_matches_model(cfg, seq):
+    check_tensor_path(cfg, seq)
+
+
+@contextmanager
+def triton_backend():
+    """Route the tensor path to the Triton kernel (interpreted on the CPU), as on a GPU."""
+    old = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = "triton"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[BACKEND_ENV]
+        else:
+            os.environ[BACKEND_ENV] = old
+
+
+# Fewer examples: each update is one interpreted launch (~1 ms).
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs(), seq=sequences())
+def test_tensor_path_on_the_triton_kernel_matches_model(cfg, seq):
+    # The one-launch kernel (kernels/loss_scale.py) must follow the model exactly too: the
+    # scale is compared as a float32 value, the counters as integers.
+    with triton_backend():
+        check_tensor_path(cfg, seq)
+
+
+def test_tensor_path_is_one_triton_launch(monkeypatch):
+    from fp16_triton.kernels import loss_scale, reference
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the torch-op reference ran instead of the kernel")
+
+    monkeypatch.setattr(reference, "update_loss_scale", forbidden)
+    launches = []
+    kernel = loss_scale._update_loss_scale_kernel
+    original = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *a, **k: launches.append(1) or original(*a, **k))
+    scaler = DynamicLossScaler(init_scale=8.0, hysteresis=1)
+    with triton_backend():
+        scaler.update_scale(torch.tensor(1.0))
+        scaler.update_scale(torch.tensor(True))  # a bool flag is cast, then launched
+    assert len(launches) == 2
+    assert scaler.loss_scale == 2.0 and scaler.cur_iter == 2
+
+
+def check_tensor_path(cfg, seq):
     scaler, model = make_pair(cfg)
     for overflow, kind in seq:
         try:
@@ -225,8 +275,17 @@ def test_state_dict_round_trip_continues_sequence(cfg, seq, cut):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["torch-ops", "triton-kernel"])
+def device_update(request, monkeypatch):
+    """Run the tensor-path updates of a test through the torch-op reference (the CPU path) and
+    through the one-launch Triton kernel (the GPU path, interpreted here)."""
+    if request.param == "triton-kernel":
+        monkeypatch.setenv(BACKEND_ENV, "triton")
+    return request.param
+
+
 @pytest.mark.parametrize("path", ["host", "tensor"])
-def test_default_hysteresis_first_overflow_keeps_second_halves(path):
+def test_default_hysteresis_first_overflow_keeps_second_halves(path, device_update):
     scaler = DynamicLossScaler()
     flag = (lambda o: o) if path == "host" else (lambda o: torch.tensor(float(o)))
     assert scaler.loss_scale == 65536.0 and scaler.cur_hysteresis == 2
@@ -241,7 +300,7 @@ def test_default_hysteresis_first_overflow_keeps_second_halves(path):
 
 
 @pytest.mark.parametrize("path", ["host", "tensor"])
-def test_growth_after_scale_window_clean_iterations(path):
+def test_growth_after_scale_window_clean_iterations(path, device_update):
     scaler = DynamicLossScaler(init_scale=8.0, scale_window=3, hysteresis=1)
     flag = (lambda o: o) if path == "host" else (lambda o: torch.tensor(o))
     scales = []
@@ -279,7 +338,7 @@ def test_non_consecutive_hysteresis_is_used_up_by_separate_overflows():
     assert scaler.loss_scale == 512.0
 
 
-def test_no_raise_at_min_scale_stays_at_minimum():
+def test_no_raise_at_min_scale_stays_at_minimum(device_update):
     scaler = DynamicLossScaler(
         init_scale=4.0, min_scale=2.0, hysteresis=1, raise_error_at_min_scale=False
     )
@@ -290,14 +349,17 @@ def test_no_raise_at_min_scale_stays_at_minimum():
     assert scaler.pending_error.item() == 0.0
 
 
-def test_non_power_of_two_factor_uses_float32_arithmetic():
+def test_non_power_of_two_factor_uses_float32_arithmetic(device_update):
     scaler = DynamicLossScaler(init_scale=100.0, min_scale=0.3, hysteresis=1, scale_factor=3.0)
     scaler.update_scale(True)
     assert scaler.loss_scale == float(np.float32(100.0) / np.float32(3.0))
+    # The device paths divide exactly too (IEEE division, not a multiplication by 1/3).
+    scaler.update_scale(torch.tensor(1.0))
+    assert scaler.loss_scale == float(np.float32(100.0) / np.float32(3.0) / np.float32(3.0))
     assert scaler.min_scale == float(np.float32(0.3))  # hyperparameters are float32-rounded
 
 
-def test_growth_stops_at_float32_maximum():
+def test_growth_stops_at_float32_maximum(device_update):
     scaler = DynamicLossScaler(init_scale=2.0**127, scale_window=1, hysteresis=1)
     for flag in [False, False, torch.tensor(0.0), torch.tensor(0.0)]:
         scaler.update_scale(flag)
@@ -306,7 +368,7 @@ def test_growth_stops_at_float32_maximum():
     assert scaler.loss_scale == 2.0**126
 
 
-def test_tensor_path_error_is_deferred_and_freezes_state():
+def test_tensor_path_error_is_deferred_and_freezes_state(device_update):
     scaler = DynamicLossScaler(init_scale=2.0, min_scale=1.0, hysteresis=1)
     scaler.update_scale(torch.tensor(1.0))
     assert scaler.loss_scale == 1.0
