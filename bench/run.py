@@ -13,10 +13,13 @@ On a GPU it measures (see bench/README.md for the full list):
   FusedAdam, and SGD with momentum against torch's fused SGD; effective bandwidth by the
   documented bytes-per-param models, also as a fraction of a device-to-device copy;
 * many small tensors (10,000 x 4,096) against one flat tensor of the same total: step time,
-  launches per step and host time per step.
+  launches per step and host time per step, with per-tensor storage and with
+  ``flat_buffers=True``.
 
 On a CPU-only machine it measures the pure-torch reference backend of ours against torch's
-foreach AdamW and SGD, and counts the Triton launches per step through the interpreter.
+foreach AdamW and SGD, counts the Triton launches per step through the interpreter, and
+measures the host (Python) time per step of the Triton path at 10,000 tensors with the kernel
+launches stubbed out (the launches' own cost needs a GPU).
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ GPU_NOTE = "GPU figures need a GPU: none measured in this run"
 
 SMALL_TENSORS = 10_000  # the many-small-tensors case on a GPU
 SMALL_NUMEL = 4_096
+SMALL_TARGET = 1.2  # the issue's target: many small tensors at most 1.2x one flat tensor
+HOST_TARGET_S = 100e-6  # the issue's target: host time per step at 10,000 tensors
+HOST_NUMEL = 64  # elements per tensor of the CPU host-time case (the launches are stubbed)
 INTERP_NUMEL = 64  # elements per tensor of the interpreter launch-count case
 
 
@@ -188,10 +194,10 @@ def _kernel_objects() -> list:
     under the interpreter), each once."""
     from triton.runtime.jit import KernelInterface
 
-    from fp16_triton.kernels import adam, nonfinite, sgd
+    from fp16_triton.kernels import adam, loss_scale, nonfinite, sgd
 
     found = {}
-    for module in (adam, sgd, nonfinite):
+    for module in (adam, sgd, nonfinite, loss_scale):
         for obj in vars(module).values():
             if isinstance(obj, KernelInterface):
                 found[id(obj)] = obj
@@ -224,6 +230,21 @@ def count_triton_launches() -> Iterator[dict[str, int]]:
         kernel.run = wrap(kernel.run)
     try:
         yield counter
+    finally:
+        for kernel in kernels:
+            del kernel.run
+
+
+@contextmanager
+def stubbed_launches() -> Iterator[None]:
+    """Inside the block our Triton kernels are not run (their ``run`` returns at once), so
+    that a step's time is the host work that prepares the launches (see
+    ``count_triton_launches`` for why patching ``run`` catches every launch)."""
+    kernels = _kernel_objects()
+    for kernel in kernels:
+        kernel.run = lambda *args, **kwargs: None
+    try:
+        yield
     finally:
         for kernel in kernels:
             del kernel.run
@@ -305,6 +326,14 @@ def setup_ours_adamw(sizes: Sequence[int], device: torch.device) -> Callable[[],
     pass, the fused AdamW step with clipping at 1.0, dynamic loss scaling."""
     params = make_params(sizes, torch.float16, device)
     adamw = fp16_triton.AdamW(params, lr=1e-4, backend="triton")
+    return fp16_triton.FP16Optimizer(adamw, clip_grad=1.0).step
+
+
+def setup_ours_adamw_flat(sizes: Sequence[int], device: torch.device) -> Callable[[], object]:
+    """``setup_ours_adamw`` with ``flat_buffers=True``: the optimizer owns flat param, grad and
+    state buffers, so a step reads no per-param attribute."""
+    params = make_params(sizes, torch.float16, device)
+    adamw = fp16_triton.AdamW(params, lr=1e-4, backend="triton", flat_buffers=True)
     return fp16_triton.FP16Optimizer(adamw, clip_grad=1.0).step
 
 
@@ -623,8 +652,8 @@ def run_small_tensors(
     n_tensors: int, numel: int, timer: Timer, device: torch.device, host_steps: int = 20
 ) -> list[Row]:
     """Many small tensors against one flat tensor of the same total: ours (FP16Optimizer
-    AdamW) and torch's fused AdamW (fp32), each with its step time, launches and host time
-    (mean over ``host_steps`` steps)."""
+    AdamW, per-tensor storage and ``flat_buffers=True``) and torch's fused AdamW (fp32), each
+    with its step time, launches and host time (mean over ``host_steps`` steps)."""
     rows = []
     for layout, sizes in (("many", [numel] * n_tensors), ("flat", [n_tensors * numel])):
         shape = f"{len(sizes):,} x {sizes[0]:,}"
@@ -645,9 +674,49 @@ def run_small_tensors(
             16,
             setup_torch_fused_fp32,
         )
-        for case in (ours, theirs):
+        cases = [ours, theirs]
+        if layout == "many":
+            cases.insert(1, SMALL_FLATBUF)
+        for case in cases:
             row = run_case(case, sizes, timer, device, section="small", host_steps=host_steps)
             rows.append(row)
+    return rows
+
+
+SMALL_FLATBUF = Case(
+    "ours-flatbuf",
+    "ours: FP16Optimizer(AdamW triton, clip 1.0, flat_buffers=True)",
+    "ours-flat",
+    BYTES_OURS_ADAMW_FP16,
+    16,
+    setup_ours_adamw_flat,
+    triton=True,
+)
+
+
+def run_host_overhead(n_tensors: int, numel: int, host_steps: int = 20) -> list[Row]:
+    """CPU: host seconds per step of ours on the Triton path (interpreter), for ``n_tensors``
+    tensors of ``numel``, per-tensor storage against ``flat_buffers=True``, with the kernel
+    launches stubbed: the Python work of a step alone, which a GPU run adds to the launches'
+    own cost."""
+    device = torch.device("cpu")
+    rows = []
+    for key, flat in (("ours-host", False), ("ours-host-flatbuf", True)):
+        storage = "flat_buffers=True" if flat else "per-tensor storage"
+        label = f"ours: FP16Optimizer(AdamW triton, clip 1.0), {storage}"
+        row = Row("host", key, label, n_tensors * numel, n_tensors)
+        params = make_params([numel] * n_tensors, torch.float16, device)
+        adamw = fp16_triton.AdamW(params, lr=1e-4, backend="triton", flat_buffers=flat)
+        # The stubbed check pass leaves its flag unwritten: never raise at the minimum scale.
+        scaler = fp16_triton.DynamicLossScaler(raise_error_at_min_scale=False)
+        step = fp16_triton.FP16Optimizer(adamw, loss_scaler=scaler, clip_grad=1.0).step
+        with stubbed_launches(), triton_everywhere():
+            step()  # state, buckets, tables (and flat adoption) are built here, once
+            row.host_s = host_time(step, device, host_steps)
+        row.note = "kernel launches stubbed: host work only"
+        rows.append(row)
+        step = None
+        _release(device)
     return rows
 
 
@@ -673,18 +742,37 @@ def run_cpu_pair(
 def run_interpreter_launches(n_tensors: int, numel: int) -> list[Row]:
     """Triton launches per step of ours, counted through the interpreter on the CPU for
     ``n_tensors`` tensors of ``numel`` and for one tensor of the same total (the counts must
-    be equal). One step each, no timing: the interpreter says nothing about GPU speed."""
+    be equal). One step each, no timing: the interpreter says nothing about GPU speed.
+    Everything that takes the Triton path on a GPU takes it here (the loss-scale update
+    included), so the counts are a GPU's."""
     device = torch.device("cpu")
     rows = []
-    for case in (OURS_ADAMW, OURS_SGD):
-        for sizes in ([numel] * n_tensors, [n_tensors * numel]):
-            row = Row("launches", case.key, case.label, sum(sizes), len(sizes), vs=case.vs)
-            # The first step allocates state and builds tables, launching exactly what every
-            # later step launches; one step is enough (each costs seconds interpreted).
-            row.triton_launches = triton_launches(case.setup(sizes, device))
-            row.note = "Triton interpreter: launches only"
-            rows.append(row)
+    with triton_everywhere():
+        for case in (OURS_ADAMW, SMALL_FLATBUF, OURS_SGD):
+            for sizes in ([numel] * n_tensors, [n_tensors * numel]):
+                row = Row("launches", case.key, case.label, sum(sizes), len(sizes), vs=case.vs)
+                # The first step allocates state and builds tables, launching exactly what
+                # every later step launches; one step is enough (each costs seconds
+                # interpreted).
+                row.triton_launches = triton_launches(case.setup(sizes, device))
+                row.note = "Triton interpreter: launches only"
+                rows.append(row)
     return rows
+
+
+@contextmanager
+def triton_everywhere() -> Iterator[None]:
+    """Inside the block everything of ours takes the Triton path, as on a GPU (on the CPU the
+    loss-scale update would otherwise take its torch-op reference)."""
+    old = os.environ.get(fp16_triton.BACKEND_ENV)
+    os.environ[fp16_triton.BACKEND_ENV] = "triton"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[fp16_triton.BACKEND_ENV]
+        else:
+            os.environ[fp16_triton.BACKEND_ENV] = old
 
 
 # ------------------------------------------------------------------ derived figures
@@ -715,6 +803,32 @@ def cpu_verdicts(rows: list[Row]) -> list[str]:
             lines.append(
                 f"{name}, {r.size:,} params: ours / torch = {slowdown:.3f} "
                 f"(target <= {CPU_TARGET:.2f}): {verdict}"
+            )
+    return lines
+
+
+def small_tensor_checks(rows: list[Row]) -> list[str]:
+    """Many small tensors against one flat tensor (GPU) and host time per step (GPU, or CPU
+    with launches stubbed), against the issue's targets."""
+    lines = []
+    times = {r.key: r.time_s for r in rows if r.section == "small" and r.time_s}
+    for key in ("ours-many", "ours-flatbuf"):
+        if key in times and "ours-flat" in times:
+            ratio = times[key] / times["ours-flat"]
+            verdict = "met" if ratio <= SMALL_TARGET else "NOT met"
+            lines.append(
+                f"{key} / ours-flat step time = {ratio:.2f} (target <= {SMALL_TARGET}): {verdict}"
+            )
+    for r in rows:
+        if r.section in ("small", "host") and r.host_s and r.n_tensors >= 10_000:
+            if r.key.startswith("torch"):
+                continue
+            verdict = "met" if r.host_s < HOST_TARGET_S else "NOT met"
+            where = "launches stubbed, CPU" if r.section == "host" else "GPU"
+            lines.append(
+                f"{r.key}: host time per step at {r.n_tensors:,} tensors = "
+                f"{r.host_s * 1e6:.0f} us ({where}; target < {HOST_TARGET_S * 1e6:.0f} us): "
+                f"{verdict}"
             )
     return lines
 
@@ -783,6 +897,7 @@ SECTION_TITLES = {
     "cpu": "CPU: reference backend (backend='torch') against torch's foreach optimizers",
     "small": "Many small tensors against one flat tensor",
     "launches": "Launches per step (Triton interpreter on the CPU)",
+    "host": "Host time per step of the Triton path (CPU, kernel launches stubbed)",
     "copy": "Copy bandwidth (the yardstick of 'of copy')",
 }
 COLUMNS = [  # (header, Row -> text); empty columns are dropped per section
@@ -835,7 +950,7 @@ def markdown(rows: list[Row], env: Environment) -> str:
         lines.append("|" + "|".join(" --- " for _ in columns) + "|")
         for r in selected:
             lines.append("| " + " | ".join(f(r) for _, f in columns) + " |")
-    checks = cpu_verdicts(rows) + launch_checks(rows)
+    checks = cpu_verdicts(rows) + launch_checks(rows) + small_tensor_checks(rows)
     if checks:
         lines += ["", "## Checks", ""] + [f"- {line}" for line in checks]
     return "\n".join(lines) + "\n"
@@ -986,6 +1101,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(default 300, quick 64)",
     )
     parser.add_argument(
+        "--host-tensors",
+        type=int,
+        help=f"CPU: tensors of {HOST_NUMEL} elements in the host-time case (default "
+        f"{SMALL_TENSORS:,})",
+    )
+    parser.add_argument(
         "--copy-mb", type=int, help="copy buffer in MiB (default GPU 1024, CPU 256, quick 64)"
     )
     parser.add_argument(
@@ -1026,6 +1147,9 @@ def plan(
     if "launches" not in skip:
         n_tensors = args.interp_tensors or (64 if args.quick else 300)
         tasks.append(("launches", partial(run_interpreter_launches, n_tensors, INTERP_NUMEL)))
+    if "host" not in skip:
+        n_tensors = args.host_tensors or SMALL_TENSORS
+        tasks.append(("host time", partial(run_host_overhead, n_tensors, HOST_NUMEL)))
     return tasks
 
 

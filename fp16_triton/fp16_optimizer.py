@@ -144,6 +144,7 @@ class FP16Optimizer(Optimizer):
         self._skips_since_log = 0
         self._last_log = -math.inf
         self._caches: dict = {}
+        self._backends: dict[torch.device, str] = {}  # per device, resolved at first use
         self._masters: list[tuple[torch.Tensor, torch.Tensor]] = []
         if not self.fused:
             self._make_masters()
@@ -252,7 +253,10 @@ class FP16Optimizer(Optimizer):
             scale = self.loss_scaler.scale_tensor
             scale = scale if scale.device == device else scale.to(device, non_blocking=True)
             out = self._check if device == self.device else None
-            backend = resolve_backend(getattr(self.optimizer, "backend", "auto"), device)
+            backend = self._backends.get(device)
+            if backend is None:
+                requested = getattr(self.optimizer, "backend", "auto")
+                backend = self._backends[device] = resolve_backend(requested, device)
             if backend == "triton":
                 from .kernels.multi_tensor import TableCache
                 from .kernels.nonfinite import check_and_norm_grouped, nonfinite_check_and_norm

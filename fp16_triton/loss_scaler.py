@@ -167,6 +167,7 @@ class LossScaler:
         self._host_error: torch.Tensor | None = None
         self._error_event: torch.cuda.Event | None = None
         self._host_copy_captured = False
+        self._device_update = None  # the update function for this device, chosen at first use
         if self._error_flag.device.type == "cuda":
             self._host_error = torch.zeros((), dtype=torch.float32, pin_memory=True)
             self._error_event = torch.cuda.Event()
@@ -544,12 +545,14 @@ class DynamicLossScaler(LossScaler):
                 "call scaler.to(flag.device) once before the first update"
             )
         flag = overflow.detach().reshape(()).to(device=device, non_blocking=True)
-        # One Triton launch on a GPU (kernels/loss_scale.py); ~35 torch ops elsewhere.
-        if resolve_backend("auto", device) == "triton":
-            from .kernels.loss_scale import update_loss_scale
-        else:
-            from .kernels.reference import update_loss_scale
-        update_loss_scale(
+        if self._device_update is None:
+            # One Triton launch on a GPU (kernels/loss_scale.py); ~35 torch ops elsewhere.
+            if resolve_backend("auto", device) == "triton":
+                from .kernels.loss_scale import update_loss_scale
+            else:
+                from .kernels.reference import update_loss_scale
+            self._device_update = update_loss_scale
+        self._device_update(
             flag,
             self._scale,
             self._cur_hysteresis,

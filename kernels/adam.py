@@ -288,7 +288,7 @@ def prepare_adam_step(
         cache,
     )
     param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs, master_ptrs, max_ptrs = (
-        tables.addresses
+        tables.rows
     )
     has_clip = norm_sq is not None and max_norm > 0
     scalar = tables.numels  # any tensor: stands in for absent optional pointers

@@ -126,7 +126,9 @@ def _addresses(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
 class LaunchTables:
     """Device tables for one launch: address rows, sizes and the chunk map.
 
-    ``addresses[k]`` is the int64 address table of the k-th tensor list; ``numels[t]`` is the
+    ``addresses[k]`` (also ``rows[k]``, the same row as a view made once, so launches do not
+    index the table every step) is the int64 address table of the k-th tensor list;
+    ``numels[t]`` is the
     size of tensor t; ``chunk_map[0, pid]`` is the tensor handled by program ``pid`` and
     ``chunk_map[1, pid]`` the first element of its chunk. ``n_programs`` is the grid size.
     ``aligned``: every address is 16-byte aligned and every size a multiple of 8, so the
@@ -138,6 +140,10 @@ class LaunchTables:
     chunk_map: torch.Tensor
     n_programs: int
     aligned: bool
+    rows: tuple[torch.Tensor, ...] = field(init=False)
+
+    def __post_init__(self):
+        self.rows = tuple(self.addresses.unbind(0))
 
     @staticmethod
     def build(

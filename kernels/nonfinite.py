@@ -199,7 +199,7 @@ def check_and_norm_grouped(
             if tables.n_programs == 0:
                 continue
             _nonfinite_check_kernel[(tables.n_programs,)](
-                tables.addresses[0],
+                tables.rows[0],
                 tables.numels,
                 tables.chunk_map,
                 tables.n_programs,
@@ -249,7 +249,7 @@ def unscale_and_check_(
             if tables.n_programs == 0:
                 continue
             _unscale_kernel[(tables.n_programs,)](
-                tables.addresses[0],
+                tables.rows[0],
                 tables.numels,
                 tables.chunk_map,
                 tables.n_programs,

@@ -158,7 +158,7 @@ def prepare_sgd_step(
     tables = tables_for(
         ["params", "grads", *state], [params, grads], list(state.values()), config["CHUNK"], cache
     )
-    param_ptrs, grad_ptrs, master_ptrs, buf_ptrs, step_ptrs = tables.addresses
+    param_ptrs, grad_ptrs, master_ptrs, buf_ptrs, step_ptrs = tables.rows
     has_clip = norm_sq is not None and max_norm > 0
     scalar = tables.numels  # any tensor: stands in for absent optional pointers
     param_dtype, grad_dtype = params[0].dtype, grads[0].dtype

@@ -44,7 +44,10 @@ def fake_timer(fn):
 # ------------------------------------------------------------------------ end to end
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of the script")
 def test_quick_cpu_run_writes_three_well_formed_outputs(tmp_path, capsys):
-    rows = bench.main(["--quick", "--sizes", "1000", "--out", str(tmp_path), "--copy-mb", "8"])
+    rows = bench.main(
+        ["--quick", "--sizes", "1000", "--out", str(tmp_path), "--copy-mb", "8"]
+        + ["--host-tensors", "40"]
+    )
     printed = capsys.readouterr().out
     assert bench.GPU_NOTE in printed
 
@@ -81,10 +84,14 @@ def test_quick_cpu_run_writes_three_well_formed_outputs(tmp_path, capsys):
     assert plt.imread(tmp_path / "results.png").ndim == 3
 
     launches = [r for r in rows if r.section == "launches"]
-    assert {r.key for r in launches} == {"ours", "ours-sgd"}
-    for key in ("ours", "ours-sgd"):
+    assert {r.key for r in launches} == {"ours", "ours-flatbuf", "ours-sgd"}
+    for key in ("ours", "ours-flatbuf", "ours-sgd"):
         counts = {r.n_tensors: r.triton_launches for r in launches if r.key == key}
         assert len(counts) == 2 and len(set(counts.values())) == 1, counts
+    host = [r for r in rows if r.section == "host"]
+    assert [(r.key, r.n_tensors) for r in host] == [("ours-host", 40), ("ours-host-flatbuf", 40)]
+    assert all(r.host_s > 0 and "stubbed" in r.note for r in host)
+    assert "## Host time per step of the Triton path" in md
 
 
 @needs_interpreter
@@ -94,8 +101,13 @@ def test_launches_per_step_do_not_depend_on_the_number_of_tensors(n_tensors):
     by_key = {}
     for r in rows:
         by_key.setdefault(r.key, {})[r.n_tensors] = r.triton_launches
-    # check + norm, AdamW, step counts: 3 launches; SGD with momentum and step counts: 2.
-    assert by_key == {"ours": {n_tensors: 3, 1: 3}, "ours-sgd": {n_tensors: 2, 1: 2}}
+    # check + norm, AdamW, step counts, loss-scale update: 4 launches (as on a GPU: the count
+    # takes the Triton path everywhere); SGD with momentum and step counts: 2.
+    assert by_key == {
+        "ours": {n_tensors: 4, 1: 4},
+        "ours-flatbuf": {n_tensors: 4, 1: 4},
+        "ours-sgd": {n_tensors: 2, 1: 2},
+    }
 
 
 def test_launch_counter_restores_the_kernels():
@@ -134,13 +146,35 @@ def test_deepspeed_case_reports_when_not_installed():
 @needs_interpreter
 def test_small_tensors_case_on_cpu():
     rows = bench.run_small_tensors(6, 64, fake_timer, CPU, host_steps=2)
-    assert [r.key for r in rows] == ["ours-many", "torch-many", "ours-flat", "torch-flat"]
+    keys = ["ours-many", "ours-flatbuf", "torch-many", "ours-flat", "torch-flat"]
+    assert [r.key for r in rows] == keys
     assert all(r.section == "small" and r.host_s is not None for r in rows)
     ours = [r for r in rows if r.key.startswith("ours")]
-    assert [r.n_tensors for r in ours] == [6, 1]
-    assert ours[0].triton_launches == ours[1].triton_launches == 3
+    assert [r.n_tensors for r in ours] == [6, 6, 1]
+    # On the CPU the loss-scale update takes its torch-op path: 3 Triton launches each.
+    assert [r.triton_launches for r in ours] == [3, 3, 3]
     bench.add_derived(rows)
-    assert rows[1].ratio == pytest.approx(1.0) and rows[1].vs == "ours-many"
+    assert rows[2].ratio == pytest.approx(1.0) and rows[2].vs == "ours-many"
+    assert rows[1].vs == "ours-flat"  # flat buffers are compared with one flat tensor
+
+
+def test_small_tensor_and_host_checks():
+    rows = [
+        bench.Row("small", "ours-many", "", 10, 10_000, time_s=1.3e-3, host_s=5e-3),
+        bench.Row("small", "ours-flatbuf", "", 10, 10_000, time_s=1.1e-3, host_s=80e-6),
+        bench.Row("small", "torch-many", "", 10, 10_000, time_s=1e-3, host_s=1e-3),
+        bench.Row("small", "ours-flat", "", 10, 1, time_s=1e-3, host_s=50e-6),
+        bench.Row("host", "ours-host-flatbuf", "", 10, 10_000, host_s=120e-6),
+    ]
+    lines = bench.small_tensor_checks(rows)
+    assert lines == [
+        "ours-many / ours-flat step time = 1.30 (target <= 1.2): NOT met",
+        "ours-flatbuf / ours-flat step time = 1.10 (target <= 1.2): met",
+        "ours-many: host time per step at 10,000 tensors = 5000 us (GPU; target < 100 us): NOT met",
+        "ours-flatbuf: host time per step at 10,000 tensors = 80 us (GPU; target < 100 us): met",
+        "ours-host-flatbuf: host time per step at 10,000 tensors = 120 us (launches stubbed, "
+        "CPU; target < 100 us): NOT met",
+    ]
 
 
 def test_gpu_plan_lists_every_case_and_honours_skip():
