@@ -167,6 +167,18 @@ def phase_train(out: str, rank: int, world: int):
     torch.save(full_params(model), f"{out}/ddp_accum_rank{rank}.pt")
     results["ddp_accum_reductions"] = reductions["count"]
 
+    # The same with flat_buffers=True: DDP copies the reduced grads into our grad views, and
+    # no_sync micro-batches accumulate into them.
+    model = make_model()
+    flat_sgd = {"type": "SGD", "params": {**SGD["params"], "flat_buffers": True}}
+    config = {"optimizer": flat_sgd, "gradient_clipping": 0.5, "gradient_accumulation_steps": 2}
+    engine, *_ = fp16_triton.initialize(
+        model=model, config=config, backend="triton", data_parallel="ddp"
+    )
+    train_steps(engine, range(2 * STEPS), batch)
+    assert engine.optimizer.optimizer.flat_buffers
+    torch.save(full_params(model), f"{out}/ddp_flat_rank{rank}.pt")
+
     # FSDP2 with fp16 sharded params and our fp32 masters; an inf on one rank's shard.
     model = fsdp_model(torch.float16)
     engine, *_ = fp16_triton.initialize(model=model, config=fp16_config(), backend="triton")

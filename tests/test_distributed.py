@@ -70,7 +70,17 @@ def assert_same(a: dict, b: dict):
 
 @pytest.mark.parametrize(
     "name",
-    ["ddp", "ddp_accum", "fsdp_fp16", "fsdp_continued", "fsdp_resumed", "fsdp_mp", "zero", "plain"],
+    [
+        "ddp",
+        "ddp_accum",
+        "ddp_flat",
+        "fsdp_fp16",
+        "fsdp_continued",
+        "fsdp_resumed",
+        "fsdp_mp",
+        "zero",
+        "plain",
+    ],  # fmt: skip
 )
 def test_ranks_hold_identical_params(runs, name):
     _, load = runs
@@ -92,6 +102,13 @@ def test_ddp_accumulation_reduces_once_per_optimizer_step(runs, worker):
     assert records["ddp_accum_reductions"] == worker.STEPS
     reference = worker.single_fp32_sgd_accumulated()
     torch.testing.assert_close(load("ddp_accum", 0), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_with_flat_buffers_matches_per_tensor_storage(runs):
+    _, load = runs
+    # Same run with flat_buffers=True: only the clipping norm's summation order differs (one
+    # flat buffer instead of per-tensor partial sums), ~1e-7 relative in fp32 per step.
+    torch.testing.assert_close(load("ddp_flat", 0), load("ddp_accum", 0), rtol=1e-5, atol=1e-6)
 
 
 def test_fsdp2_fp16_skips_together_and_clips_by_the_global_norm(runs, worker):
