@@ -17,7 +17,11 @@ optimizer:
   setting grads to None.
 - Every adopted param is stepped at every step; a param that received no grad is stepped with a
   zero grad (DeepSpeed's ``FP16_Optimizer`` does the same), so Adam's moments keep moving it.
-  Params that do not require grad are never adopted and never stepped.
+  Params that do not require grad at adoption are never adopted and never stepped. Which params
+  require grad is read at adoption: a param frozen later is stepped like one that gets no grad
+  (reading ``requires_grad`` of every param at every step would cost as much as reading its
+  grad), and a left-out param that starts requiring grad is an error (the params of a buffer
+  share one step count): give params you will unfreeze a param group of their own.
 - Each step checks the first and the last param of each bucket (grad identity, data address).
   ``model.zero_grad()`` (grads set to None), ``model.to()``/``.half()`` and state loaded from a
   state dict are noticed there; the bucket then re-adopts every param, an O(n) pass that is
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ALIGN_ELEMENTS", "FlatBuffers"]
+__all__ = ["ALIGN_ELEMENTS", "FlatBuffers", "check_grad"]
 
 ALIGN_ELEMENTS = 64
 """Every view starts at a multiple of 64 elements: 128 bytes in an fp16 buffer and 256 in an
@@ -37,6 +41,17 @@ fp32 one, so each param, grad and state view is as aligned as a fresh allocation
 vectorized (128-bit) and cuBLAS access, and the kernels' ALIGNED variant applies to the whole
 buffer. Padding is zero in every buffer, and a zero param with a zero grad and zero state stays
 zero under Adam, AdamW and SGD, so it never changes the norm or the non-finite check."""
+
+
+def check_grad(p: torch.Tensor) -> None:
+    """Raise unless ``p.grad`` is None or a dense tensor of ``p``'s shape."""
+    g = p.grad
+    if g is not None and (g.is_sparse or g.shape != p.shape):
+        what = "sparse" if g.is_sparse else f"of shape {tuple(g.shape)}"
+        raise RuntimeError(
+            f"flat_buffers=True: a grad {what} for a param of shape {tuple(p.shape)}; "
+            "grads must be dense and have their param's shape"
+        )
 
 
 def _padded(n: int) -> int:
@@ -91,19 +106,10 @@ class FlatBuffers:
         grad."""
         return all(p.grad is g and p.data_ptr() == v.data_ptr() for p, v, g in self._sentinels)
 
-    def check(self, state: dict) -> None:
-        """Raise, before anything changes, if adopting the params would lose information:
-        sparse or misshapen grads, or step counts that differ between params (one flat bucket
-        has one step count; they differ only in state from a run without flat buffers in which
-        some params had no grad at some step)."""
-        for p in self.params:
-            g = p.grad
-            if g is not None and (g.is_sparse or g.shape != p.shape):
-                what = "sparse" if g.is_sparse else f"of shape {tuple(g.shape)}"
-                raise RuntimeError(
-                    f"flat_buffers=True: a grad {what} for a param of shape {tuple(p.shape)}; "
-                    "grads must be dense and have their param's shape"
-                )
+    def check_steps(self, state: dict) -> None:
+        """Raise, before anything moves, if the params' step counts differ: a flat bucket has
+        one (they differ only in state from a run without flat buffers in which some params
+        had no grad at some step)."""
         steps = [state[p]["step"] for p in self.params if "step" in state[p]]
         if len(steps) > 1 and any(s is not steps[0] for s in steps):
             values = torch.stack([s.reshape(()).to(self.device) for s in steps])

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .flat_buffers import FlatBuffers
+from .flat_buffers import FlatBuffers, check_grad
 
 logger = logging.getLogger(__name__)
 
@@ -342,8 +342,17 @@ class FusedOptimizer(Optimizer):
         return plan.buckets, grads
 
     def _flat_plan(self, group: dict[str, Any]) -> list[Bucket]:
-        """The group's flat buckets: O(1) when nothing was replaced since the last step."""
+        """The group's flat buckets: O(1) when nothing was replaced since the last step (plus
+        one ``requires_grad`` read per param of the group that was left out as frozen)."""
         plan = self._plans.get(id(group), {}).get(_FLAT)
+        if plan is not None and any(p.requires_grad for p in plan.others):
+            raise ValueError(
+                "flat_buffers=True: a param that did not require grad when the optimizer adopted "
+                "its group's params now does; the params of a flat buffer share one step count, "
+                "so a param cannot join it mid-run. Give params you unfreeze later a param group "
+                "of their own (optimizer.add_param_group when you unfreeze them), or use "
+                "flat_buffers=False"
+            )
         if (
             plan is not None
             and plan.state_version == self.state.version
@@ -364,6 +373,8 @@ class FusedOptimizer(Optimizer):
         for p in adopted:
             by_key.setdefault((p.device, p.dtype), []).append(p)
         old = {(b.flat.device, b.flat.dtype): b for b in plan.buckets} if plan else {}
+        for p in adopted:  # before any state is created
+            check_grad(p)
         buckets = []
         for (device, dtype), params in by_key.items():
             bucket = old.get((device, dtype))
@@ -381,7 +392,7 @@ class FusedOptimizer(Optimizer):
                     self.state[p] = self._new_state(p, group)
                 else:
                     _normalize_state(self.state[p], device)
-            bucket.flat.check(self.state)
+            bucket.flat.check_steps(self.state)
             buckets.append(bucket)
         moved = 0
         for bucket in buckets:
