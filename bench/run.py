@@ -169,9 +169,16 @@ def interleaved(
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def host_time(step: Callable[[], object], device: torch.device, n: int = 20) -> float:
-    """Mean host seconds per ``step()``: perf_counter around each call, no synchronize inside
-    the loop (only before and after), so it is the CPU cost of issuing a step."""
+def host_time(
+    step: Callable[[], object], device: torch.device, n: int = 100, warmup: int = 10
+) -> float:
+    """Mean host seconds per ``step()`` over ``n`` steps after ``warmup`` untimed ones:
+    perf_counter around each call, no synchronize inside the loop (only before and after), so
+    it is the CPU cost of issuing a step. The warm-up matters: the first steps after set-up
+    take several times longer (measured on the dev machine: 350 us, then ~70 us after ~20
+    steps, for the flat-buffer step), as caches and Python's adaptive interpreter warm up."""
+    for _ in range(warmup):
+        step()
     _sync(device)
     total = 0.0
     for _ in range(n):
@@ -649,7 +656,7 @@ def run_copy(nbytes: int, timer: Timer, device: torch.device) -> Row:
 
 
 def run_small_tensors(
-    n_tensors: int, numel: int, timer: Timer, device: torch.device, host_steps: int = 20
+    n_tensors: int, numel: int, timer: Timer, device: torch.device, host_steps: int = 100
 ) -> list[Row]:
     """Many small tensors against one flat tensor of the same total: ours (FP16Optimizer
     AdamW, per-tensor storage and ``flat_buffers=True``) and torch's fused AdamW (fp32), each
@@ -694,7 +701,7 @@ SMALL_FLATBUF = Case(
 )
 
 
-def run_host_overhead(n_tensors: int, numel: int, host_steps: int = 20) -> list[Row]:
+def run_host_overhead(n_tensors: int, numel: int, host_steps: int = 100) -> list[Row]:
     """CPU: host seconds per step of ours on the Triton path (interpreter), for ``n_tensors``
     tensors of ``numel``, per-tensor storage against ``flat_buffers=True``, with the kernel
     launches stubbed: the Python work of a step alone, which a GPU run adds to the launches'
