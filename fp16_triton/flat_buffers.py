@@ -3,7 +3,7 @@ and every state of a bucket, with each param's data, grad and state as views int
 
 Why: the step is one launch whatever the number of tensors, but with per-param tensors the host
 must still read every ``p.grad`` and ``data_ptr()`` each step to know what to launch on (about
-0.1 us per attribute read on the 2-core dev machine: ~7.5 ms per step at 10,000 tensors). With
+0.1 us per attribute read on the 2-core dev machine: 7-15 ms per step at 10,000 tensors). With
 flat buffers the steady step touches a constant number of Python objects per bucket, and the
 kernels see one contiguous range (no small-tensor tails).
 
@@ -22,11 +22,20 @@ optimizer:
   (reading ``requires_grad`` of every param at every step would cost as much as reading its
   grad), and a left-out param that starts requiring grad is an error (the params of a buffer
   share one step count): give params you will unfreeze a param group of their own.
-- Each step checks the first and the last param of each bucket (grad identity, data address).
-  ``model.zero_grad()`` (grads set to None), ``model.to()``/``.half()`` and state loaded from a
-  state dict are noticed there; the bucket then re-adopts every param, an O(n) pass that is
-  logged. Replacing the grad or the data of *one param in the middle* between two steps is not
-  noticed: write into them in place instead (``p.grad.copy_(g)``, ``p.data.copy_(w)``).
+- Each step checks, in O(1), the first and the last param of each bucket (grad identity, data
+  address) and how many in-place writes the grad views took since the last step
+  (``FlatBuffers.steady``). Grads set to None or replaced before a backward (``model.zero_grad()``,
+  ``submodule.zero_grad()``), ``model.to()``/``.half()`` and loaded state are noticed; the step
+  then checks every param, and re-adopts those out of place (an O(n) pass, logged). Not noticed:
+  a new tensor assigned to the ``.grad`` or ``.data`` of a param other than the first and last
+  *after* the backward (or ``model.to(memory_format=...)`` that moves only such params): write
+  into them in place instead (``p.grad.copy_(g)``, ``p.data.copy_(w)``).
+- The params share storage: ``torch.save`` of one param (or one state tensor) writes its whole
+  buffer; save state dicts whole. A param dropped from a rebuilt bucket keeps the old buffer
+  alive through its views until it is re-adopted or freed.
+- Another owner of the params' storage must not exist: ``ZeroRedundancyOptimizer(
+  parameters_as_bucket_view=True)`` (or DDP's ``gradient_as_bucket_view=True``, which costs an
+  O(n) re-adoption every step) do not mix with flat buffers.
 """
 
 from __future__ import annotations
@@ -47,10 +56,15 @@ def check_grad(p: torch.Tensor) -> None:
     """Raise unless ``p.grad`` is None or a dense tensor of ``p``'s shape."""
     g = p.grad
     if g is not None and (g.is_sparse or g.shape != p.shape):
-        what = "sparse" if g.is_sparse else f"of shape {tuple(g.shape)}"
+        if g.is_sparse:
+            raise RuntimeError(
+                f"flat_buffers=True does not support sparse gradients (a param of shape "
+                f"{tuple(p.shape)} has one); use dense gradients (e.g. "
+                "nn.Embedding(sparse=False)) or torch.optim.SparseAdam for that param"
+            )
         raise RuntimeError(
-            f"flat_buffers=True: a grad {what} for a param of shape {tuple(p.shape)}; "
-            "grads must be dense and have their param's shape"
+            f"a grad of shape {tuple(g.shape)} for a param of shape {tuple(p.shape)}: grads "
+            "must have their param's shape"
         )
 
 
@@ -84,9 +98,12 @@ class FlatBuffers:
         self.state: dict[str, torch.Tensor] = {}
         self.state_views: dict[str, list[torch.Tensor]] = {}
         self.step: torch.Tensor | None = None
-        # The O(1) check of every step looks at these two params (one when the bucket has one).
+        # The O(1) check of every step looks at these two params (one when the bucket has one)
+        # and at the grad buffer's version counter (see steady()).
         ends = sorted({0, len(params) - 1})
         self._sentinels = [(params[i], self.param_views[i], self.grad_views[i]) for i in ends]
+        self._version_seen: int | None = None  # grad._version when the last step began
+        self._steady_writes: int | None = None  # in-place grad writes per verified cycle
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [
@@ -101,10 +118,40 @@ class FlatBuffers:
             for p, q, s in zip(params, self.params, self.shapes)
         )
 
-    def intact(self) -> bool:
-        """The per-step O(1) check: the sentinel params still hold their views as data and
-        grad."""
+    def ends_in_place(self) -> bool:
+        """O(1): the first and last params still hold their views as data and grad."""
         return all(p.grad is g and p.data_ptr() == v.data_ptr() for p, v, g in self._sentinels)
+
+    def all_in_place(self) -> bool:
+        """O(n): every param still holds its views as data and grad."""
+        return all(
+            p.grad is g and p.data_ptr() == v.data_ptr()
+            for p, v, g in zip(self.params, self.param_views, self.grad_views)
+        )
+
+    def steady(self) -> bool:
+        """The per-step O(1) check: the end params hold their views, and the grad views took
+        as many in-place writes since the last step as in the last verified cycle.
+
+        Why the count: the views share one version counter, which every in-place write into
+        any of them advances (autograd's accumulation, ``zero_grad``, DDP's copy, unscaling,
+        clipping). A grad set to None or replaced between two steps (``submodule.zero_grad()``)
+        makes autograd write a fresh tensor instead, so the count drops, and the step verifies
+        every param. A new tensor assigned to one middle param's ``.grad`` *after* its backward
+        leaves the count unchanged and is not noticed (write into the grad in place instead).
+        """
+        if self._version_seen is None or self._steady_writes is None:
+            return False
+        writes = self.grad._version - self._version_seen
+        return writes == self._steady_writes and self.ends_in_place()
+
+    def start_step(self, verified: bool) -> None:
+        """Record the grad buffer's version as this step begins; ``verified``: every param was
+        just found in place, so the writes since the last step are the steady pattern."""
+        version = self.grad._version
+        if verified and self._version_seen is not None:
+            self._steady_writes = version - self._version_seen
+        self._version_seen = version
 
     def check_steps(self, state: dict) -> None:
         """Raise, before anything moves, if the params' step counts differ: a flat bucket has
@@ -117,7 +164,9 @@ class FlatBuffers:
                 raise ValueError(
                     "flat_buffers=True: the params of one group have different step counts "
                     f"(from {int(values.min())} to {int(values.max())}), but a flat bucket has "
-                    "one; load this state into an optimizer with flat_buffers=False"
+                    "one. This comes from state loaded from a run without flat buffers in which "
+                    "some params had no grad at some step, or from one param's state deleted "
+                    "or reset; use flat_buffers=False for such a run"
                 )
 
     def adopt(self, state: dict) -> int:

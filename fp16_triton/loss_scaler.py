@@ -4,8 +4,9 @@
 (``deepspeed/runtime/fp16/loss_scaler.py``), including hysteresis, so that a run moved from
 DeepSpeed sees the same sequence of loss scales. Unlike DeepSpeed it keeps its state in 0-dim
 tensors on the gradients' device, and :meth:`DynamicLossScaler.update_scale` accepts the overflow
-flag as a device tensor: the update then runs as a handful of tensor ops with no host
-synchronisation, which keeps the optimizer step asynchronous and CUDA-graph capturable.
+flag as a device tensor: the update then runs as one Triton kernel on a GPU
+(``kernels/loss_scale.py``; its torch-op reference elsewhere) with no host synchronisation,
+which keeps the optimizer step asynchronous and CUDA-graph capturable.
 
 Typical use by an optimizer wrapper::
 
@@ -322,17 +323,17 @@ class DynamicLossScaler(LossScaler):
       INFO, raises :class:`MinLossScaleError` immediately, before changing any state, and
       writes the new state back.
     * ``update_scale(flag_tensor)`` (any one-element float/bool/int tensor; overflow means
-      ``flag != 0``, so torch's summed ``found_inf`` of 2.0 counts): pure tensor ops
-      (``torch.where``), no ``.item()`` and no Python branching on values, hence no host sync
-      and safe inside CUDA graph capture. The flag should live on :attr:`device` (a CPU flag is
-      copied over). Nothing is logged: knowing what changed would need a sync. At the minimum
-      scale it sets :attr:`error_flag` to 1.0 and leaves the whole state unchanged (as the
-      host path does before raising); while the flag stays set, further updates change
-      nothing. :meth:`raise_if_error` raises the error, which the consumer calls at the start
-      of its next ``step()``; it adds :attr:`pending_error` to its skip flag meanwhile. **The
-      error at the minimum may therefore surface at the next ``step()`` call (or later, when
-      not blocking on CUDA) rather than the one that overflowed; nothing is applied in
-      between.**
+      ``flag != 0``, so torch's summed ``found_inf`` of 2.0 counts): one Triton launch on a GPU
+      (``kernels/loss_scale.py``), torch ops (``torch.where``) elsewhere; no ``.item()`` and no
+      Python branching on values, hence no host sync and safe inside CUDA graph capture. The
+      flag should live on :attr:`device` (a CPU flag is copied over). Nothing is logged:
+      knowing what changed would need a sync. At the minimum scale it sets
+      :attr:`error_flag` to 1.0 and leaves the whole state unchanged (as the host path does
+      before raising); while the flag stays set, further updates change nothing.
+      :meth:`raise_if_error` raises the error, which the consumer calls at the start of its
+      next ``step()``; it adds :attr:`pending_error` to its skip flag meanwhile. **The error at
+      the minimum may therefore surface at the next ``step()`` call (or later, when not
+      blocking on CUDA) rather than the one that overflowed; nothing is applied in between.**
 
     Args:
         init_scale: initial scale (default 2**16), positive and finite in float32.
@@ -390,7 +391,7 @@ class DynamicLossScaler(LossScaler):
             "_error_flag": self._error_flag,
         }
 
-    # ---- hyperparameters (read-only: the device copies of min/factor must stay in step) -----
+    # ---- hyperparameters (read-only: they are fixed at construction or by load_state_dict) --
 
     @property
     def dynamic(self) -> bool:
@@ -546,8 +547,14 @@ class DynamicLossScaler(LossScaler):
             )
         flag = overflow.detach().reshape(()).to(device=device, non_blocking=True)
         if self._device_update is None:
-            # One Triton launch on a GPU (kernels/loss_scale.py); ~35 torch ops elsewhere.
-            if resolve_backend("auto", device) == "triton":
+            # One Triton launch on a GPU (kernels/loss_scale.py); ~35 torch ops elsewhere, and
+            # wherever the Triton path cannot run (the scaler has no backend of its own to
+            # refuse: FP16_TRITON_BACKEND=triton on a plain CPU falls back, it does not fail).
+            try:
+                triton_path = resolve_backend("auto", device) == "triton"
+            except RuntimeError:
+                triton_path = False
+            if triton_path:
                 from .kernels.loss_scale import update_loss_scale
             else:
                 from .kernels.reference import update_loss_scale

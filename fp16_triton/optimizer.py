@@ -338,7 +338,7 @@ class FusedOptimizer(Optimizer):
             if len(plans) >= _MAX_CACHED_ACTIVE_SETS:
                 plans.clear()
             plan = plans[key] = _GroupPlan(self._build_buckets(group, active))
-            plan.state_version = self.state.version
+        self._step_plans.append(plan)
         return plan.buckets, grads
 
     def _flat_plan(self, group: dict[str, Any]) -> list[Bucket]:
@@ -349,18 +349,30 @@ class FusedOptimizer(Optimizer):
             raise ValueError(
                 "flat_buffers=True: a param that did not require grad when the optimizer adopted "
                 "its group's params now does; the params of a flat buffer share one step count, "
-                "so a param cannot join it mid-run. Give params you unfreeze later a param group "
-                "of their own (optimizer.add_param_group when you unfreeze them), or use "
-                "flat_buffers=False"
+                "so a param cannot join it mid-run. Leave the params you will unfreeze out of "
+                "this optimizer's groups and add them as a group of their own when you unfreeze "
+                "them (optimizer.add_param_group), or use flat_buffers=False"
             )
         if (
             plan is not None
             and plan.state_version == self.state.version
             and plan.n_params == len(group["params"])
-            and all(b.flat.intact() for b in plan.buckets)
         ):
-            return plan.buckets
-        return self._adopt_group(group, plan)
+            verified = {}
+            for bucket in plan.buckets:
+                if not bucket.flat.steady():
+                    verified[id(bucket)] = bucket.flat.all_in_place()  # O(n), now and then
+            if all(verified.values()):
+                for bucket in plan.buckets:
+                    bucket.flat.start_step(verified=verified.get(id(bucket), False))
+                self._step_plans.append(plan)
+                return plan.buckets
+        buckets = self._adopt_group(group, plan)
+        for bucket in buckets:
+            bucket.flat.start_step(verified=False)
+        if id(group) in self._plans:
+            self._step_plans.append(self._plans[id(group)][_FLAT])
+        return buckets
 
     def _adopt_group(self, group: dict[str, Any], plan: _GroupPlan | None) -> list[Bucket]:
         """(Re)build the group's flat buckets and move every param's data, grad and state into
@@ -388,10 +400,7 @@ class FusedOptimizer(Optimizer):
                     cache = TableCache()
                 bucket = Bucket(params, [flat.param], {}, backend, dtype, cache, flat=flat)
             for p in params:
-                if len(self.state[p]) == 0:
-                    self.state[p] = self._new_state(p, group)
-                else:
-                    _normalize_state(self.state[p], device)
+                self._ensure_state(p, group, device)
             bucket.flat.check_steps(self.state)
             buckets.append(bucket)
         moved = 0
@@ -401,9 +410,12 @@ class FusedOptimizer(Optimizer):
             log = logger.warning if not getattr(self, "_warned_readopt", False) else logger.debug
             self._warned_readopt = True
             log(
-                "flat_buffers: re-adopted %d params whose grad or data had been replaced "
-                "(model.zero_grad() sets grads to None; optimizer.zero_grad() zeroes them in "
-                "place and keeps the step O(1))",
+                "flat_buffers: re-adopted %d params whose grad or data had been replaced since "
+                "the last step, an O(n) pass (by model.zero_grad() or another zero_grad that "
+                "sets grads to None, such as ZeroRedundancyOptimizer's; by "
+                "DDP(gradient_as_bucket_view=True); by backward(create_graph=True)). If it "
+                "happens at every step, use optimizer.zero_grad() and keep the grads in place, "
+                "or flat_buffers=False",
                 moved,
             )
         plan = _GroupPlan(buckets, self.state.version, len(group["params"]))
@@ -442,7 +454,7 @@ class FusedOptimizer(Optimizer):
                 continue
             for bucket in plan.buckets:
                 bucket.flat.grad.zero_()
-            if all(b.flat.intact() for b in plan.buckets):
+            if all(b.flat.ends_in_place() for b in plan.buckets):
                 zero_grads(plan.others, set_to_none)
             else:  # grads replaced from outside: torch's semantics; the next step re-adopts
                 zero_grads(group["params"], set_to_none)
@@ -471,10 +483,7 @@ class FusedOptimizer(Optimizer):
             params = [active[i] for i in indices]
             backend = resolve_backend(self.backend, device)
             for p in params:
-                if len(self.state[p]) == 0:
-                    self.state[p] = self._new_state(p, group)
-                else:
-                    _normalize_state(self.state[p], local(p).device)
+                self._ensure_state(p, group, local(p).device)
             cache = None
             if backend == "triton":
                 from .kernels.multi_tensor import TableCache
@@ -489,6 +498,19 @@ class FusedOptimizer(Optimizer):
             buckets.append(bucket)
         return buckets
 
+    def _ensure_state(self, p: torch.Tensor, group: dict[str, Any], device) -> None:
+        """Create ``p``'s state if it has none, else bring it to fp32 on ``device``. Assigns
+        ``optimizer.state[p]`` only when that changes something: every assignment advances the
+        state's version and makes every group rebuild its buckets at the next step (reading a
+        missing key of the defaultdict would assign it too, hence ``get``)."""
+        state = self.state.get(p)
+        if not state:
+            new = self._new_state(p, group)
+            if new or state is None:
+                self.state[p] = new
+        else:
+            _normalize_state(state, device)
+
     def _state_list(self, params: list[torch.Tensor], name: str) -> list[torch.Tensor] | None:
         """The local tensors of state ``name`` of ``params`` (None if the first has none)."""
         if name not in self.state[params[0]]:
@@ -500,6 +522,7 @@ class FusedOptimizer(Optimizer):
         ``FP16Optimizer`` reuses it for its check pass, so one step reads each ``p.grad`` once
         and groups the grads once."""
         work = []
+        self._step_plans: list[_GroupPlan] = []
         for group in self.param_groups:
             self._check_hyperparameters(group)
             buckets, group_grads = self._plan(group)
@@ -511,6 +534,11 @@ class FusedOptimizer(Optimizer):
                     self._plans.pop(id(group), None)
                     return self._gather()
                 work.append((group, bucket, grads))
+        # The plans used now are current, whatever state a later group's first step created
+        # (params belong to one group each): without this, every group's first step would
+        # make the groups before it rebuild at the next step.
+        for plan in self._step_plans:
+            plan.state_version = self.state.version
         return work
 
     def _fused_step(

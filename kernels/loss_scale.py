@@ -114,7 +114,9 @@ def update_loss_scale(
     if overflow.numel() != 1 or overflow.device != device:
         raise ValueError(f"overflow must be a one-element tensor on {device}")
     if overflow.dtype != torch.float32:
-        overflow = overflow.to(torch.float32)  # bool/int flags: one small cast, no sync
+        # Compare before casting: a float64 flag of 1e-50 is an overflow, and would be 0.0 in
+        # fp32. One small op, no sync; fp32 flags (ours, GradScaler's) skip it.
+        overflow = (overflow != 0).to(torch.float32)
     with device_guard(device):
         _update_loss_scale_kernel[(1,)](
             overflow,

@@ -103,16 +103,19 @@ def main() -> None:
     results["increment-steps"] = compile_variant(
         adam._increment_steps_kernel, dict(HAS_FOUND_INF=True, BLOCK=1024)
     )
-    results["loss-scale-update"] = compile_variant(
-        loss_scale._update_loss_scale_kernel,
-        {},
-        types={
-            "overflow_ptr": "*fp32", "scale_ptr": "*fp32", "error_ptr": "*fp32",
-            "cur_hysteresis_ptr": "*i64", "cur_iter_ptr": "*i64", "last_overflow_iter_ptr": "*i64",
-            "scale_window": "i32", "hysteresis": "i32", "consecutive": "i32",
-            "raise_at_min": "i32",
-        },
-    )  # fmt: skip
+    # Triton turns an int argument equal to 1 into a constant: the defaults (raise_at_min=1)
+    # launch that variant, and hysteresis=1 or scale_window=1 others; compile both extremes.
+    scale_types = {
+        "overflow_ptr": "*fp32", "scale_ptr": "*fp32", "error_ptr": "*fp32",
+        "cur_hysteresis_ptr": "*i64", "cur_iter_ptr": "*i64", "last_overflow_iter_ptr": "*i64",
+        "scale_window": "i32", "hysteresis": "i32", "consecutive": "i32", "raise_at_min": "i32",
+    }  # fmt: skip
+    ints = ("scale_window", "hysteresis", "consecutive", "raise_at_min")
+    for name, ones in (("loss-scale-update", ()), ("loss-scale-update-ones", ints)):
+        types = {k: v for k, v in scale_types.items() if k not in ones}
+        results[name] = compile_variant(
+            loss_scale._update_loss_scale_kernel, {k: 1 for k in ones}, types=types
+        )
     json.dump(results, sys.stdout)
 
 

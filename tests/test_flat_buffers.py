@@ -446,6 +446,99 @@ def test_submodule_zero_grad_is_noticed_by_either_sentinel(layer, caplog):
     assert_bitwise(snapshot(model.parameters(), opt), snapshot(ref_model.parameters(), ref))
 
 
+def _deep_model(dtype=torch.float16):
+    torch.manual_seed(0)
+    layers = [nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(HIDDEN, OUT)).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_middle_submodule_zero_grad_is_noticed_at_every_step(backend, caplog):
+    """``model[2].zero_grad()`` (a middle layer: neither its weight nor its bias is the first or
+    last param of the bucket) before every backward: autograd writes fresh grads for it instead
+    of accumulating into the views, so the grad buffer takes fewer in-place writes than in the
+    steady cycle; the step checks every param and re-adopts the layer at every step. Without
+    that check the layer would silently never train (found in review)."""
+    model, ref_model = _deep_model(), _deep_model()
+    opt = make_opt("AdamW", model.parameters(), True, backend, lr=1e-2, weight_decay=0.1)
+    ref = make_opt("AdamW", ref_model.parameters(), False, backend, lr=1e-2, weight_decay=0.1)
+    with caplog.at_level(logging.WARNING, logger=OPT_LOGGER):
+        for step in range(5):
+            for m, o in ((model, opt), (ref_model, ref)):
+                o.zero_grad()
+                if step >= 2:  # after the steady cycle has been learned
+                    m[2].zero_grad()
+                loss_of(m, step).backward()
+                o.step()
+    assert len(readopt_records(caplog)) == 1  # logged once, then at debug level
+    assert_bitwise(snapshot(model.parameters(), opt), snapshot(ref_model.parameters(), ref))
+
+
+class _Counts:
+    """Calls of the O(n) paths of flat buffers: full checks and (re)adoptions."""
+
+    def __init__(self, monkeypatch):
+        from fp16_triton.flat_buffers import FlatBuffers
+        from fp16_triton.optimizer import FusedOptimizer
+
+        self.full_checks = self.adoptions = 0
+        all_in_place, adopt_group = FlatBuffers.all_in_place, FusedOptimizer._adopt_group
+
+        def counted_check(flat):
+            self.full_checks += 1
+            return all_in_place(flat)
+
+        def counted_adopt(opt, group, plan):
+            self.adoptions += 1
+            return adopt_group(opt, group, plan)
+
+        monkeypatch.setattr(FlatBuffers, "all_in_place", counted_check)
+        monkeypatch.setattr(FusedOptimizer, "_adopt_group", counted_adopt)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "dtype"),
+    [
+        ("AdamW", {"lr": 1e-2}, torch.float16),
+        # No state at all (no momentum, fp32: no master): re-creating empty state used to bump
+        # optimizer.state's version and re-adopt every group at every step (found in review).
+        ("SGD", {"lr": 1e-2}, torch.float32),
+    ],
+)
+def test_steady_steps_take_no_o_n_path(monkeypatch, name, kwargs, dtype):
+    """Two param groups, plain loop: one adoption per group at the first step, one full check
+    per bucket at the second (to learn the steady cycle), then nothing O(n)."""
+    counts = _Counts(monkeypatch)
+    model = _deep_model(dtype)
+    groups = [{"params": list(model[0].parameters())}, {"params": list(model[2:].parameters())}]
+    opt = make_opt(name, groups, True, **kwargs)
+    train(model, opt, 2)
+    assert (counts.adoptions, counts.full_checks) == (2, 2)
+    train(model, opt, 4, start=2)
+    assert (counts.adoptions, counts.full_checks) == (2, 2)
+
+
+def test_steady_engine_steps_with_accumulation_take_no_o_n_path(monkeypatch):
+    """The engine (FP16Optimizer, clipping, dynamic scaling, 2 micro-batches per step): after
+    the first two optimizer steps, no full check and no re-adoption."""
+    counts = _Counts(monkeypatch)
+    model = _deep_model(torch.float32)
+    config = {
+        "fp16": {"enabled": True, "initial_scale_power": 8},
+        "gradient_clipping": 1.0,
+        "gradient_accumulation_steps": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "flat_buffers": True}},
+    }
+    engine, *_ = fp16_triton.initialize(model=model, config=config, backend="torch")
+    for micro in range(12):
+        loss = loss_of(engine.module, micro)
+        engine.backward(loss)
+        engine.step()
+        if micro == 3:
+            assert (counts.adoptions, counts.full_checks) == (1, 1)
+    assert (counts.adoptions, counts.full_checks) == (1, 1)
+
+
 @pytest.mark.parametrize(
     ("src", "dst"), [(torch.float32, torch.float16), (torch.float16, torch.bfloat16)]
 )
@@ -550,7 +643,7 @@ def test_param_unfrozen_after_adoption_is_refused_and_its_own_group_works():
     opt.zero_grad()
     loss_of(model, 2).backward()
     before = snapshot(model.parameters(), opt)
-    with pytest.raises(ValueError, match="param group of their own"):
+    with pytest.raises(ValueError, match="a group of their own when you unfreeze them"):
         opt.step()
     assert_bitwise(snapshot(model.parameters(), opt), before)
 

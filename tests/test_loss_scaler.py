@@ -666,3 +666,23 @@ def test_cuda_tensor_path_makes_no_host_sync():
         with pytest.raises(MinLossScaleError, match="iteration 4"):
             scaler.raise_if_error(blocking=True)
     assert scaler.loss_scale == 1.0 and scaler.cur_iter == 4
+
+
+def test_tiny_float64_flag_counts_as_overflow(device_update):
+    # Non-zero is overflow whatever the flag's dtype: a float64 1e-50 would be 0.0 in fp32, so
+    # the kernel path compares before casting (found in review).
+    scaler = DynamicLossScaler(init_scale=8.0, hysteresis=1)
+    scaler.update_scale(torch.tensor(1e-50, dtype=torch.float64))
+    assert scaler.loss_scale == 4.0 and scaler.last_overflow_iter == 0
+
+
+def test_a_triton_backend_that_cannot_run_falls_back_to_torch_ops(monkeypatch):
+    # FP16_TRITON_BACKEND=triton on a CPU without the interpreter: the optimizers refuse, but
+    # the scaler (which has no backend of its own) updates through its torch-op reference.
+    import fp16_triton.optimizer
+
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    monkeypatch.setattr(fp16_triton.optimizer, "_interpreter_enabled", lambda: False)
+    scaler = DynamicLossScaler(init_scale=8.0, hysteresis=1)
+    scaler.update_scale(torch.tensor(1.0))
+    assert scaler.loss_scale == 4.0
