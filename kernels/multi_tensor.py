@@ -18,7 +18,7 @@ autograd the same addresses step after step, so the steady state costs Python pa
 dev machine, 10,000 tensors, launches stubbed: ~10 ms of host time per ``FP16Optimizer`` +
 AdamW step (about 0.1 us per attribute read). Optimizers with ``flat_buffers=True``
 (``fp16_triton/flat_buffers.py``) own their grads instead: their tables hold one tensor per
-bucket, and the same step costs ~70-110 us whatever the number of tensors.
+bucket, and the same step costs ~70-115 us whatever the number of tensors.
 """
 
 from __future__ import annotations
