@@ -1169,3 +1169,38 @@ def test_sparse_grad_is_refused_before_any_state_exists():
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
     assert len(opt.state) == 0 and emb.weight.data_ptr() == ptr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync detection needs a CUDA GPU")
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_cuda_flat_steps_make_no_host_sync(wrapped):
+    """After adoption (whose step-count check may sync once), steady flat steps never sync:
+    the O(1) check reads host integers only. Plain and under FP16Optimizer with clipping."""
+    model = _deep_model().cuda()
+    opt = fp16_triton.AdamW(model.parameters(), lr=1e-3, backend="triton", flat_buffers=True)
+    if wrapped:
+        opt = FP16Optimizer(opt, clip_grad=1.0)
+
+    # Inputs made before the sync check: a host-to-device copy syncs by itself.
+    batches = []
+    for i in range(5):
+        g = torch.Generator().manual_seed(100 + i)
+        x, y = torch.randn(BATCH, IN, generator=g), torch.randn(BATCH, OUT, generator=g)
+        batches.append((x.to("cuda", torch.float16), y.cuda()))
+
+    def step(i):
+        opt.zero_grad()
+        x, y = batches[i]
+        loss = (model(x).float() - y).square().mean()
+        opt.backward(loss) if wrapped else loss.backward()
+        opt.step()
+
+    step(0)
+    step(1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(2, 5):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
