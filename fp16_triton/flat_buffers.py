@@ -22,14 +22,14 @@ optimizer:
   (reading ``requires_grad`` of every param at every step would cost as much as reading its
   grad), and a left-out param that starts requiring grad is an error (the params of a buffer
   share one step count): give params you will unfreeze a param group of their own.
-- Each step checks, in O(1), the first and the last param of each bucket (grad identity, data
-  address) and how many in-place writes the grad views took since the last step
-  (``FlatBuffers.steady``). Grads set to None or replaced before a backward (``model.zero_grad()``,
-  ``submodule.zero_grad()``), ``model.to()``/``.half()`` and loaded state are noticed; the step
-  then checks every param, and re-adopts those out of place (an O(n) pass, logged). Not noticed:
-  a new tensor assigned to the ``.grad`` or ``.data`` of a param other than the first and last
-  *after* the backward (or ``model.to(memory_format=...)`` that moves only such params): write
-  into them in place instead (``p.grad.copy_(g)``, ``p.data.copy_(w)``).
+- Each step checks, in O(1), the first and the last param of each bucket (grad and data
+  addresses) and how many tensors reference the param and grad buffers' storages
+  (``FlatBuffers.steady``): whatever replaces a grad or a param's data, anywhere in the bucket
+  (``model.zero_grad()``, ``submodule.zero_grad()``, ``p.grad = g``, ``p.data = w``,
+  ``model.to(...)``), drops a reference. The step then checks every param and re-adopts those
+  out of place (an O(n) pass, logged); loaded state is noticed through ``optimizer.state``.
+  Not noticed: a replacement in the same step as a new view of a grad or param starts being
+  held for good elsewhere (the two counts cancel out).
 - The params share storage: ``torch.save`` of one param (or one state tensor) writes its whole
   buffer; save state dicts whole. A param dropped from a rebuilt bucket keeps the old buffer
   alive through its views until it is re-adopted or freed.
@@ -68,6 +68,11 @@ def check_grad(p: torch.Tensor) -> None:
         )
 
 
+# How many tensors reference a storage, O(1) (a private torch function: without it every step
+# checks every param).
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def _padded(n: int) -> int:
     return -(-n // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
 
@@ -93,22 +98,32 @@ class FlatBuffers:
         self.numel = total
         self.param = torch.zeros(total, dtype=self.dtype, device=self.device)
         self.grad = torch.zeros(total, dtype=self.dtype, device=self.device)
-        self.param_views = self._views(self.param)
-        self.grad_views = self._views(self.grad)
         self.state: dict[str, torch.Tensor] = {}
         self.state_views: dict[str, list[torch.Tensor]] = {}
         self.step: torch.Tensor | None = None
-        # The O(1) check of every step looks at these two params (one when the bucket has one)
-        # and at the grad buffer's version counter (see steady()).
-        ends = sorted({0, len(params) - 1})
-        self._sentinels = [(params[i], self.param_views[i], self.grad_views[i]) for i in ends]
-        self._version_seen: int | None = None  # grad._version when the last step began
-        self._steady_writes: int | None = None  # in-place grad writes per verified cycle
+        # No param or grad view is kept here (views are made when adopting): each one alive
+        # holds a reference to its buffer's storage, and the per-step check counts them.
+        size = self.param.element_size()
+        self._param_ptrs = [self.param.data_ptr() + o * size for o in self.offsets]
+        self._grad_ptrs = [self.grad.data_ptr() + o * size for o in self.offsets]
+        self._ends = sorted({0, len(params) - 1})
+        self._storages = [t.untyped_storage()._cdata for t in (self.param, self.grad)]
+        self._references: tuple[int, ...] | None = None  # learned in a verified step
+
+    def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        return flat[self.offsets[i] : self.offsets[i] + self.shapes[i].numel()].view(self.shapes[i])
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [
-            flat[o : o + shape.numel()].view(shape) for o, shape in zip(self.offsets, self.shapes)
-        ]
+        return [self._view(flat, i) for i in range(len(self.params))]
+
+    def _in_place(self, i: int) -> bool:
+        p = self.params[i]
+        g = p.grad
+        return (
+            g is not None
+            and g.data_ptr() == self._grad_ptrs[i]
+            and (p.data_ptr() == self._param_ptrs[i])
+        )
 
     def fits(self, params: list[torch.Tensor]) -> bool:
         """Whether ``params`` are still this bucket's params, with its dtype, device and shapes
@@ -119,39 +134,38 @@ class FlatBuffers:
         )
 
     def ends_in_place(self) -> bool:
-        """O(1): the first and last params still hold their views as data and grad."""
-        return all(p.grad is g and p.data_ptr() == v.data_ptr() for p, v, g in self._sentinels)
+        """O(1): the first and last params still have their views as data and grad."""
+        return all(self._in_place(i) for i in self._ends)
 
     def all_in_place(self) -> bool:
-        """O(n): every param still holds its views as data and grad."""
-        return all(
-            p.grad is g and p.data_ptr() == v.data_ptr()
-            for p, v, g in zip(self.params, self.param_views, self.grad_views)
-        )
+        """O(n): every param still has its views as data and grad."""
+        return all(self._in_place(i) for i in range(len(self.params)))
+
+    def _reference_counts(self) -> tuple[int, ...] | None:
+        if _storage_use_count is None:
+            return None
+        return tuple(_storage_use_count(cdata) for cdata in self._storages)
 
     def steady(self) -> bool:
-        """The per-step O(1) check: the end params hold their views, and the grad views took
-        as many in-place writes since the last step as in the last verified cycle.
+        """The per-step O(1) check: the end params have their views, and the param and grad
+        buffers' storages are referenced by as many tensors as in the last verified step.
 
-        Why the count: the views share one version counter, which every in-place write into
-        any of them advances (autograd's accumulation, ``zero_grad``, DDP's copy, unscaling,
-        clipping). A grad set to None or replaced between two steps (``submodule.zero_grad()``)
-        makes autograd write a fresh tensor instead, so the count drops, and the step verifies
-        every param. A new tensor assigned to one middle param's ``.grad`` *after* its backward
-        leaves the count unchanged and is not noticed (write into the grad in place instead).
+        Why the count: each param's data and each adopted grad is a tensor referencing its
+        buffer's storage (nothing else is kept). Whatever replaces a grad or a param's data
+        (``submodule.zero_grad()``, ``p.grad = g``, ``p.data = w``, ``model.to(...)``) drops one
+        reference, so the step notices and checks every param. What it cannot tell: a grad
+        replaced in the same step as a new view of a grad or param starts being held for good
+        elsewhere (+1 - 1). Without ``torch._C._storage_Use_Count`` every step checks every
+        param (O(n), correct).
         """
-        if self._version_seen is None or self._steady_writes is None:
-            return False
-        writes = self.grad._version - self._version_seen
-        return writes == self._steady_writes and self.ends_in_place()
+        counts = self._reference_counts()
+        return counts is not None and counts == self._references and self.ends_in_place()
 
     def start_step(self, verified: bool) -> None:
-        """Record the grad buffer's version as this step begins; ``verified``: every param was
-        just found in place, so the writes since the last step are the steady pattern."""
-        version = self.grad._version
-        if verified and self._version_seen is not None:
-            self._steady_writes = version - self._version_seen
-        self._version_seen = version
+        """``verified``: every param was just found in place: the storages' reference counts
+        now are the steady ones."""
+        if verified:
+            self._references = self._reference_counts()
 
     def check_steps(self, state: dict) -> None:
         """Raise, before anything moves, if the params' step counts differ: a flat bucket has
@@ -174,21 +188,24 @@ class FlatBuffers:
         for every param) into the buffers and make them views. Returns the number of params
         whose data or grad had to be moved (0 when everything was in place)."""
         moved = 0
-        for p, view, grad_view in zip(self.params, self.param_views, self.grad_views):
+        for i, p in enumerate(self.params):
             changed = False
-            if p.data_ptr() != view.data_ptr():
+            if p.data_ptr() != self._param_ptrs[i]:
+                view = self._view(self.param, i)
                 view.copy_(p.detach())
                 p.data = view
                 changed = True
             g = p.grad
-            if g is not grad_view:
+            if g is None or g.data_ptr() != self._grad_ptrs[i]:
+                view = self._view(self.grad, i)
                 if g is None:
-                    grad_view.zero_()  # no grad: stepped with zeros (see the module docstring)
+                    view.zero_()  # no grad: stepped with zeros (see the module docstring)
                 else:
-                    grad_view.copy_(g)
-                p.grad = grad_view
+                    view.copy_(g)
+                p.grad = view
                 changed = True
             moved += changed
+        self._references = None  # relearned at the next verified step
         first = state[self.params[0]]
         for name in [n for n, t in first.items() if isinstance(t, torch.Tensor)]:
             if name == "step":

@@ -474,6 +474,65 @@ def test_middle_submodule_zero_grad_is_noticed_at_every_step(backend, caplog):
     assert_bitwise(snapshot(model.parameters(), opt), snapshot(ref_model.parameters(), ref))
 
 
+class _SkippableMLP(nn.Module):
+    """Four linear layers whose use per step is set from outside (LayerDrop-like): an unused
+    layer gets no grad, which flat buffers step as a zero grad."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(0)
+        dims = [IN, HIDDEN, HIDDEN, HIDDEN, OUT]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+        self.use = [True] * 4
+        self.to(DEVICE, dtype)
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            if self.use[i] or i in (0, 3):  # the first and last always run (shapes)
+                x = torch.tanh(layer(x)) if i < 3 else layer(x)
+        return x
+
+
+def _run_skippable(flat, backend, scenario, steps=7):
+    model = _SkippableMLP()
+    opt = make_opt("AdamW", model.parameters(), flat, backend, lr=1e-2, weight_decay=0.1)
+    for step in range(steps):
+        opt.zero_grad()
+        scenario(model, step)
+        loss_of(model, step).backward()
+        if not flat:  # per-tensor gets the zeros that flat buffers step a grad-less param with
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["skip-then-zero-grad", "data-replaced"])
+def test_replacements_that_keep_the_write_count_are_noticed(backend, case):
+    """Found in review of an earlier check that counted in-place writes into the grad buffer:
+    a layer skipped at one step (fewer writes, learned as steady) and a middle submodule's
+    grads set to None at a later step (fewer writes again) went unnoticed for good; so did
+    ``w.data = w.data.clone()`` on a middle param before a backward. Both drop a reference to
+    a buffer's storage, which the check now counts."""
+
+    def scenario(model, step):
+        if case == "skip-then-zero-grad":
+            model.use = [True, step != 2, True, True]
+            if step == 3:
+                model.layers[2].zero_grad()
+        elif step == 3:
+            w = model.layers[1].weight
+            w.data = w.data.clone()
+
+    flat_model, flat_opt = _run_skippable(True, backend, scenario)
+    ref_model, ref_opt = _run_skippable(False, backend, scenario)
+    assert_bitwise(
+        snapshot(flat_model.parameters(), flat_opt), snapshot(ref_model.parameters(), ref_opt)
+    )
+
+
 class _Counts:
     """Calls of the O(n) paths of flat buffers: full checks and (re)adoptions."""
 
@@ -516,6 +575,26 @@ def test_steady_steps_take_no_o_n_path(monkeypatch, name, kwargs, dtype):
     assert (counts.adoptions, counts.full_checks) == (2, 2)
     train(model, opt, 4, start=2)
     assert (counts.adoptions, counts.full_checks) == (2, 2)
+
+
+@pytest.mark.parametrize("case", ["layer-drop", "varying-accumulation", "clip-sometimes"])
+def test_loops_that_vary_legitimately_take_no_o_n_path(monkeypatch, case):
+    """Unused layers, a varying number of micro-batches and occasional clipping change how
+    many writes the grads take per step, not which tensors hold them: one full check (the
+    second step), then none."""
+    counts = _Counts(monkeypatch)
+    model = _SkippableMLP()
+    opt = make_opt("AdamW", model.parameters(), True, lr=1e-2)
+    for step in range(10):
+        opt.zero_grad()
+        if case == "layer-drop":
+            model.use = [True, step % 3 != 1, step % 4 != 2, True]
+        for micro in range(1 + (step % 2 if case == "varying-accumulation" else 0)):
+            loss_of(model, 10 * step + micro).backward()
+        if case == "clip-sometimes" and step % 3 == 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+    assert (counts.adoptions, counts.full_checks) == (1, 1)
 
 
 def test_steady_engine_steps_with_accumulation_take_no_o_n_path(monkeypatch):
@@ -1204,3 +1283,23 @@ def test_cuda_flat_steps_make_no_host_sync(wrapped):
             step(i)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_without_storage_reference_counts_every_step_checks_every_param(monkeypatch):
+    """On a torch without ``torch._C._storage_Use_Count`` the O(1) check cannot trust anything:
+    every step checks every param (slower, still correct)."""
+    import fp16_triton.flat_buffers
+
+    monkeypatch.setattr(fp16_triton.flat_buffers, "_storage_use_count", None)
+    counts = _Counts(monkeypatch)
+
+    def scenario(model, step):
+        if step == 3:
+            model.layers[2].zero_grad()
+
+    flat_model, flat_opt = _run_skippable(True, "torch", scenario, steps=5)
+    ref_model, ref_opt = _run_skippable(False, "torch", scenario, steps=5)
+    assert counts.full_checks == 4  # every step after the adopting one
+    assert_bitwise(
+        snapshot(flat_model.parameters(), flat_opt), snapshot(ref_model.parameters(), ref_opt)
+    )
