@@ -22,14 +22,14 @@ optimizer:
   (reading ``requires_grad`` of every param at every step would cost as much as reading its
   grad), and a left-out param that starts requiring grad is an error (the params of a buffer
   share one step count): give params you will unfreeze a param group of their own.
-- Each step checks, in O(1), the first and the last param of each bucket (grad and data
-  addresses) and how many tensors reference the param and grad buffers' storages
-  (``FlatBuffers.steady``): whatever replaces a grad or a param's data, anywhere in the bucket
-  (``model.zero_grad()``, ``submodule.zero_grad()``, ``p.grad = g``, ``p.data = w``,
-  ``model.to(...)``), drops a reference. The step then checks every param and re-adopts those
-  out of place (an O(n) pass, logged); loaded state is noticed through ``optimizer.state``.
-  Not noticed: a replacement in the same step as a new view of a grad or param starts being
-  held for good elsewhere (the two counts cancel out).
+- Each step checks, in O(1), three signals against the last verified steps
+  (``FlatBuffers.steady``): the first and the last param's addresses, how many tensors
+  reference the param and grad buffers' storages, and how many in-place writes the grad views
+  took. Whatever replaces a grad or a param's data anywhere in the bucket changes one of them;
+  the step then checks every param and re-adopts those out of place (an O(n) pass, logged).
+  Loaded state is noticed through ``optimizer.state``. See ``steady`` for what is not noticed.
+- Views of params made before adoption (``self.dec_w = self.mid.weight.t()``) keep the old
+  storage: adoption counts them and warns.
 - The params share storage: ``torch.save`` of one param (or one state tensor) writes its whole
   buffer; save state dicts whole. A param dropped from a rebuilt bucket keeps the old buffer
   alive through its views until it is re-adopted or freed.
@@ -109,6 +109,8 @@ class FlatBuffers:
         self._ends = sorted({0, len(params) - 1})
         self._storages = [t.untyped_storage()._cdata for t in (self.param, self.grad)]
         self._references: tuple[int, ...] | None = None  # learned in a verified step
+        self._version_seen: int | None = None  # grad._version when the last step began
+        self._steady_writes: list[int] = []  # grad writes per cycle seen in verified steps
 
     def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         return flat[self.offsets[i] : self.offsets[i] + self.shapes[i].numel()].view(self.shapes[i])
@@ -147,25 +149,59 @@ class FlatBuffers:
         return tuple(_storage_use_count(cdata) for cdata in self._storages)
 
     def steady(self) -> bool:
-        """The per-step O(1) check: the end params have their views, and the param and grad
-        buffers' storages are referenced by as many tensors as in the last verified step.
+        """The per-step O(1) check, three signals that must all agree with the last verified
+        steps (where a full check found every param in place):
 
-        Why the count: each param's data and each adopted grad is a tensor referencing its
-        buffer's storage (nothing else is kept). Whatever replaces a grad or a param's data
-        (``submodule.zero_grad()``, ``p.grad = g``, ``p.data = w``, ``model.to(...)``) drops one
-        reference, so the step notices and checks every param. What it cannot tell: a grad
-        replaced in the same step as a new view of a grad or param starts being held for good
-        elsewhere (+1 - 1). Without ``torch._C._storage_Use_Count`` every step checks every
-        param (O(n), correct).
+        - the first and last params have their views as data and grad;
+        - the param and grad storages are referenced by as many tensors: each param's data and
+          each adopted grad is one such tensor (nothing else is kept here), so replacing a grad
+          or a param's data (``submodule.zero_grad()``, ``p.grad = g``, ``p.data = w``,
+          ``model.to(...)``) drops one, unless the old tensor is still held elsewhere;
+        - the grad views took one of the numbers of in-place writes seen in a verified cycle
+          (they share one version counter, advanced by autograd's accumulation, ``zero_grad``,
+          DDP's copy, unscaling, clipping): a grad set to None or replaced before a backward
+          makes autograd write into a fresh tensor instead, even when a list kept for logging
+          still holds the old one. Up to 8 distinct counts are remembered, so loops that vary
+          (accumulation, layer drop, occasional clipping) settle after a few verified steps.
+
+        What none of them sees: a replacement whose missing reference and missing writes are
+        both made up for in the same step (a new view held for good elsewhere, and more writes
+        elsewhere). Without ``torch._C._storage_Use_Count`` every step checks every param.
         """
         counts = self._reference_counts()
-        return counts is not None and counts == self._references and self.ends_in_place()
+        if counts is None or counts != self._references or self._version_seen is None:
+            return False
+        writes = self.grad._version - self._version_seen
+        return writes in self._steady_writes and self.ends_in_place()
 
     def start_step(self, verified: bool) -> None:
-        """``verified``: every param was just found in place: the storages' reference counts
-        now are the steady ones."""
+        """Record the state of the buffers as this step begins; ``verified``: every param was
+        just found in place, so the reference counts and the writes since the last step are
+        steady ones."""
+        version = self.grad._version
         if verified:
             self._references = self._reference_counts()
+            if self._version_seen is not None:
+                writes = version - self._version_seen
+                if writes not in self._steady_writes:
+                    self._steady_writes = [*self._steady_writes[-7:], writes]
+        self._version_seen = version
+
+    def foreign_views(self) -> int:
+        """How many tensors other than the params themselves reference the storages that
+        params are about to leave for the flat buffer (views kept by a module, weights tied
+        through ``.t()``, a retained autograd graph, another owner of the storage): they will
+        not see the params' updates. 0 when unknown (no ``torch._C._storage_Use_Count``)."""
+        if _storage_use_count is None:
+            return 0
+        leaving: dict[int, list] = {}
+        for i, p in enumerate(self.params):
+            if p.data_ptr() != self._param_ptrs[i]:
+                storage = p.untyped_storage()  # kept below: it holds one reference itself
+                leaving.setdefault(storage._cdata, [storage, 0])[1] += 1
+        return sum(
+            _storage_use_count(cdata) - 1 - n_params for cdata, (_, n_params) in leaving.items()
+        )
 
     def check_steps(self, state: dict) -> None:
         """Raise, before anything moves, if the params' step counts differ: a flat bucket has

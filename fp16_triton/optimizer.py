@@ -403,6 +403,17 @@ class FusedOptimizer(Optimizer):
                 self._ensure_state(p, group, device)
             bucket.flat.check_steps(self.state)
             buckets.append(bucket)
+        foreign = sum(bucket.flat.foreign_views() for bucket in buckets)
+        if foreign:
+            logger.warning(
+                "flat_buffers: %d tensors besides the params themselves reference the params' "
+                "storage (views kept by a module, weights tied through a view such as .t(), a "
+                "retained autograd graph, or another owner such as "
+                "ZeroRedundancyOptimizer(parameters_as_bucket_view=True)); the params now move "
+                "into the optimizer's flat buffer and those tensors will not see their updates. "
+                "Tie weights by sharing the Parameter object, or use flat_buffers=False",
+                foreign,
+            )
         moved = 0
         for bucket in buckets:
             moved += self._refresh_state_lists(bucket)
