@@ -119,12 +119,13 @@ class FlatBuffers:
         return [self._view(flat, i) for i in range(len(self.params))]
 
     def _in_place(self, i: int) -> bool:
+        """Param ``i``'s data and grad are (still) its slots of the buffers."""
         p = self.params[i]
         g = p.grad
         return (
             g is not None
             and g.data_ptr() == self._grad_ptrs[i]
-            and (p.data_ptr() == self._param_ptrs[i])
+            and p.data_ptr() == self._param_ptrs[i]
         )
 
     def fits(self, params: list[torch.Tensor]) -> bool:
