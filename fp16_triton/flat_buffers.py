@@ -21,7 +21,8 @@ optimizer:
   require grad is read at adoption: a param frozen later is stepped like one that gets no grad
   (reading ``requires_grad`` of every param at every step would cost as much as reading its
   grad), and a left-out param that starts requiring grad is an error (the params of a buffer
-  share one step count): give params you will unfreeze a param group of their own.
+  share one step count): add params you will unfreeze as a group of their own when you
+  unfreeze them.
 - Each step checks, in O(1), three signals against the last verified steps
   (``FlatBuffers.steady``): the first and the last param's addresses, how many tensors
   reference the param and grad buffers' storages, and how many in-place writes the grad views
