@@ -212,16 +212,28 @@ def _kernel_objects() -> list:
 
 
 @contextmanager
-def count_triton_launches() -> Iterator[dict[str, int]]:
-    """Count the Triton kernel launches of fp16_triton.kernels inside the block.
+def _patched_launches(make_run: Callable) -> Iterator[None]:
+    """Inside the block each of our Triton kernels' ``run`` is ``make_run(original run)``.
 
     ``kernel[grid](...)`` calls ``kernel.run(..., grid=grid, warmup=False)``, looking ``run``
     up on the instance at call time (triton 3.x, JIT and interpreter alike), so an instance
-    attribute wrapping the method counts every launch; deleting it restores the class's
-    method. Helper ``@triton.jit`` functions called inside kernels never go through ``run``.
+    attribute catches every launch; deleting it restores the class's method. Helper
+    ``@triton.jit`` functions called inside kernels never go through ``run``.
     """
-    counter = {"launches": 0}
     kernels = _kernel_objects()
+    for kernel in kernels:
+        kernel.run = make_run(kernel.run)
+    try:
+        yield
+    finally:
+        for kernel in kernels:
+            del kernel.run
+
+
+@contextmanager
+def count_triton_launches() -> Iterator[dict[str, int]]:
+    """Count the Triton kernel launches of fp16_triton.kernels inside the block."""
+    counter = {"launches": 0}
 
     def wrap(original):
         """``original`` (a bound ``run``), counting each real launch."""
@@ -233,28 +245,16 @@ def count_triton_launches() -> Iterator[dict[str, int]]:
 
         return run
 
-    for kernel in kernels:
-        kernel.run = wrap(kernel.run)
-    try:
+    with _patched_launches(wrap):
         yield counter
-    finally:
-        for kernel in kernels:
-            del kernel.run
 
 
 @contextmanager
 def stubbed_launches() -> Iterator[None]:
     """Inside the block our Triton kernels are not run (their ``run`` returns at once), so
-    that a step's time is the host work that prepares the launches (see
-    ``count_triton_launches`` for why patching ``run`` catches every launch)."""
-    kernels = _kernel_objects()
-    for kernel in kernels:
-        kernel.run = lambda *args, **kwargs: None
-    try:
+    that a step's time is the host work that prepares the launches."""
+    with _patched_launches(lambda original: lambda *args, **kwargs: None):
         yield
-    finally:
-        for kernel in kernels:
-            del kernel.run
 
 
 def triton_launches(step: Callable[[], object]) -> int:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ALIGN_ELEMENTS", "FlatBuffers", "check_grad"]
+__all__ = ["ALIGN_ELEMENTS", "FlatBuffers"]
 
 ALIGN_ELEMENTS = 64
 """Every view starts at a multiple of 64 elements: 128 bytes in an fp16 buffer and 256 in an
@@ -51,22 +51,6 @@ fp32 one, so each param, grad and state view is as aligned as a fresh allocation
 vectorized (128-bit) and cuBLAS access, and the kernels' ALIGNED variant applies to the whole
 buffer. Padding is zero in every buffer, and a zero param with a zero grad and zero state stays
 zero under Adam, AdamW and SGD, so it never changes the norm or the non-finite check."""
-
-
-def check_grad(p: torch.Tensor) -> None:
-    """Raise unless ``p.grad`` is None or a dense tensor of ``p``'s shape."""
-    g = p.grad
-    if g is not None and (g.is_sparse or g.shape != p.shape):
-        if g.is_sparse:
-            raise RuntimeError(
-                f"flat_buffers=True does not support sparse gradients (a param of shape "
-                f"{tuple(p.shape)} has one); use dense gradients (e.g. "
-                "nn.Embedding(sparse=False)) or torch.optim.SparseAdam for that param"
-            )
-        raise RuntimeError(
-            f"a grad of shape {tuple(g.shape)} for a param of shape {tuple(p.shape)}: grads "
-            "must have their param's shape"
-        )
 
 
 # How many tensors reference a storage, O(1) (a private torch function: without it every step

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .flat_buffers import FlatBuffers, check_grad
+from .flat_buffers import FlatBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +226,7 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.flat_buffers = bool(flat_buffers)
+        self._warned_readopt = False  # flat buffers: the re-adoption warning is logged once
         self._plans: dict[int, dict[tuple, _GroupPlan]] = {}
         defaults = dict(defaults, master_weights=bool(master_weights))
         super().__init__(params, defaults)
@@ -240,6 +241,7 @@ class FusedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("flat_buffers", False)
+        self.__dict__.setdefault("_warned_readopt", False)
         self._plans = {}  # buckets hold tensors of the original: rebuilt on the next step
         if not isinstance(self.state, _VersionedState):
             self.state = _VersionedState(self.state)
@@ -299,8 +301,7 @@ class FusedOptimizer(Optimizer):
         bias-correction step (a bug DeepSpeed users know)."""
         for group in self.param_groups:
             for p in group["params"]:
-                if len(self.state[p]) == 0:
-                    self.state[p] = self._new_state(p, group)
+                self._ensure_state(p, group, local(p).device)
 
     @torch.no_grad()
     def refresh_master_weights(self) -> None:
@@ -360,13 +361,11 @@ class FusedOptimizer(Optimizer):
             and plan.state_version == self.state.version
             and plan.n_params == len(group["params"])
         ):
-            verified = {}
-            for bucket in plan.buckets:
-                if not bucket.flat.steady():
-                    verified[id(bucket)] = bucket.flat.all_in_place()  # O(n), now and then
-            if all(verified.values()):
+            unsteady = {id(b) for b in plan.buckets if not b.flat.steady()}
+            # O(n), now and then: only for buckets whose O(1) check disagreed.
+            if all(b.flat.all_in_place() for b in plan.buckets if id(b) in unsteady):
                 for bucket in plan.buckets:
-                    bucket.flat.start_step(verified=verified.get(id(bucket), False))
+                    bucket.flat.start_step(verified=id(bucket) in unsteady)
                 self._step_plans.append(plan)
                 return plan.buckets
         buckets = self._adopt_group(group, plan)
@@ -388,7 +387,8 @@ class FusedOptimizer(Optimizer):
             by_key.setdefault((p.device, p.dtype), []).append(p)
         old = {(b.flat.device, b.flat.dtype): b for b in plan.buckets} if plan else {}
         for p in adopted:  # before any state is created
-            check_grad(p)
+            if p.grad is not None:
+                self._check_grad(p)
         buckets = []
         for (device, dtype), params in by_key.items():
             bucket = old.get((device, dtype))
@@ -420,7 +420,7 @@ class FusedOptimizer(Optimizer):
         for bucket in buckets:
             moved += self._refresh_state_lists(bucket)
         if plan is not None and moved:
-            log = logger.warning if not getattr(self, "_warned_readopt", False) else logger.debug
+            log = logger.debug if self._warned_readopt else logger.warning
             self._warned_readopt = True
             log(
                 "flat_buffers: re-adopted %d params whose grad or data had been replaced since "
@@ -472,18 +472,22 @@ class FusedOptimizer(Optimizer):
             else:  # grads replaced from outside: torch's semantics; the next step re-adopts
                 zero_grads(group["params"], set_to_none)
 
+    def _check_grad(self, p: torch.Tensor) -> None:
+        """Raise unless ``p.grad`` is dense and has ``p``'s shape (before anything changes)."""
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients; use dense "
+                "gradients (e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
+            )
+        if p.grad.shape != p.shape:
+            raise RuntimeError(
+                f"a grad of shape {tuple(p.grad.shape)} for a param of shape "
+                f"{tuple(p.shape)}: grads must have their param's shape"
+            )
+
     def _build_buckets(self, group: dict[str, Any], active: list[torch.Tensor]) -> list[Bucket]:
         for p in active:
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients; use dense "
-                    "gradients (e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
-                )
-            if p.grad.shape != p.shape:
-                raise RuntimeError(
-                    f"a grad of shape {tuple(p.grad.shape)} for a param of shape "
-                    f"{tuple(p.shape)}: grads must have their param's shape"
-                )
+            self._check_grad(p)
         # One bucket per (device, dtypes, alignment): a param of odd size or address gets its
         # own launch rather than taking 128-bit loads away from the others.
         groups: dict[tuple, list[int]] = {}
