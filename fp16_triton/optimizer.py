@@ -591,6 +591,9 @@ class FusedOptimizer(Optimizer):
     def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
         raise NotImplementedError
 
+    # torch.compile runs the step eagerly: it is already one fused launch per bucket, and
+    # tracing its Python bookkeeping (guards on every param's identity) only recompiles.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform a single optimization step; returns the closure's loss if one is given.
