@@ -6,10 +6,11 @@ parameters back, behind ``torch.optim``-compatible optimizers.
 """
 
 from .adam import Adam, AdamW
+from .backend import BACKEND_ENV
 from .engine import CheckpointError, Engine, initialize
 from .fp16_optimizer import FP16Optimizer
 from .loss_scaler import DynamicLossScaler, LossScaler, MinLossScaleError, get_loss_scaler
-from .optimizer import BACKEND_ENV, FusedOptimizer
+from .optimizer import FusedOptimizer
 from .sgd import SGD
 
 __version__ = "0.1.0"

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .optimizer import Bucket, FusedOptimizer, check_lr, torch_compat_options
+from .buckets import Bucket
+from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 
 __all__ = ["Adam", "AdamW"]
 
@@ -19,7 +20,8 @@ class Adam(FusedOptimizer):
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr: learning rate, a float or a one-element tensor (default 1e-3).
-        betas: coefficients of the running averages of the grad and its square.
+        betas: coefficients of the running averages of the grad and its square: floats or
+            one-element tensors (read on the host at every step: a GPU tensor costs a sync).
         eps: added to the denominator after the bias-corrected square root (default 1e-8).
         weight_decay: L2 penalty added to the grad (default 0).
         amsgrad: use the running maximum of the second moment (default False).
@@ -47,6 +49,7 @@ class Adam(FusedOptimizer):
     """
 
     _state_names = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _required_state = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -67,6 +70,8 @@ class Adam(FusedOptimizer):
         backend: str = "auto",
         flat_buffers: bool = False,
     ):
+        # torch keeps one-element tensor betas as 0-dim tensors (torch.optim.optimizer._to_scalar).
+        betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else b for b in betas)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -91,15 +96,24 @@ class Adam(FusedOptimizer):
         eps, (beta1, beta2), wd = group["eps"], group["betas"], group["weight_decay"]
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+        for index, beta in enumerate((beta1, beta2)):
+            if isinstance(beta, torch.Tensor):
+                if beta.numel() != 1:
+                    raise ValueError(f"Tensor betas[{index}] must be 1-element")
+                if beta.device.type != "cpu":
+                    continue  # compared on the host, it would sync the GPU at every step
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
         if not 0.0 <= wd:
             raise ValueError(f"Invalid weight_decay value: {wd}")
 
+    def _state_kind(self, group: dict[str, Any]) -> tuple:
+        return (*super()._state_kind(group), bool(group["amsgrad"]))
+
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        zeros = lambda: torch.zeros(p.shape, dtype=torch.float32, device=p.device)  # noqa: E731
+        # Moments with the param's strides (channels_last too), as torch's zeros_like: the
+        # kernels pair param, grad and state elements by their position in memory.
+        zeros = lambda: torch.zeros_like(p, dtype=torch.float32)  # noqa: E731
         state = {
             "step": torch.zeros((), dtype=torch.float32, device=p.device),
             "exp_avg": zeros(),
@@ -109,31 +123,23 @@ class Adam(FusedOptimizer):
             state["max_exp_avg_sq"] = zeros()
         return state
 
-    def _import_state(self, p, group, saved, key):
-        state = super()._import_state(p, group, saved, key)
-        for name in ("step", "exp_avg", "exp_avg_sq"):
-            if name not in state:
-                raise ValueError(f"loaded state of param {key!r} has no {name!r}")
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            # torch creates it at the first amsgrad step too: start from the current moment.
+    def _complete_state(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
+        if group["amsgrad"] and state.get("max_exp_avg_sq") is None:
+            # amsgrad switched on after state was made (torch creates the maximum at the first
+            # amsgrad step too): start from the current moment.
             state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
-        return state
 
     def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
-        beta1, beta2 = group["betas"]
-        if group["amsgrad"] and bucket.state["max_exp_avg_sq"] is None:
-            # amsgrad switched on after the first step: give every param of the bucket a max.
-            for p in bucket.params:
-                self.state[p].setdefault("max_exp_avg_sq", self.state[p]["exp_avg_sq"].clone())
-            self._refresh_state_lists(bucket)
+        # Floats now (a tensor beta included), so that nothing can fail once a launch began.
+        beta1, beta2 = map(float, group["betas"])
         kwargs = dict(
             masters=bucket.state["master_param"],
             max_exp_avg_sqs=bucket.state["max_exp_avg_sq"],
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
             decoupled_weight_decay=group["decoupled_weight_decay"],
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],

@@ -12,11 +12,14 @@ masters, moments, step counts), the loss scaler, the LR scheduler, the engine's 
 the caller's ``client_state`` in one file per tag, written atomically (temporary file, fsync,
 rename), with the ``latest`` pointer rewritten last: an interrupted save never damages the
 checkpoint before it.
+
+An engine copies and pickles (``copy.deepcopy``, ``pickle``) as its module and optimizer do,
+into an independent engine, unless it runs data-parallel (DDP or FSDP2): a process group cannot
+be copied, so that raises ``TypeError``; use checkpoints there.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import tempfile
@@ -240,6 +243,9 @@ class Engine(nn.Module):
     def _report(self) -> None:
         if not logger.isEnabledFor(logging.INFO):
             return
+        # The count below syncs anyway: first log the skips the optimizer has not logged yet,
+        # so that each step counted here has been reported before this line.
+        self.optimizer.log_skipped_steps()
         skipped = self.skipped_steps
         logger.info(
             "step=%d lr=%s loss_scale=%g skipped=%d (+%d)",
@@ -280,6 +286,17 @@ class Engine(nn.Module):
     def gradient_accumulation_steps(self) -> int:
         """``gradient_accumulation_steps`` from the config."""
         return self.config.gradient_accumulation_steps
+
+    # ------------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        """The whole engine, as ``nn.Module`` pickles it, unless it runs data-parallel."""
+        if self.sharded or self._forward_module is not self.module:
+            raise TypeError(
+                "a data-parallel Engine (DDP or FSDP2) cannot be copied or pickled: its process "
+                "group belongs to this process. Use save_checkpoint() and load_checkpoint() "
+                "into an engine built in the other process, or copy engine.module alone"
+            )
+        return super().__getstate__()
 
     # ------------------------------------------------------------------------ checkpoints
     def save_checkpoint(
@@ -393,6 +410,7 @@ class Engine(nn.Module):
         engine_state = self._common_state(client_state)
         engine_state["loss_scaler"] = self.optimizer.loss_scaler.state_dict()  # syncs: all ranks
         engine_state["skipped_steps"] = self.optimizer.skipped_steps
+        engine_state["step_calls"] = self.optimizer._step_calls
         if self.rank == 0:
             _atomic_write(directory / ENGINE_FILE, lambda f: torch.save(engine_state, f))
         torch.distributed.barrier()
@@ -416,8 +434,7 @@ class Engine(nn.Module):
             raise CheckpointError(f"{directory} is not a complete sharded checkpoint")
         try:
             extra = torch.load(directory / ENGINE_FILE, map_location="cpu", weights_only=True)
-            trial = copy.deepcopy(self.optimizer.loss_scaler)
-            trial.load_state_dict(extra["loss_scaler"])
+            self.optimizer._check_scaler_state(extra["loss_scaler"])
         except Exception as e:
             raise CheckpointError(f"{directory / ENGINE_FILE} is truncated or corrupt: {e}") from e
         _init_state(self.optimizer.optimizer)
@@ -435,7 +452,9 @@ class Engine(nn.Module):
         if not load_optimizer:
             self.optimizer.refresh_fp32_params()
         self.optimizer.loss_scaler.load_state_dict(extra["loss_scaler"])
-        self.optimizer._skipped_steps.fill_(int(extra["skipped_steps"]))
+        self.optimizer._set_counters(
+            int(extra["skipped_steps"]), int(extra.get("step_calls", extra["global_steps"]))
+        )
         self._load_common_state(extra, load_scheduler)
         return str(directory), extra["client_state"]
 
@@ -479,9 +498,9 @@ def _has_masters(optimizer_state: dict) -> bool:
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
-    from .optimizer import _DTensor
+    from .buckets import DTensor
 
-    return _DTensor is not None and isinstance(t, _DTensor)
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def _cast(x, dtype):

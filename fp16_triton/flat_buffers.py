@@ -75,6 +75,9 @@ class FlatBuffers:
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.shapes = [p.shape for p in params]
+        # Views keep each param's layout (channels_last too): a dense tensor of any strides
+        # fills exactly its slot, and param, grad and state views pair up element by element.
+        self.strides = [p.stride() for p in params]
         self.offsets = []
         total = 0
         for p in params:
@@ -98,7 +101,7 @@ class FlatBuffers:
         self._steady_writes: list[int] = []  # grad writes per cycle seen in verified steps
 
     def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        return flat[self.offsets[i] : self.offsets[i] + self.shapes[i].numel()].view(self.shapes[i])
+        return flat.as_strided(self.shapes[i], self.strides[i], self.offsets[i])
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [self._view(flat, i) for i in range(len(self.params))]
@@ -114,11 +117,16 @@ class FlatBuffers:
         )
 
     def fits(self, params: list[torch.Tensor]) -> bool:
-        """Whether ``params`` are still this bucket's params, with its dtype, device and shapes
-        (else the bucket must be rebuilt, e.g. after ``model.half()`` or ``model.to()``)."""
+        """Whether ``params`` are still this bucket's params, with its dtype, device, shapes
+        and layouts (else the bucket must be rebuilt, e.g. after ``model.half()``,
+        ``model.to()`` or ``p.data = p.data.contiguous(memory_format=torch.channels_last)``)."""
         return len(params) == len(self.params) and all(
-            p is q and p.dtype == self.dtype and p.device == self.device and p.shape == s
-            for p, q, s in zip(params, self.params, self.shapes)
+            p is q
+            and p.dtype == self.dtype
+            and p.device == self.device
+            and p.shape == shape
+            and p.stride() == stride
+            for p, q, shape, stride in zip(params, self.params, self.shapes, self.strides)
         )
 
     def ends_in_place(self) -> bool:

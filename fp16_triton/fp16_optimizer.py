@@ -11,9 +11,13 @@ DeepSpeed's ``FP16_Optimizer`` semantics with every decision made on the device.
 
 With an ``fp16_triton`` optimizer (the fused path) nothing syncs: ``overflow``,
 ``skipped_steps``, ``global_grad_norm`` and ``loss_scale`` are device values read (and synced)
-only when you read them, and skipped steps are logged one step late from an asynchronous copy.
+only when you read them. Every skipped step is logged, as DeepSpeed logs it (the scale attempted
+and the new one), from an asynchronous copy: at once on the CPU, a step or two late on CUDA.
 Any other ``torch.optim.Optimizer`` works through a generic, slower path that keeps its own fp32
 masters, unscales into their ``.grad`` and reads the overflow flag on the host once per step.
+
+``copy.deepcopy`` and ``pickle`` keep the whole optimizer (wrapped optimizer, scaler, counters)
+and, like torch's optimizers, copy the params it holds and drop its hooks.
 """
 
 from __future__ import annotations
@@ -21,58 +25,35 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from .backend import resolve_backend
+from .buckets import DTensor, local
 from .loss_scaler import LossScaler, get_loss_scaler
-from .optimizer import (
-    LOW_PRECISION,
-    FusedOptimizer,
-    _DTensor,
-    local,
-    resolve_backend,
-    zero_grads,
-)
+from .optimizer import LOW_PRECISION, FusedOptimizer, zero_grads
+from .skip_log import SkipLog
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FP16Optimizer"]
 
-_LOG_INTERVAL_S = 10.0  # skipped steps are logged at most this often (with a count)
-
-
-class _HostFlag:
-    """A device scalar copied to the host without a sync: read one step late on CUDA."""
-
-    def __init__(self, device: torch.device):
-        self._cuda = device.type == "cuda"
-        self._host = torch.zeros((), pin_memory=True) if self._cuda else None
-        self._event = torch.cuda.Event() if self._cuda else None
-        self._pending = False
-        self._value: float | None = None
-
-    def record(self, value: torch.Tensor) -> None:
-        if self._cuda:
-            with torch.cuda.device(value.device):  # the event goes on the copy's stream
-                self._host.copy_(value, non_blocking=True)
-                self._event.record()
-            self._pending = True
-        else:
-            self._value = float(value)
-
-    def poll(self) -> float | None:
-        """The last recorded value once it has reached the host (once), else None."""
-        if self._cuda:
-            if not self._pending or not self._event.query():
-                return None
-            self._pending = False
-            return float(self._host)
-        value, self._value = self._value, None
-        return value
+# What torch's Optimizer.__init__ gives an instance; copies start with them empty, as torch's do.
+_HOOKS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+# Not copied: hooks; an LR scheduler's wrapper of this instance's step (it calls the original);
+# launch tables and the skip log's pinned buffers and events, which point at the original.
+_NOT_COPIED = frozenset({*_HOOKS, "step", "_opt_called", "_caches", "_skip_log"})
 
 
 class FP16Optimizer(Optimizer):
@@ -96,8 +77,10 @@ class FP16Optimizer(Optimizer):
             already made identical on every rank (and on a single process no collective runs).
 
     ``param_groups`` and ``state`` are the wrapped optimizer's, so LR schedulers take this
-    wrapper. ``overflow``, ``skipped_steps``, ``global_grad_norm`` and ``loss_scale`` sync the
-    device when read.
+    wrapper. Step and state-dict hooks (``register_step_pre_hook``, ...) are this wrapper's: they
+    run around its ``step()``, which is the one users call; the fused path does not call the
+    wrapped optimizer's ``step``, nor its hooks. ``overflow``, ``skipped_steps``,
+    ``global_grad_norm`` and ``loss_scale`` sync the device when read.
     """
 
     def __init__(
@@ -135,14 +118,14 @@ class FP16Optimizer(Optimizer):
         self.loss_scaler = loss_scaler.to(self.device)
         self._scaling = loss_scaler.dynamic or loss_scaler.loss_scale != 1.0  # one read, here
         self.defaults = optimizer.defaults
+        self._init_hooks()
         # Device-side results of the last step (no sync to produce them).
         self._check = torch.zeros(2, dtype=torch.float32, device=self.device)
         self._skip = torch.zeros((), dtype=torch.float32, device=self.device)
         self._skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         self._skipped_now = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._skip_to_host = _HostFlag(self.device)
-        self._skips_since_log = 0
-        self._last_log = -math.inf
+        self._step_calls = 0  # step() calls that got past raise_if_error: the log's step numbers
+        self._skip_log = SkipLog(self.device, loss_scaler.dynamic)
         self._caches: dict = {}
         self._backends: dict[torch.device, str] = {}  # per device, resolved at first use
         self._masters: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -150,6 +133,37 @@ class FP16Optimizer(Optimizer):
             self._make_masters()
 
     # ------------------------------------------------------------- torch.optim.Optimizer face
+    def _init_hooks(self) -> None:
+        """What torch's ``Optimizer.__init__`` gives an instance (it is not called: it would
+        build param groups of its own): empty hook registries, and the class's ``step`` wrapped
+        by torch's ``profile_hook_step``, which runs the step hooks (once per class)."""
+        for name in _HOOKS:
+            setattr(self, name, OrderedDict())
+        self._patch_step_function()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but hooks, launch tables and the skip log's host buffers (see
+        ``_NOT_COPIED``); skips not logged yet are logged first (waits for the device), so that
+        the copy starts with nothing left to report."""
+        if self.process_group is not None:
+            raise TypeError(
+                "an FP16Optimizer that reduces over a process group cannot be copied or "
+                "pickled; save state_dict() (or use torch.distributed.checkpoint) and load it "
+                "into an optimizer built in the new process"
+            )
+        self._skip_log.poll(wait=True)
+        state = {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
+        state["_skips_reported"] = self._skip_log.reported
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        reported = state.pop("_skips_reported")
+        self.__dict__.update(state)
+        self._init_hooks()
+        self._caches = {}
+        self._skip_log = SkipLog(self.device, self.loss_scaler.dynamic, reported, self._step_calls)
+
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         """The wrapped optimizer's param groups (schedulers edit these)."""
@@ -196,8 +210,9 @@ class FP16Optimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._skip_log.poll()  # earlier steps' records that have landed (CUDA)
         self.loss_scaler.raise_if_error()
-        self._log_skips()
+        self._step_calls += 1
         scaler = self.loss_scaler
         scaling = self._scaling
         if self.fused:
@@ -238,8 +253,9 @@ class FP16Optimizer(Optimizer):
         if needs_check:
             torch.ne(self._skip, 0, out=self._skipped_now)
             self._skipped_steps.add_(self._skipped_now)
-            self._skip_to_host.record(self._skip)
+            self._skip_log.before_update(self._skipped_steps, self._skipped_now, scaler)
             scaler.update_scale(self._check[1])
+            self._skip_log.after_update(scaler, self._step_calls)
         return loss
 
     def _check_grads(self, grad_groups: list[list[torch.Tensor]]) -> None:
@@ -315,20 +331,11 @@ class FP16Optimizer(Optimizer):
                     model_param.copy_(master)
 
     # ---------------------------------------------------------------------- bookkeeping
-    def _log_skips(self) -> None:
-        """Log skipped steps (always, rate-limited), one step late so that nothing syncs."""
-        skipped = self._skip_to_host.poll()
-        if skipped:
-            self._skips_since_log += 1
-        now = time.monotonic()
-        if self._skips_since_log and now - self._last_log >= _LOG_INTERVAL_S:
-            logger.warning(
-                "skipped %d optimizer step(s) with inf/nan gradients (loss scale now %s)",
-                self._skips_since_log,
-                f"{self.loss_scaler.loss_scale:g}" if self.loss_scaler.dynamic else "static",
-            )
-            self._skips_since_log = 0
-            self._last_log = now
+    def log_skipped_steps(self) -> None:
+        """Log the skipped steps not logged yet, waiting for the device (syncs). Steps log
+        their skips without waiting; call this where the log must be complete, e.g. before a
+        summary that counts them."""
+        self._skip_log.poll(wait=True)
 
     @property
     def overflow(self) -> bool:
@@ -357,27 +364,39 @@ class FP16Optimizer(Optimizer):
 
     # ------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state (fp32 masters included), the scaler and counters."""
+        """The wrapped optimizer's state (fp32 masters included), the scaler and counters.
+        State-dict hooks run as on torch's optimizers."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = {
             "optimizer": self.optimizer.state_dict(),
             "loss_scaler": self.loss_scaler.state_dict(),
             "skipped_steps": self.skipped_steps,
+            "step_calls": self._step_calls,
             "clip_grad": self.clip_grad,
         }
         if not self.fused:
             sd["fp32_masters"] = [m.detach().clone() for _, m in self._masters]
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            sd = sd if result is None else result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore ``state_dict()``; checks everything first and changes nothing on error."""
+        """Restore ``state_dict()``; checks everything first and changes nothing on error.
+        Load-state-dict hooks run as on torch's optimizers."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            state_dict = state_dict if result is None else result
         missing = {"optimizer", "loss_scaler"} - set(state_dict)
         if missing:
             raise ValueError(f"FP16Optimizer state dict lacks {sorted(missing)}")
-        trial = copy.deepcopy(self.loss_scaler)
-        trial.load_state_dict(state_dict["loss_scaler"])  # validates without touching ours
-        skipped = state_dict.get("skipped_steps", 0)
-        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
-            raise ValueError(f"skipped_steps must be an int >= 0, got {skipped!r}")
+        self._check_scaler_state(state_dict["loss_scaler"])
+        counters = {k: state_dict.get(k, 0) for k in ("skipped_steps", "step_calls")}
+        for name, value in counters.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         masters = state_dict.get("fp32_masters")
         if not self.fused:
             if masters is None or len(masters) != len(self._masters):
@@ -390,11 +409,27 @@ class FP16Optimizer(Optimizer):
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.loss_scaler.load_state_dict(state_dict["loss_scaler"])
         self._scaling = self.loss_scaler.dynamic or self.loss_scaler.loss_scale != 1.0
-        self._skipped_steps.fill_(skipped)
+        self._set_counters(**counters)
         if not self.fused:
             with torch.no_grad():
                 for (_, m), saved in zip(self._masters, masters):
                     m.copy_(saved)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _check_scaler_state(self, scaler_state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``scaler_state`` loads into this optimizer's scaler;
+        changes nothing."""
+        trial = copy.deepcopy(self.loss_scaler)
+        trial.load_state_dict(scaler_state)
+
+    def _set_counters(self, skipped_steps: int, step_calls: int) -> None:
+        """Restore the counters of a checkpoint. Skips not logged yet are logged first (waits
+        for the device): the log goes on from the restored count."""
+        self._skip_log.poll(wait=True)
+        self._skipped_steps.fill_(skipped_steps)
+        self._step_calls = step_calls
+        self._skip_log.reported, self._skip_log.last_step = skipped_steps, step_calls
 
     def refresh_fp32_params(self) -> None:
         """Copy the model's params into the fp32 masters (after loading model weights alone:
@@ -410,7 +445,7 @@ class FP16Optimizer(Optimizer):
 
 def _shard_group(params: list[torch.Tensor]):
     """The process group of FSDP2-sharded (DTensor, all ``Shard``) params, else None."""
-    dtensors = [p for p in params if _DTensor is not None and isinstance(p, _DTensor)]
+    dtensors = [p for p in params if DTensor is not None and isinstance(p, DTensor)]
     if not dtensors:
         return None
     mesh = dtensors[0].device_mesh

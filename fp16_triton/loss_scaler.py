@@ -36,7 +36,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from .optimizer import resolve_backend
+from .backend import resolve_backend
 
 __all__ = ["LossScaler", "DynamicLossScaler", "MinLossScaleError", "get_loss_scaler"]
 
@@ -173,6 +173,23 @@ class LossScaler:
             self._host_error = torch.zeros((), dtype=torch.float32, pin_memory=True)
             self._error_event = torch.cuda.Event()
         self._event_recorded = False
+
+    _HOST_MIRROR = (
+        "_host_error",
+        "_error_event",
+        "_host_copy_captured",
+        "_device_update",
+        "_event_recorded",
+    )
+
+    def __getstate__(self) -> dict:
+        # copy/pickle: the host mirror (a pinned buffer and a CUDA event, which cannot be
+        # copied) is left out and rebuilt for the copy's device.
+        return {k: v for k, v in self.__dict__.items() if k not in self._HOST_MIRROR}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_host_mirror()
 
     def to(self, device: DeviceLike) -> LossScaler:
         """Move all state tensors to ``device`` (a one-off copy) and return ``self``.

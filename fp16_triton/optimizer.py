@@ -2,14 +2,22 @@
 
 ``FusedOptimizer`` is a ``torch.optim.Optimizer``: ``param_groups``, ``add_param_group``,
 ``zero_grad``, ``state``, schedulers and ``torch.amp.GradScaler`` work as with torch's own. A
-subclass names its state (``_state_names``), how to create it (``_init_state``) and how to
-launch one step of a bucket (``_prepare_bucket``).
+subclass names its state (``_state_names``, ``_required_state``), how to create and complete it
+(``_init_state``, ``_complete_state``), which group settings shape it (``_state_kind``) and how
+to launch one step of a bucket (``_prepare_bucket``).
 
-A *bucket* is the set of params of one param group that share (device, param dtype, grad
-dtype, master or not): one kernel launch covers it, whatever the number of tensors. Buckets
-are rebuilt only when the set of params with a grad changes. With ``flat_buffers=True`` a
-bucket owns flat storage instead (``flat_buffers.py``) and a steady step reads no per-param
-attribute at all.
+The step acts on what the user sees. Steady steps reuse buckets (``buckets.py``) and, with
+``flat_buffers=True``, flat storage (``flat_buffers.py``); both are rebuilt, after validating
+every param, grad and state tensor again, whenever something they were built from changed:
+
+- ``optimizer.state``, any param's state dict, a group's ``params`` list (``tracked.py``
+  counts every write) or a group's state-shaping settings (masters, amsgrad, momentum): O(1);
+- a param's data (dtype, shape, layout, device: ``model.half()``, ``p.data = ...``) or a grad
+  laid out unlike its param: compared per tensor by the bucket, or in O(1) by flat buffers.
+
+Validation comes before any write: a step that cannot be done as torch.optim would raises,
+naming the param and what to do, with params and state untouched. A param that becomes
+fp16/bf16 gets an fp32 master from its current value; one that becomes fp32 drops its master.
 """
 
 from __future__ import annotations
@@ -17,8 +25,6 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
-import os
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,185 +32,57 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .backend import BACKENDS, resolve_backend
+from .buckets import Bucket, DTensor, like_param, local
 from .flat_buffers import FlatBuffers
+from .kernels.multi_tensor import is_dense
+from .tracked import OptimizerState, ParamList
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FusedOptimizer", "BACKEND_ENV"]
+__all__ = ["FusedOptimizer"]
 
-BACKEND_ENV = "FP16_TRITON_BACKEND"
-"""Environment variable that overrides every optimizer's ``backend`` for a whole run."""
-
-BACKENDS = ("auto", "triton", "torch")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 _MAX_CACHED_ACTIVE_SETS = 8  # distinct "which params have grads" patterns kept per group
 _FLAT = "flat"  # key of a group's plan with flat_buffers=True
-
-
-@dataclass
-class Bucket:
-    """Params of one group that one launch updates together, with their state lists.
-
-    ``params`` are the optimizer's params (keys of ``optimizer.state``); ``local_params`` and
-    the ``state`` lists are what the kernels update: the same tensors, or for DTensor params
-    (FSDP2) this rank's local shards.
-    """
-
-    params: list[torch.Tensor]
-    local_params: list[torch.Tensor]
-    state: dict[str, list[torch.Tensor] | None]
-    backend: str
-    grad_dtype: torch.dtype
-    cache: Any = None  # kernels.multi_tensor.TableCache on the Triton backend
-    indices: list[int] | None = None  # positions in the group's list of grads; None: all
-    sharded: bool = False  # DTensor params: kernels see their local shards
-    flat: FlatBuffers | None = None  # flat_buffers=True: the bucket's storage
-
-    def grads(self, active_grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        """This bucket's grads, as the kernels read them, out of the group's active grads."""
-        if self.flat is not None:
-            return [self.flat.grad]
-        grads = active_grads if self.indices is None else [active_grads[i] for i in self.indices]
-        return [local(g) for g in grads] if self.sharded else grads
-
-    def shards_current(self) -> bool:
-        """False once a DTensor param's local shard is another tensor (FSDP2 re-sharded)."""
-        return not self.sharded or all(map(operator.is_, map(local, self.params),
-                                           self.local_params))  # fmt: skip
-
-
-class _VersionedState(defaultdict):
-    """``optimizer.state`` that counts assignments of a param's state, so cached buckets
-    notice state replaced from outside (ZeroRedundancyOptimizer.load_state_dict writes
-    ``optim.state[p] = ...`` itself) with an O(1) check per step."""
-
-    def __init__(self, *args):
-        super().__init__(dict, *args)
-        self.version = 0
-
-    def __setitem__(self, key, value):
-        self.version += 1
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key):
-        self.version += 1
-        super().__delitem__(key)
-
-    def clear(self):
-        self.version += 1
-        super().clear()
-
-    # dict's C methods bypass __setitem__/__delitem__: count them too.
-    def pop(self, *args):
-        self.version += 1
-        return super().pop(*args)
-
-    def popitem(self):
-        self.version += 1
-        return super().popitem()
-
-    def update(self, *args, **kwargs):
-        self.version += 1
-        super().update(*args, **kwargs)
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
-
-    def setdefault(self, key, default=None):
-        if key not in self:
-            self.version += 1
-        return super().setdefault(key, default)
-
-    def __reduce__(self):  # deepcopy/pickle: rebuilt as the same class
-        return (type(self), (), None, None, iter(self.items()))
+_ALL = None  # key of a group's plan when every param has a grad
 
 
 @dataclass
 class _GroupPlan:
     buckets: list[Bucket] = field(default_factory=list)
     state_version: int = -1  # optimizer.state's version when the buckets were built
-    n_params: int = 0  # flat_buffers: len(group["params"]) when the buckets were built
     others: list[torch.Tensor] = field(default_factory=list)  # flat_buffers: not adopted
 
 
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5
-        try:
-            from torch.distributed._tensor import DTensor
-        except ImportError:
-            return None
-    return DTensor
+@dataclass
+class _GroupCache:
+    """A group's plans, and what they were built from: the group dict, its ``params`` list
+    (with its write count) and its state-shaping settings. All compared at every step, O(1)."""
 
+    group: dict[str, Any]
+    params: ParamList
+    params_version: int
+    kind: tuple
+    plans: dict[Any, _GroupPlan] = field(default_factory=dict)
 
-_DTensor = _dtensor_type()
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's local shard of a DTensor (sharing its storage), or ``t`` itself."""
-    if _DTensor is not None and isinstance(t, _DTensor):
-        return t._local_tensor
-    return t
-
-
-def like_param(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Wrap a local state tensor as a DTensor sharded like ``p`` (so distributed checkpoints
-    see sharded state, as with torch's optimizers); plain params keep plain state."""
-    if _DTensor is None or not isinstance(p, _DTensor) or state.dim() == 0:
-        return state
-    return _DTensor.from_local(
-        state, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-    )
-
-
-def _interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """The backend that serves params on ``device``: ``"triton"`` or ``"torch"``.
-
-    ``FP16_TRITON_BACKEND`` overrides ``requested``. ``"auto"`` picks Triton on GPUs (CUDA or
-    ROCm) and torch elsewhere. ``"triton"`` on CPU tensors runs only under Triton's
-    interpreter (``TRITON_INTERPRET=1``, meant for tests); anywhere it cannot run is an error.
-    """
-    backend = os.environ.get(BACKEND_ENV, requested)
-    if backend not in BACKENDS:
-        source = BACKEND_ENV if BACKEND_ENV in os.environ else "backend"
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "triton":
-        if not _triton_available():
-            raise RuntimeError(
-                "backend='triton' needs the triton package (pip install triton, Linux); "
-                "use backend='torch' or 'auto'"
-            )
-        if device.type != "cuda" and not (device.type == "cpu" and _interpreter_enabled()):
-            raise RuntimeError(
-                f"backend='triton' cannot serve params on {device}: the kernels need a GPU "
-                "(or, for testing, CPU tensors with TRITON_INTERPRET=1 set before import). "
-                "Use backend='torch' or 'auto'."
-            )
-    return backend
+    def current(self, group: dict[str, Any], kind: tuple) -> bool:
+        params = group["params"]
+        return (
+            self.group is group
+            and params is self.params
+            and params.version == self.params_version
+            and kind == self.kind
+        )
 
 
 class FusedOptimizer(Optimizer):
     """Base class of ``Adam``, ``AdamW`` and ``SGD``: see the module docstring.
 
-    Subclasses set ``_state_names`` (per-param fp32 state, in torch's names) and implement
-    ``_init_state`` and ``_prepare_bucket``.
+    Subclasses set ``_state_names`` (per-param fp32 state, in torch's names) and
+    ``_required_state`` (names a non-empty state must have), and implement ``_init_state``,
+    ``_prepare_bucket`` and, where they apply, ``_complete_state`` and ``_state_kind``.
     """
 
     # torch.amp.GradScaler passes its scale and inf flag as device tensors (grad_scale,
@@ -212,6 +90,7 @@ class FusedOptimizer(Optimizer):
     # optimizers.
     _step_supports_amp_scaling = True
     _state_names: tuple[str, ...] = ()
+    _required_state: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -227,10 +106,11 @@ class FusedOptimizer(Optimizer):
         self.backend = backend
         self.flat_buffers = bool(flat_buffers)
         self._warned_readopt = False  # flat buffers: the re-adoption warning is logged once
-        self._plans: dict[int, dict[tuple, _GroupPlan]] = {}
+        self._logged: set[str] = set()  # notes logged once per optimizer
+        self._groups: dict[int, _GroupCache] = {}
         defaults = dict(defaults, master_weights=bool(master_weights))
         super().__init__(params, defaults)
-        self.state = _VersionedState(self.state)
+        self.state = OptimizerState(self.state)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -241,22 +121,35 @@ class FusedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("flat_buffers", False)
-        self.__dict__.setdefault("_warned_readopt", False)
-        self._plans = {}  # buckets hold tensors of the original: rebuilt on the next step
-        if not isinstance(self.state, _VersionedState):
-            self.state = _VersionedState(self.state)
+        self._warned_readopt = False
+        self._logged = set()
+        self._groups = {}  # buckets hold tensors of the original: rebuilt on the next step
+        if not isinstance(self.state, OptimizerState):
+            self.state = OptimizerState(self.state)
 
     # ----------------------------------------------------------------- param groups and checks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group (as ``torch.optim.Optimizer.add_param_group``), after checking
-        that every param is a floating tensor of a supported dtype, appears once, and can be
-        served by the chosen backend."""
+        """Add a param group (as ``torch.optim.Optimizer.add_param_group``, named params
+        included), after checking that every param is a dense floating tensor of a supported
+        dtype, appears once, and can be served by the chosen backend."""
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        self._check_params([p for p in tensors if isinstance(p, torch.Tensor)])
+        sharded = DTensor is not None and any(isinstance(p, DTensor) for p in tensors)
+        if self.flat_buffers and sharded:
+            raise ValueError(
+                "flat_buffers=True cannot take DTensor (FSDP2) params: FSDP2 keeps its "
+                "own flat shards; use flat_buffers=False"
+            )
+        super().add_param_group(param_group)
+        param_group["params"] = ParamList(param_group["params"])
+
+    def _check_params(self, params: list[torch.Tensor]) -> None:
+        """Raise unless every param can be stepped: once per group, a supported dtype, dense
+        memory (the kernels read flat ranges), a device the backend serves."""
         seen: set[int] = set()
         for p in params:
-            if not isinstance(p, torch.Tensor):
-                continue  # torch's own check gives the message
             if id(p) in seen:
                 raise ValueError(
                     "a parameter appears twice in one param group; pass each parameter once "
@@ -268,30 +161,150 @@ class FusedOptimizer(Optimizer):
                     f"{type(self).__name__} updates float16, bfloat16 and float32 params; got "
                     f"a {p.dtype} param of shape {tuple(p.shape)}"
                 )
-            resolve_backend(self.backend, p.device)  # raises if it cannot be served
-            if self.flat_buffers and _DTensor is not None and isinstance(p, _DTensor):
+            if not is_dense(local(p)):
                 raise ValueError(
-                    "flat_buffers=True cannot take DTensor (FSDP2) params: FSDP2 keeps its "
-                    "own flat shards; use flat_buffers=False"
+                    f"a param of shape {tuple(p.shape)} with strides {p.stride()} has gaps or "
+                    "overlaps in memory (a strided slice such as w[:, ::2]); the fused step "
+                    "reads params as flat ranges of memory. Make it dense: "
+                    "torch.nn.Parameter(w[:, ::2].contiguous()) (any dense layout works: "
+                    "contiguous, channels_last, a transpose)"
                 )
-        super().add_param_group(param_group)
+            resolve_backend(self.backend, local(p).device)  # raises if it cannot be served
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         """Validate a group's hyperparameters (torch's messages). Subclasses override."""
 
+    def _state_kind(self, group: dict[str, Any]) -> tuple:
+        """The group settings that decide which state its params carry (changing one
+        rebuilds the group's buckets and completes or trims the state)."""
+        return (bool(group["master_weights"]),)
+
+    def _group_cache(self, group: dict[str, Any]) -> _GroupCache:
+        """The group's plans, reset (and its params checked again) whenever the group dict,
+        its params list or a write to that list, or its state-shaping settings changed."""
+        kind = self._state_kind(group)
+        cache = self._groups.get(id(group))
+        if cache is not None and cache.current(group, kind):
+            return cache
+        params = group["params"]
+        self._check_params(list(params))
+        if not isinstance(params, ParamList):
+            params = group["params"] = ParamList(params)
+        cache = self._groups[id(group)] = _GroupCache(group, params, params.version, kind)
+        return cache
+
+    def _describe(self, p: torch.Tensor) -> str:
+        """'param i of param group g (shape ...)' for messages (O(n): error paths only)."""
+        for g, group in enumerate(self.param_groups):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    return f"param {i} of param group {g} (shape {tuple(p.shape)}, {p.dtype})"
+        return f"a param of shape {tuple(p.shape)} ({p.dtype})"
+
     # ----------------------------------------------------------------------------- state
     def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """fp32 state for ``p`` on its device: the subclass's tensors plus ``master_param``
-        (sharded like ``p`` when it is a DTensor)."""
+        """fp32 state for ``p`` on its device, with its strides: the subclass's tensors plus
+        ``master_param`` (sharded like ``p`` when it is a DTensor)."""
         shard = local(p)
         state = self._init_state(shard, group)
         if group["master_weights"] and p.dtype in LOW_PRECISION:
-            master = shard.detach().float().clone(memory_format=torch.contiguous_format)
-            state["master_param"] = master
+            state["master_param"] = shard.detach().float().clone()  # keeps p's strides
         return {name: like_param(t, p) for name, t in state.items()}
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def _complete_state(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
+        """Add the state a setting switched on after the state was made needs (amsgrad's
+        maximum, SGD's momentum buffer). Subclasses override."""
+
+    def _check_state(self, p: torch.Tensor, group: dict[str, Any], state=None) -> None:
+        """Raise, changing nothing, unless ``p``'s state (``optimizer.state[p]``, or
+        ``state``) can be stepped: a dict whose tensors have ``p``'s shape, ``step`` a single
+        number, and every name of ``_required_state`` present."""
+        if state is None:
+            state = self.state.get(p)
+        if not state:
+            return  # none yet (or emptied): created at this step, as torch does
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"optimizer.state of {self._describe(p)} is a {type(state).__name__}; "
+                "it must be a dict of state tensors (or be deleted to start afresh)"
+            )
+        for name, value in state.items():
+            if name == "step":
+                if isinstance(value, torch.Tensor) and value.numel() != 1:
+                    raise ValueError(
+                        f"state 'step' of {self._describe(p)} has {value.numel()} elements; "
+                        "it must be a single number"
+                    )
+                continue
+            if not isinstance(value, torch.Tensor):
+                continue
+            if not value.is_floating_point():
+                raise TypeError(
+                    f"state {name!r} of {self._describe(p)} is {value.dtype}; optimizer state "
+                    "must be floating point (it is kept in float32)"
+                )
+            if value.shape != p.shape:
+                raise ValueError(
+                    f"state {name!r} of {self._describe(p)} has shape {tuple(value.shape)}, "
+                    f"the param has shape {tuple(p.shape)} (torch.optim fails here too). If "
+                    "the param was resized on purpose, delete its state (del "
+                    "optimizer.state[p]) to restart it, or resize the state tensors alike"
+                )
+        missing = [name for name in self._required_state if state.get(name) is None]
+        if missing:
+            raise ValueError(
+                f"state of {self._describe(p)} lacks {missing} (torch.optim fails here too); "
+                "set them, or delete the param's state (del optimizer.state[p]) to restart it"
+            )
+
+    def _ensure_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Give ``p`` (checked by ``_check_state``) the state the group asks for: created if it
+        has none, else completed, with masters added or dropped to follow ``p``'s dtype, in
+        fp32 on ``p``'s device with ``p``'s strides. Assigns only what changes something: every
+        write advances the state's version and makes the groups rebuild at the next step."""
+        state = self.state.get(p)
+        if not state:
+            new = self._new_state(p, group)
+            if new or state is None:
+                self.state[p] = new
+            return
+        _normalize_state(p, state)
+        self._complete_state(p, group, state)
+        self._follow_dtype(p, group, state)
+
+    def _follow_dtype(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
+        """An fp16/bf16 param with masters on gets an fp32 master from its current value (after
+        ``model.half()``, or state loaded without masters); an fp32 param (or masters off)
+        drops its master and is its own master."""
+        wants_master = bool(group["master_weights"]) and p.dtype in LOW_PRECISION
+        if wants_master and "master_param" not in state:
+            state["master_param"] = like_param(local(p).detach().float().clone(), p)
+            self._log_once(
+                "master-added",
+                "a %s param of shape %s had no fp32 master (its dtype changed after its state "
+                "was made, or its state was loaded without masters): made one from its current "
+                "value; logged once",
+                p.dtype,
+                tuple(p.shape),
+            )
+        elif not wants_master and "master_param" in state:
+            del state["master_param"]
+            self._log_once(
+                "master-dropped",
+                "a %s param of shape %s had an fp32 master it no longer needs (its dtype "
+                "changed, or master_weights was switched off): dropped it, the param is its own "
+                "master from its current value; logged once",
+                p.dtype,
+                tuple(p.shape),
+            )
+
+    def _log_once(self, key: str, message: str, *args) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.info(message, *args)
 
     @torch.no_grad()
     def init_state(self) -> None:
@@ -300,8 +313,12 @@ class FusedOptimizer(Optimizer):
         zero-grad warm-up ``step()`` on an optimizer with empty state, which would consume a
         bias-correction step (a bug DeepSpeed users know)."""
         for group in self.param_groups:
+            self._group_cache(group)
             for p in group["params"]:
-                self._ensure_state(p, group, local(p).device)
+                self._check_state(p, group)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._ensure_state(p, group)
 
     @torch.no_grad()
     def refresh_master_weights(self) -> None:
@@ -315,39 +332,72 @@ class FusedOptimizer(Optimizer):
                     master.copy_(p)
 
     # ------------------------------------------------------------------------------ steps
-    def _plan(self, group: dict[str, Any]) -> tuple[list[Bucket], list[torch.Tensor]]:
-        """The buckets of ``group`` for this step (cached by which params have grads) and the
-        group's grads (None with flat buffers: each bucket has its own). One pass reads every
+    def _plan(self, group: dict[str, Any]) -> list[tuple[Bucket, list[torch.Tensor]]]:
+        """This step's ``(bucket, grads)`` pairs of ``group``: cached buckets while what they
+        were built from holds (see the module docstring), else rebuilt. One pass reads every
         ``p.grad`` (a costly attribute at 10k params)."""
         if self.flat_buffers:
-            return self._flat_plan(group), None
+            return self._flat_plan(group)
+        cache = self._group_cache(group)
         params = group["params"]
         grads = [p.grad for p in params]
         # Not `None in grads` (it calls Tensor.__eq__) nor a generator (1.7x slower at 10k).
-        if not all(map(operator.is_not, grads, itertools.repeat(None))):
+        if all(map(operator.is_not, grads, itertools.repeat(None))):
+            key, active = _ALL, params
+        else:
             active = [p for p, g in zip(params, grads) if g is not None]
             grads = [g for g in grads if g is not None]
-        else:
-            active = params
-        key = tuple(map(id, active))
-        plans = self._plans.setdefault(id(group), {})
-        plan = plans.get(key)
-        if plan is not None and (
-            plan.state_version != self.state.version
-            or not all(b.shards_current() for b in plan.buckets)
-        ):
-            plan = None
-        if plan is None:
-            if len(plans) >= _MAX_CACHED_ACTIVE_SETS:
-                plans.clear()
-            plan = plans[key] = _GroupPlan(self._build_buckets(group, active))
+            key = tuple(map(id, active))
+        plan = cache.plans.get(key)
+        if plan is not None and plan.state_version == self.state.version:
+            work = [(bucket, bucket.grads(grads)) for bucket in plan.buckets]
+            if all(g is not None for _, g in work):
+                self._step_plans.append(plan)
+                return work
+        if len(cache.plans) >= _MAX_CACHED_ACTIVE_SETS:
+            cache.plans.clear()
+        plan = cache.plans[key] = _GroupPlan(self._build_buckets(group, active, grads))
         self._step_plans.append(plan)
-        return plan.buckets, grads
+        return [(bucket, bucket.grads(grads)) for bucket in plan.buckets]
 
-    def _flat_plan(self, group: dict[str, Any]) -> list[Bucket]:
+    def _build_buckets(
+        self, group: dict[str, Any], active: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> list[Bucket]:
+        """Check every active param, grad and state, then (only then) complete the state and
+        group the params into buckets."""
+        for p, g in zip(active, grads):
+            self._check_grad(p, g)
+            self._check_state(p, group)
+        # One bucket per (device, dtypes, alignment): a param of odd size or address gets its
+        # own launch rather than taking 128-bit loads away from the others.
+        by_key: dict[tuple, list[int]] = {}
+        for i, (p, g) in enumerate(zip(active, grads)):
+            shard = local(p)
+            by_key.setdefault((shard.device, p.dtype, g.dtype, _aligned(shard)), []).append(i)
+        buckets = []
+        for (device, _, _, _), indices in by_key.items():
+            params = [active[i] for i in indices]
+            backend = resolve_backend(self.backend, device)
+            for p in params:
+                self._ensure_state(p, group)
+            cache = None
+            if backend == "triton":
+                from .kernels.multi_tensor import TableCache
+
+                cache = TableCache()
+            whole = len(indices) == len(active)
+            bucket = Bucket.per_tensor(
+                params, [grads[i] for i in indices], backend, cache, None if whole else indices
+            )
+            self._refresh_state_lists(bucket)
+            buckets.append(bucket)
+        return buckets
+
+    def _flat_plan(self, group: dict[str, Any]) -> list[tuple[Bucket, list[torch.Tensor]]]:
         """The group's flat buckets: O(1) when nothing was replaced since the last step (plus
         one ``requires_grad`` read per param of the group that was left out as frozen)."""
-        plan = self._plans.get(id(group), {}).get(_FLAT)
+        cache = self._group_cache(group)
+        plan = cache.plans.get(_FLAT)
         if plan is not None and any(p.requires_grad for p in plan.others):
             raise ValueError(
                 "flat_buffers=True: a param that did not require grad when the optimizer adopted "
@@ -356,53 +406,52 @@ class FusedOptimizer(Optimizer):
                 "this optimizer's groups and add them as a group of their own when you unfreeze "
                 "them (optimizer.add_param_group), or use flat_buffers=False"
             )
-        if (
-            plan is not None
-            and plan.state_version == self.state.version
-            and plan.n_params == len(group["params"])
-        ):
+        if plan is not None and plan.state_version == self.state.version:
             unsteady = {id(b) for b in plan.buckets if not b.flat.steady()}
             # O(n), now and then: only for buckets whose O(1) check disagreed.
             if all(b.flat.all_in_place() for b in plan.buckets if id(b) in unsteady):
                 for bucket in plan.buckets:
                     bucket.flat.start_step(verified=id(bucket) in unsteady)
                 self._step_plans.append(plan)
-                return plan.buckets
-        buckets = self._adopt_group(group, plan)
+                return [(bucket, bucket.grads(None)) for bucket in plan.buckets]
+        buckets = self._adopt_group(group, plan, cache)
         for bucket in buckets:
             bucket.flat.start_step(verified=False)
-        if id(group) in self._plans:
-            self._step_plans.append(self._plans[id(group)][_FLAT])
-        return buckets
+        if _FLAT in cache.plans:
+            self._step_plans.append(cache.plans[_FLAT])
+        return [(bucket, bucket.grads(None)) for bucket in buckets]
 
-    def _adopt_group(self, group: dict[str, Any], plan: _GroupPlan | None) -> list[Bucket]:
+    def _adopt_group(
+        self, group: dict[str, Any], plan: _GroupPlan | None, cache: _GroupCache
+    ) -> list[Bucket]:
         """(Re)build the group's flat buckets and move every param's data, grad and state into
         them: at the first step, and after grads, data or state were replaced from outside (an
         O(n) pass). Everything is checked before anything moves."""
         adopted = [p for p in group["params"] if p.requires_grad]
         if plan is None and all(p.grad is None for p in adopted):
             return []  # no grad yet: like torch, a step before any backward changes nothing
+        for p in adopted:  # before any state is created or anything moves
+            if p.grad is not None:
+                self._check_grad(p, p.grad)
+            self._check_state(p, group)
         by_key: dict[tuple, list[torch.Tensor]] = {}
         for p in adopted:
             by_key.setdefault((p.device, p.dtype), []).append(p)
         old = {(b.flat.device, b.flat.dtype): b for b in plan.buckets} if plan else {}
-        for p in adopted:  # before any state is created
-            if p.grad is not None:
-                self._check_grad(p)
         buckets = []
         for (device, dtype), params in by_key.items():
             bucket = old.get((device, dtype))
             if bucket is None or not bucket.flat.fits(params):
                 flat = FlatBuffers(params)
                 backend = resolve_backend(self.backend, device)
-                cache = None
+                table_cache = None
                 if backend == "triton":
                     from .kernels.multi_tensor import TableCache
 
-                    cache = TableCache()
-                bucket = Bucket(params, [flat.param], {}, backend, dtype, cache, flat=flat)
+                    table_cache = TableCache()
+                bucket = Bucket(params, [flat.param], {}, backend, dtype, table_cache, flat=flat)
             for p in params:
-                self._ensure_state(p, group, device)
+                self._ensure_state(p, group)
             bucket.flat.check_steps(self.state)
             buckets.append(bucket)
         foreign = sum(bucket.flat.foreign_views() for bucket in buckets)
@@ -431,9 +480,8 @@ class FusedOptimizer(Optimizer):
                 "or flat_buffers=False",
                 moved,
             )
-        plan = _GroupPlan(buckets, self.state.version, len(group["params"]))
-        plan.others = [p for p in group["params"] if not p.requires_grad]
-        self._plans[id(group)] = {_FLAT: plan}
+        others = [p for p in group["params"] if not p.requires_grad]
+        cache.plans = {_FLAT: _GroupPlan(buckets, self.state.version, others)}
         return buckets
 
     def _refresh_state_lists(self, bucket: Bucket) -> int:
@@ -461,8 +509,11 @@ class FusedOptimizer(Optimizer):
         if not self.flat_buffers:
             return super().zero_grad(set_to_none)
         for group in self.param_groups:
-            plan = self._plans.get(id(group), {}).get(_FLAT)
-            if plan is None:
+            cache = self._groups.get(id(group))
+            plan = None
+            if cache is not None and cache.current(group, self._state_kind(group)):
+                plan = cache.plans.get(_FLAT)
+            if plan is None:  # not adopted (yet, or any more): torch's semantics
                 zero_grads(group["params"], set_to_none)
                 continue
             for bucket in plan.buckets:
@@ -472,61 +523,22 @@ class FusedOptimizer(Optimizer):
             else:  # grads replaced from outside: torch's semantics; the next step re-adopts
                 zero_grads(group["params"], set_to_none)
 
-    def _check_grad(self, p: torch.Tensor) -> None:
-        """Raise unless ``p.grad`` is dense and has ``p``'s shape (before anything changes)."""
-        if p.grad.is_sparse:
+    def _check_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """Raise unless ``grad`` (``p``'s) is dense and has ``p``'s shape (before anything
+        changes). Its layout may differ from ``p``'s: the bucket then reads it through a copy."""
+        if grad.is_sparse:
             raise RuntimeError(
                 f"{type(self).__name__} does not support sparse gradients; use dense "
                 "gradients (e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
             )
-        if p.grad.shape != p.shape:
+        if grad.shape != p.shape:
             raise RuntimeError(
-                f"a grad of shape {tuple(p.grad.shape)} for a param of shape "
-                f"{tuple(p.shape)}: grads must have their param's shape"
+                f"a grad of shape {tuple(grad.shape)} for {self._describe(p)}: grads must "
+                "have their param's shape (was the param resized after its grad was made? "
+                "zero_grad(set_to_none=True) clears it)"
             )
-
-    def _build_buckets(self, group: dict[str, Any], active: list[torch.Tensor]) -> list[Bucket]:
-        for p in active:
-            self._check_grad(p)
-        # One bucket per (device, dtypes, alignment): a param of odd size or address gets its
-        # own launch rather than taking 128-bit loads away from the others.
-        groups: dict[tuple, list[int]] = {}
-        for i, p in enumerate(active):
-            shard = local(p)
-            key = (shard.device, p.dtype, p.grad.dtype, _aligned(shard))
-            groups.setdefault(key, []).append(i)
-        buckets = []
-        for (device, _, grad_dtype, _), indices in groups.items():
-            params = [active[i] for i in indices]
-            backend = resolve_backend(self.backend, device)
-            for p in params:
-                self._ensure_state(p, group, local(p).device)
-            cache = None
-            if backend == "triton":
-                from .kernels.multi_tensor import TableCache
-
-                cache = TableCache()
-            local_params = [local(p) for p in params]
-            sharded = any(lp is not p for lp, p in zip(local_params, params))
-            whole = len(indices) == len(active)
-            bucket = Bucket(params, local_params, {}, backend, grad_dtype, cache,
-                            None if whole else indices, sharded)  # fmt: skip
-            self._refresh_state_lists(bucket)
-            buckets.append(bucket)
-        return buckets
-
-    def _ensure_state(self, p: torch.Tensor, group: dict[str, Any], device) -> None:
-        """Create ``p``'s state if it has none, else bring it to fp32 on ``device``. Assigns
-        ``optimizer.state[p]`` only when that changes something: every assignment advances the
-        state's version and makes every group rebuild its buckets at the next step (reading a
-        missing key of the defaultdict would assign it too, hence ``get``)."""
-        state = self.state.get(p)
-        if not state:
-            new = self._new_state(p, group)
-            if new or state is None:
-                self.state[p] = new
-        else:
-            _normalize_state(state, device)
+        if grad.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"a {grad.dtype} grad for {self._describe(p)}: unsupported dtype")
 
     def _state_list(self, params: list[torch.Tensor], name: str) -> list[torch.Tensor] | None:
         """The local tensors of state ``name`` of ``params`` (None if the first has none)."""
@@ -535,20 +547,19 @@ class FusedOptimizer(Optimizer):
         return [local(self.state[p][name]) for p in params]
 
     def _gather(self) -> list[tuple[dict[str, Any], Bucket, list[torch.Tensor]]]:
-        """This step's work: ``(group, bucket, grads)`` for every bucket with grads. The
-        ``FP16Optimizer`` reuses it for its check pass, so one step reads each ``p.grad`` once
-        and groups the grads once."""
+        """This step's work: ``(group, bucket, grads)`` for every bucket with grads, every
+        bucket checked (and rebuilt if stale) before any is launched. The ``FP16Optimizer``
+        reuses it for its check pass, so one step reads each ``p.grad`` once and groups the
+        grads once."""
         work = []
         self._step_plans: list[_GroupPlan] = []
         for group in self.param_groups:
             self._check_hyperparameters(group)
-            buckets, group_grads = self._plan(group)
-            for bucket in buckets:
-                grads = bucket.grads(group_grads)
+            for bucket, grads in self._plan(group):
                 # torch refuses a grad whose dtype differs from its param's, so one grad's
                 # dtype speaks for the bucket; a change means the params were cast: regroup.
                 if grads[0].dtype != bucket.grad_dtype:
-                    self._plans.pop(id(group), None)
+                    self._groups.pop(id(group), None)
                     return self._gather()
                 work.append((group, bucket, grads))
         # The plans used now are current, whatever state a later group's first step created
@@ -556,6 +567,9 @@ class FusedOptimizer(Optimizer):
         # make the groups before it rebuild at the next step.
         for plan in self._step_plans:
             plan.state_version = self.state.version
+        if len(self._groups) > len(self.param_groups):  # groups removed or replaced
+            current = {id(group) for group in self.param_groups}
+            self._groups = {k: c for k, c in self._groups.items() if k in current}
         return work
 
     def _fused_step(
@@ -622,21 +636,25 @@ class FusedOptimizer(Optimizer):
         ``torch.optim``'s default (non-fused) optimizers, so the dict loads into those.
         """
         sd = super().state_dict()
-        # torch packs the live per-param dicts: copy each before replacing its step.
+        # torch packs the live per-param dicts: copy each (as a plain dict) before replacing
+        # its step; groups' params lists become plain lists too.
         sd["state"] = {index: dict(s) for index, s in sd["state"].items()}
         for s in sd["state"].values():
             if isinstance(s.get("step"), torch.Tensor):
                 s["step"] = s["step"].detach().to("cpu", torch.float32, copy=True)
+        for group in sd["param_groups"]:
+            group["params"] = list(group["params"])
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer or of its ``torch.optim`` counterpart.
 
         Everything is checked before anything changes: the number of groups and of params
-        per group, and each state tensor's size. State is kept in fp32 on the param's device
-        (torch would cast it to the param's dtype and lose the fp32 precision of fp16 runs).
-        Mapping from torch: a low-precision param without ``master_param`` gets its master
-        from the current param value; a missing ``step`` is derived by ``_import_state``.
+        per group, and each state tensor's shape against its param's. State is kept in fp32 on
+        the param's device with the param's strides (torch would cast it to the param's dtype
+        and lose the fp32 precision of fp16 runs). Mapping from torch: a low-precision param
+        without ``master_param`` gets its master from the current param value; missing state a
+        subclass can derive (SGD's ``step``) is derived.
         """
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("a state dict needs the keys 'state' and 'param_groups'")
@@ -674,32 +692,39 @@ class FusedOptimizer(Optimizer):
             new_state[p] = self._import_state(p, id_to_group[key], saved_state, key)
         # Everything checked: now change.
         for group, merged in zip(self.param_groups, merged_groups):
-            group.update(merged)
+            group.update({k: v for k, v in merged.items() if k != "params"})
         self.state.clear()
         self.state.update(new_state)
-        self._plans.clear()
+        self._groups.clear()
 
     def _import_state(self, p, group, saved: dict[str, Any], key) -> dict[str, torch.Tensor]:
-        """Convert one param's saved state to ours (checked, fp32, on ``p``'s device)."""
+        """Convert one param's saved state to ours (checked, fp32, on ``p``'s device with
+        ``p``'s strides, masters following ``p``'s dtype); raises naming the param index."""
         out: dict[str, Any] = {}
         for name, value in saved.items():
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor):
                 value = torch.tensor(float(value))
-            expected = () if name == "step" else tuple(p.shape)
-            if name != "step" and value.numel() != p.numel():
+            if name == "step":
+                if value.numel() != 1:
+                    raise ValueError(f"loaded 'step' of param {key!r} must be a single number")
+                out[name] = value.detach().to(local(p).device, torch.float32, copy=True).reshape(())
+                continue
+            if value.shape != p.shape:
                 raise ValueError(
                     f"loaded state {name!r} of param {key!r} has shape {tuple(value.shape)}, "
-                    f"the param has shape {expected}"
+                    f"the param has shape {tuple(p.shape)} (were the params created or passed "
+                    "in another order than when the state dict was saved?)"
                 )
-            if name == "step" and value.numel() != 1:
-                raise ValueError(f"loaded 'step' of param {key!r} must be a single number")
-            value = value.detach().to(p.device, torch.float32).reshape(expected)
-            out[name] = value.clone(memory_format=torch.contiguous_format)
-        if group.get("master_weights", True) and p.dtype in LOW_PRECISION:
-            out.setdefault("master_param", p.detach().float().clone())
-        else:
+            out[name] = value.detach().to(local(p).device, torch.float32, copy=True)
+        self._check_state(p, group, out)
+        _normalize_state(p, out)
+        self._complete_state(p, group, out)
+        wants_master = bool(group["master_weights"]) and p.dtype in LOW_PRECISION
+        if wants_master and "master_param" not in out:
+            out["master_param"] = like_param(local(p).detach().float().clone(), p)
+        elif not wants_master:
             out.pop("master_param", None)
         return out
 
@@ -729,14 +754,31 @@ def zero_grads(params: Iterable[torch.Tensor], set_to_none: bool) -> None:
             p.grad.zero_()
 
 
-def _normalize_state(state: dict[str, Any], device: torch.device) -> None:
+def _normalize_state(p: torch.Tensor, state: dict[str, Any]) -> None:
     """State written from outside (ZeroRedundancyOptimizer keeps ``step`` on the CPU, torch's
-    loaders cast to the param dtype) back to what the kernels read: fp32 on the param's
-    device."""
-    for name, value in state.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            if local(value).device != device or value.dtype != torch.float32:
-                state[name] = value.to(device=device, dtype=torch.float32)
+    loaders cast to the param dtype, users assign tensors of any layout) back to what the
+    kernels read: fp32 on the param's device, ``step`` one element, every other tensor with the
+    param's strides. Writes only the entries that change."""
+    shard = local(p)
+    for name, value in list(state.items()):
+        if name == "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = torch.tensor(float(value))
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        if name == "step":
+            if value.device != shard.device or value.dtype != torch.float32 or value.dim():
+                state[name] = value.detach().to(shard.device, torch.float32).reshape(())
+            continue
+        lv = local(value)
+        if lv is not value:  # a DTensor (FSDP2): sharded like the param
+            if lv.device != shard.device or value.dtype != torch.float32:
+                state[name] = value.to(device=shard.device, dtype=torch.float32)
+        elif (
+            value.device != shard.device
+            or value.dtype != torch.float32
+            or (value.numel() > 1 and value.stride() != shard.stride())
+        ):
+            state[name] = torch.empty_like(shard, dtype=torch.float32).copy_(value)
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .optimizer import Bucket, FusedOptimizer, check_lr, like_param, local, torch_compat_options
+from .buckets import Bucket, like_param, local
+from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 
 __all__ = ["SGD"]
 
@@ -79,39 +80,36 @@ class SGD(FusedOptimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
+    def _state_kind(self, group: dict[str, Any]) -> tuple:
+        return (*super()._state_kind(group), group["momentum"] != 0)
+
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         if group["momentum"] == 0:
             return {}
         return {
             "step": torch.zeros((), dtype=torch.float32, device=p.device),
-            "momentum_buffer": torch.zeros(p.shape, dtype=torch.float32, device=p.device),
+            # The param's strides (channels_last too), as torch's clone of the first grad.
+            "momentum_buffer": torch.zeros_like(p, dtype=torch.float32),
         }
 
-    def _import_state(self, p, group, saved, key):
-        state = super()._import_state(p, group, saved, key)
-        if group["momentum"] != 0:
-            if "momentum_buffer" not in state:  # torch saves None before the first step
-                state["momentum_buffer"] = torch.zeros(
-                    p.shape, dtype=torch.float32, device=p.device
-                )
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state.setdefault("step", torch.ones((), dtype=torch.float32, device=p.device))
-        return state
+    def _complete_state(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
+        if group["momentum"] == 0:
+            return
+        if state.get("momentum_buffer") is None:
+            # torch saves None before a param's first momentum step, and momentum may be
+            # switched on after state was made: the buffer starts at the next step.
+            for name, value in self._init_state(local(p), group).items():
+                state[name] = like_param(value, p)
+        elif "step" not in state:  # torch's SGD keeps no step: a buffer means one was taken
+            state["step"] = torch.ones((), dtype=torch.float32, device=local(p).device)
 
     def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
-        has_momentum = group["momentum"] != 0
-        if has_momentum and bucket.state["momentum_buffer"] is None:
-            # momentum switched on after the first step: buffers start at the next step.
-            for p in bucket.params:
-                new = self._init_state(local(p), group)
-                self.state[p].update({name: like_param(t, p) for name, t in new.items()})
-            self._refresh_state_lists(bucket)
         kwargs = dict(
             masters=bucket.state["master_param"],
             lr=group["lr"],
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            weight_decay=group["weight_decay"],
+            momentum=float(group["momentum"]),
+            dampening=float(group["dampening"]),
+            weight_decay=float(group["weight_decay"]),
             nesterov=group["nesterov"],
             maximize=group["maximize"],
             **scaling,

@@ -252,7 +252,8 @@ def prepare_adam_step(
 
     Args:
         params: fp16/bf16 params (with ``masters``) or fp32 params (updated directly), all of
-            one dtype on one device, contiguous.
+            one dtype on one device, dense (``multi_tensor.is_dense``: any layout, the k-th
+            grad, master and moments sharing the k-th param's strides).
         grads: their grads (any of fp16/bf16/fp32, one dtype), read only.
         exp_avgs, exp_avg_sqs: fp32 moments, one per param.
         steps: fp32 one-element step counts (the count *before* this step), advanced by one

@@ -138,7 +138,8 @@ def nonfinite_check_and_norm(
     """Find non-finite grads and the squared global norm of ``grads / grad_scale``, read-only.
 
     Args:
-        grads: contiguous fp16/bf16/fp32 tensors on one device (dtypes may be mixed).
+        grads: dense fp16/bf16/fp32 tensors (any layout: ``multi_tensor.is_dense``) on one
+            device (dtypes may be mixed).
         grad_scale: optional one-element fp32 device tensor (the loss scale); the norm is of the
             unscaled grads, so a large scale cannot overflow the sum of squares.
         compute_norm: accumulate the sum of squares; when False ``result[0]`` is 0.
@@ -172,7 +173,8 @@ def check_and_norm_grouped(
     """``nonfinite_check_and_norm`` over grads already grouped by the caller: each value of
     ``groups`` is a list of one dtype on one device (an optimizer's buckets), launched as one
     kernel; keys name the groups' table caches. Saves a per-step pass over every grad."""
-    groups = {key: list(tensors) for key, tensors in groups.items() if len(tensors)}
+    # Lists stay the caller's objects: a TensorList carries addresses read once this step.
+    groups = {key: tensors for key, tensors in groups.items() if len(tensors)}
     if not groups:
         raise ValueError("nonfinite_check_and_norm needs at least one tensor")
     device = next(iter(groups.values()))[0].device

@@ -135,7 +135,7 @@ def snapshot(params, opt):
 def flat_buckets(opt, group_index=0):
     """The flat storages of a group (private API; fine in tests)."""
     group = opt.param_groups[group_index]
-    return [b.flat for b in opt._plans[id(group)]["flat"].buckets]
+    return [b.flat for b in opt._groups[id(group)].plans["flat"].buckets]
 
 
 def offset_in(t: torch.Tensor, flat: torch.Tensor) -> int:
@@ -547,9 +547,9 @@ class _Counts:
             self.full_checks += 1
             return all_in_place(flat)
 
-        def counted_adopt(opt, group, plan):
+        def counted_adopt(opt, *args):
             self.adoptions += 1
-            return adopt_group(opt, group, plan)
+            return adopt_group(opt, *args)
 
         monkeypatch.setattr(FlatBuffers, "all_in_place", counted_check)
         monkeypatch.setattr(FusedOptimizer, "_adopt_group", counted_adopt)

@@ -1034,9 +1034,16 @@ def assert_unchanged(inputs: dict, before: dict) -> None:
 
 
 def transposed_like(t: torch.Tensor) -> torch.Tensor:
-    """A non-contiguous view with ``t``'s dtype and number of elements (24 = 4 x 6)."""
+    """A dense, non-contiguous view with ``t``'s dtype and number of elements (24 = 4 x 6)."""
     assert t.numel() == 24
     return t.detach().clone().reshape(4, 6).t()
+
+
+def strided_like(t: torch.Tensor) -> torch.Tensor:
+    """A view with ``t``'s values that is not dense: every other element of a buffer."""
+    buffer = torch.zeros(2 * t.numel(), dtype=t.dtype, device=t.device)
+    buffer[::2] = t.detach().flatten()
+    return buffer[::2]
 
 
 def test_empty_lists_raise_clear_errors():
@@ -1093,23 +1100,52 @@ ADAM_LISTS = ["params", "grads", "exp_avgs", "exp_avg_sqs", "masters", "max_exp_
 
 
 @pytest.mark.parametrize("name", ADAM_LISTS)
-def test_adam_rejects_non_contiguous_and_changes_nothing(name):
+@pytest.mark.parametrize(
+    ("relayout", "message"), [(transposed_like, "share one layout"), (strided_like, "gaps")]
+)
+def test_adam_rejects_mismatched_or_gapped_layouts_and_changes_nothing(name, relayout, message):
+    """One tensor laid out unlike the others of its position (a transpose among contiguous
+    tensors: elements would pair up wrongly), or not one range of memory (a strided slice)."""
     inputs = adam_inputs()
-    inputs[name][1] = transposed_like(inputs[name][1])
+    inputs[name][1] = relayout(inputs[name][1])
     before = snapshot(inputs)
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match=message):
         call_adam(inputs)
     assert_unchanged(inputs, before)
 
 
 @pytest.mark.parametrize("name", ["params", "grads", "momentum_buffers", "masters"])
-def test_sgd_rejects_non_contiguous_and_changes_nothing(name):
+@pytest.mark.parametrize(
+    ("relayout", "message"), [(transposed_like, "share one layout"), (strided_like, "gaps")]
+)
+def test_sgd_rejects_mismatched_or_gapped_layouts_and_changes_nothing(name, relayout, message):
     inputs = sgd_inputs()
-    inputs[name][1] = transposed_like(inputs[name][1])
+    inputs[name][1] = relayout(inputs[name][1])
     before = snapshot(inputs)
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match=message):
         call_sgd(inputs)
     assert_unchanged(inputs, before)
+
+
+@pytest.mark.parametrize("kernel", ["adam", "sgd"])
+def test_steps_on_transposed_lists_equal_contiguous_ones_bitwise(kernel):
+    """Dense tensors of any layout are read as flat ranges: when the k-th tensors of every list
+    share one layout (a transpose here; channels_last alike), each element meets its own grad
+    and state, so the step is the contiguous step, bit for bit (same elements, same math)."""
+    make, call = (adam_inputs, call_adam) if kernel == "adam" else (sgd_inputs, call_sgd)
+    plain = make()
+    relaid = {
+        name: [transposed_like(t) if t.numel() == 24 else t.clone() for t in tensors]
+        if tensors is not None
+        else None
+        for name, tensors in plain.items()
+    }
+    call(plain)
+    call(relaid)
+    for name, tensors in plain.items():
+        for i, (a, b) in enumerate(zip(tensors or [], relaid[name] or [])):
+            expected = transposed_like(a) if a.numel() == 24 else a
+            assert_bitwise(b, expected, f"{name}[{i}] of the transposed step")
 
 
 @pytest.mark.parametrize("bad_index", [0, 1])
@@ -1121,12 +1157,12 @@ def test_check_and_unscale_reject_non_contiguous_and_change_nothing(bad_index):
         torch.full((24,), 4.0, dtype=torch.float32, device=DEVICE),
     ]
     grads[0][0] = math.inf  # so that found_inf would be set too
-    grads[bad_index] = transposed_like(grads[bad_index])
+    grads[bad_index] = strided_like(grads[bad_index])
     before = [g.clone() for g in grads]
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match="gaps"):
         nonfinite.nonfinite_check_and_norm(grads)
     found_inf = scalar(0.0)
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match="gaps"):
         nonfinite.unscale_and_check_(grads, found_inf, scalar(0.5))
     for i, (g, b) in enumerate(zip(grads, before)):
         assert_bitwise(g, b, f"grads[{i}] after a rejected unscale")

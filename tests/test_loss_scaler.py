@@ -13,13 +13,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fp16_triton.backend import BACKEND_ENV
 from fp16_triton.loss_scaler import (
     DynamicLossScaler,
     LossScaler,
     MinLossScaleError,
     get_loss_scaler,
 )
-from fp16_triton.optimizer import BACKEND_ENV
 
 # --------------------------------------------------------------------------------------------
 # Reference model: DeepSpeed 0.19 DynamicLossScaler.update_scale, written from its description,
@@ -679,10 +679,10 @@ def test_tiny_float64_flag_counts_as_overflow(device_update):
 def test_a_triton_backend_that_cannot_run_falls_back_to_torch_ops(monkeypatch):
     # FP16_TRITON_BACKEND=triton on a CPU without the interpreter: the optimizers refuse, but
     # the scaler (which has no backend of its own) updates through its torch-op reference.
-    import fp16_triton.optimizer
+    import fp16_triton.backend
 
     monkeypatch.setenv(BACKEND_ENV, "triton")
-    monkeypatch.setattr(fp16_triton.optimizer, "_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(fp16_triton.backend, "_interpreter_enabled", lambda: False)
     scaler = DynamicLossScaler(init_scale=8.0, hysteresis=1)
     scaler.update_scale(torch.tensor(1.0))
     assert scaler.loss_scale == 4.0

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fp16_triton
-from fp16_triton.optimizer import BACKEND_ENV, resolve_backend
+from fp16_triton.backend import BACKEND_ENV, resolve_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"] if DEVICE == "cpu" else ["triton"]
