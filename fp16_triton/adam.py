@@ -96,19 +96,17 @@ class Adam(FusedOptimizer):
         eps, (beta1, beta2), wd = group["eps"], group["betas"], group["weight_decay"]
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
-        for index, beta in enumerate((beta1, beta2)):
-            if isinstance(beta, torch.Tensor):
-                if beta.numel() != 1:
-                    raise ValueError(f"Tensor betas[{index}] must be 1-element")
-                if beta.device.type != "cpu":
-                    continue  # compared on the host, it would sync the GPU at every step
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+        if isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor):
+            _check_tensor_betas(beta1, beta2)
+        elif not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+        elif not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
         if not 0.0 <= wd:
             raise ValueError(f"Invalid weight_decay value: {wd}")
 
     def _state_kind(self, group: dict[str, Any]) -> tuple:
-        return (*super()._state_kind(group), bool(group["amsgrad"]))
+        return bool(group["master_weights"]), bool(group["amsgrad"])
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         # Moments with the param's strides (channels_last too), as torch's zeros_like: the
@@ -200,3 +198,16 @@ class AdamW(Adam):
             backend=backend,
             flat_buffers=flat_buffers,
         )
+
+
+def _check_tensor_betas(*betas) -> None:
+    """torch's checks of betas given as tensors (one element each, in [0, 1)); a GPU tensor's
+    value is not compared (that would sync the device at every step)."""
+    for index, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor):
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{index}] must be 1-element")
+            if beta.device.type != "cpu":
+                continue
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")

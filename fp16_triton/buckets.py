@@ -121,7 +121,7 @@ class Bucket:
         """This step's grads as the kernels read them (out of the group's active grads), or
         None when the bucket no longer matches its params (rebuild it)."""
         if self.flat is not None:
-            return [self.flat.grad]
+            return self.flat.launch_grads
         grads = active_grads if self.indices is None else [active_grads[i] for i in self.indices]
         params = self.local_params
         if self.sharded:
@@ -135,7 +135,7 @@ class Bucket:
             or list(map(_stride, grads)) != self.grad_strides
         ):
             return None
-        params.addresses = addresses
+        params.addresses, params.numels = addresses, self.numels
         grads = TensorList(grads)
         for i, buffer in self.relaid.items():  # one copy per step (read and write the grad)
             grads[i] = buffer.copy_(grads[i])

@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.multi_tensor import TensorList
+
 __all__ = ["ALIGN_ELEMENTS", "FlatBuffers"]
 
 ALIGN_ELEMENTS = 64
@@ -86,6 +88,11 @@ class FlatBuffers:
         self.numel = total
         self.param = torch.zeros(total, dtype=self.dtype, device=self.device)
         self.grad = torch.zeros(total, dtype=self.dtype, device=self.device)
+        # The one-tensor lists the kernels read, made once: their addresses never change.
+        self.launch_params = TensorList([self.param])
+        self.launch_grads = TensorList([self.grad])
+        for lst in (self.launch_params, self.launch_grads):
+            lst.addresses, lst.numels = (lst[0].data_ptr(),), (total,)
         self.state: dict[str, torch.Tensor] = {}
         self.state_views: dict[str, list[torch.Tensor]] = {}
         self.step: torch.Tensor | None = None

@@ -23,6 +23,7 @@ and, like torch's optimizers, copy the params it holds and drop its hooks.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .backend import resolve_backend
 from .buckets import DTensor, local
@@ -122,8 +124,6 @@ class FP16Optimizer(Optimizer):
         # Device-side results of the last step (no sync to produce them).
         self._check = torch.zeros(2, dtype=torch.float32, device=self.device)
         self._skip = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._skipped_now = torch.zeros((), dtype=torch.bool, device=self.device)
         self._step_calls = 0  # step() calls that got past raise_if_error: the log's step numbers
         self._skip_log = SkipLog(self.device, loss_scaler.dynamic)
         self._caches: dict = {}
@@ -135,11 +135,10 @@ class FP16Optimizer(Optimizer):
     # ------------------------------------------------------------- torch.optim.Optimizer face
     def _init_hooks(self) -> None:
         """What torch's ``Optimizer.__init__`` gives an instance (it is not called: it would
-        build param groups of its own): empty hook registries, and the class's ``step`` wrapped
-        by torch's ``profile_hook_step``, which runs the step hooks (once per class)."""
+        build param groups of its own): empty hook registries. ``step`` runs the step hooks
+        itself (see ``step``)."""
         for name in _HOOKS:
             setattr(self, name, OrderedDict())
-        self._patch_step_function()
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything but hooks, launch tables and the skip log's host buffers (see
@@ -154,15 +153,18 @@ class FP16Optimizer(Optimizer):
         self._skip_log.poll(wait=True)
         state = {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
         state["_skips_reported"] = self._skip_log.reported
+        state["_skip_record"] = self._skip_log.record
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         reported = state.pop("_skips_reported")
+        record = state.pop("_skip_record")
         self.__dict__.update(state)
         self._init_hooks()
         self._caches = {}
         self._skip_log = SkipLog(self.device, self.loss_scaler.dynamic, reported, self._step_calls)
+        self._skip_log.record.copy_(record)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -201,11 +203,51 @@ class FP16Optimizer(Optimizer):
         """Backpropagate ``loss * loss_scale``."""
         self.loss_scaler.backward(loss, retain_graph=retain_graph)
 
-    @torch.no_grad()
+    @torch.compiler.disable  # eager under torch.compile, as the fused optimizers' step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Check, unscale, clip and step; then update the loss scale. Returns the closure's
         loss. Raises ``MinLossScaleError`` if the previous step overflowed at the minimum scale
-        (nothing was applied since)."""
+        (nothing was applied since).
+
+        Step hooks (global and this optimizer's) run around it, and the profiler sees it as
+        ``Optimizer.step#FP16Optimizer.step``, as with torch's optimizers. torch wraps its
+        optimizers' ``step`` for that (``profile_hook_step``), at a cost of ~30 us of host time
+        per step even with no hook and no profiler; here it costs nothing then.
+        """
+        if not (
+            self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or _global_optimizer_pre_hooks
+            or _global_optimizer_post_hooks
+            or torch.autograd._profiler_enabled()
+        ):
+            return self._step(closure)
+        args, kwargs = (self,), {"closure": closure}
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+            pre = itertools.chain(
+                _global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()
+            )
+            for hook in pre:
+                result = hook(self, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"{hook} must return None or a tuple of (new_args, new_kwargs), "
+                            f"but got {result}."
+                        )
+                    args, kwargs = result
+            out = self._step(*args[1:], **kwargs)
+            post = itertools.chain(
+                self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
+            )
+            for hook in post:
+                hook(self, args, kwargs)
+        return out
+
+    step.hooked = True  # torch's Optimizer._patch_step_function must never wrap it again
+
+    @torch.no_grad()
+    def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -251,11 +293,11 @@ class FP16Optimizer(Optimizer):
         else:
             self._generic_step(grad_scale, found_inf, norm_sq)
         if needs_check:
-            torch.ne(self._skip, 0, out=self._skipped_now)
-            self._skipped_steps.add_(self._skipped_now)
-            self._skip_log.before_update(self._skipped_steps, self._skipped_now, scaler)
-            scaler.update_scale(self._check[1])
-            self._skip_log.after_update(scaler, self._step_calls)
+            log = self._skip_log
+            torch.ne(self._skip, 0, out=log.now)
+            log.total.add_(log.now)
+            scaler.update_scale(self._check[1], record=log.scales)
+            log.after_update(self._step_calls)
         return loss
 
     def _check_grads(self, grad_groups: list[list[torch.Tensor]]) -> None:
@@ -345,7 +387,7 @@ class FP16Optimizer(Optimizer):
     @property
     def skipped_steps(self) -> int:
         """Steps skipped so far (syncs)."""
-        return int(self._skipped_steps.item())
+        return int(self._skip_log.total.item())
 
     @property
     def global_grad_norm(self) -> float:
@@ -427,7 +469,7 @@ class FP16Optimizer(Optimizer):
         """Restore the counters of a checkpoint. Skips not logged yet are logged first (waits
         for the device): the log goes on from the restored count."""
         self._skip_log.poll(wait=True)
-        self._skipped_steps.fill_(skipped_steps)
+        self._skip_log.total.fill_(skipped_steps)
         self._step_calls = step_calls
         self._skip_log.reported, self._skip_log.last_step = skipped_steps, step_calls
 

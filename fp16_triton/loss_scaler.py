@@ -266,9 +266,15 @@ class LossScaler:
 
     # ---- updates ---------------------------------------------------------------------------
 
-    def update_scale(self, overflow: bool | torch.Tensor) -> None:
-        """Accept an overflow flag (bool or one-element tensor) and keep the scale unchanged."""
+    def update_scale(
+        self, overflow: bool | torch.Tensor, record: torch.Tensor | None = None
+    ) -> None:
+        """Accept an overflow flag (bool or one-element tensor) and keep the scale unchanged.
+        ``record`` (see ``DynamicLossScaler.update_scale``) gets the scale twice, hysteresis 0."""
         _check_flag(overflow)
+        if record is not None:
+            record[0::2].copy_(self._scale)
+            record[1::2].zero_()
 
     def raise_if_error(self, blocking: bool = False) -> None:
         """Raise a pending :class:`MinLossScaleError`; the static scaler never has one."""
@@ -474,19 +480,29 @@ class DynamicLossScaler(LossScaler):
 
     # ---- update ----------------------------------------------------------------------------
 
-    def update_scale(self, overflow: bool | torch.Tensor) -> None:
+    def update_scale(
+        self, overflow: bool | torch.Tensor, record: torch.Tensor | None = None
+    ) -> None:
         """Advance the scale state by one iteration; see the class docstring for the rule.
 
         Args:
             overflow: a Python bool (host path: may raise :class:`MinLossScaleError` here) or a
                 one-element tensor, overflow meaning ``!= 0`` (device path: no host sync; a
                 minimum-scale error is raised later by :meth:`raise_if_error`).
+            record: optional 4-element fp32 tensor on the scaler's device that receives the
+                scale and hysteresis before and after the update (what ``FP16Optimizer`` logs
+                for a skipped step), written by the update itself: no extra launch.
         """
         _check_flag(overflow)
         if isinstance(overflow, torch.Tensor):
-            self._update_on_device(overflow)
+            self._update_on_device(overflow, record)
         else:
+            before = (
+                [self._scale.clone(), self._cur_hysteresis.float()] if record is not None else None
+            )
             self._update_on_host(bool(overflow))
+            if record is not None:
+                torch.stack([*before, self._scale, self._cur_hysteresis.float()], out=record)
 
     def _read_state(self) -> tuple[float, int, int, int, float]:
         # One stacked copy, hence one sync on CUDA instead of five. int64 -> float64 is exact
@@ -554,7 +570,7 @@ class DynamicLossScaler(LossScaler):
         self._last_overflow_iter.fill_(last)
         self._cur_iter.fill_(it + 1)
 
-    def _update_on_device(self, overflow: torch.Tensor) -> None:
+    def _update_on_device(self, overflow: torch.Tensor, record: torch.Tensor | None) -> None:
         device = self._scale.device
         if overflow.device != device and overflow.device.type != "cpu":
             # Copying a device flag to another device (or to the host) would synchronise.
@@ -589,6 +605,7 @@ class DynamicLossScaler(LossScaler):
             hysteresis=self._hysteresis,
             consecutive=self._consecutive,
             raise_at_min=self._raise_at_min,
+            record=record,
         )
 
         if self._host_error is not None:

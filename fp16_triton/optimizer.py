@@ -184,7 +184,13 @@ class FusedOptimizer(Optimizer):
         its params list or a write to that list, or its state-shaping settings changed."""
         kind = self._state_kind(group)
         cache = self._groups.get(id(group))
-        if cache is not None and cache.current(group, kind):
+        if (  # _GroupCache.current, inlined: it runs for every group at every step
+            cache is not None
+            and cache.group is group
+            and group["params"] is cache.params
+            and cache.params.version == cache.params_version
+            and kind == cache.kind
+        ):
             return cache
         params = group["params"]
         self._check_params(list(params))
@@ -449,7 +455,9 @@ class FusedOptimizer(Optimizer):
                     from .kernels.multi_tensor import TableCache
 
                     table_cache = TableCache()
-                bucket = Bucket(params, [flat.param], {}, backend, dtype, table_cache, flat=flat)
+                bucket = Bucket(
+                    params, flat.launch_params, {}, backend, dtype, table_cache, flat=flat
+                )
             for p in params:
                 self._ensure_state(p, group)
             bucket.flat.check_steps(self.state)

@@ -81,7 +81,7 @@ class SGD(FusedOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def _state_kind(self, group: dict[str, Any]) -> tuple:
-        return (*super()._state_kind(group), group["momentum"] != 0)
+        return bool(group["master_weights"]), group["momentum"] != 0
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         if group["momentum"] == 0:

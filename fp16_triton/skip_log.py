@@ -9,8 +9,6 @@ from collections import deque
 
 import torch
 
-from .loss_scaler import LossScaler
-
 logger = logging.getLogger(__name__)
 
 __all__ = ["SkipLog"]
@@ -21,13 +19,15 @@ _SLOTS = 8  # CUDA: skip records in flight before one is dropped (its count is k
 class SkipLog:
     """Logs every skipped step without a host sync.
 
-    Each checked step fills ``record`` on the device: [steps skipped so far, skipped now, scale
-    attempted, hysteresis before, scale after, hysteresis after]. On CUDA an asynchronous copy
-    takes it to a ring of pinned slots, each with an event, and it is read once its event has
-    completed (at a later ``poll``: a step or two late); on the CPU it is read at once. Counts
-    come from the running total, so they add up even for records that could not be read (a
-    host more than ``_SLOTS`` steps ahead of the device, steps in CUDA graph capture): those
-    steps are reported together at the next record read, without their scales.
+    ``record`` (fp32, on the device) holds [steps skipped so far, skipped now, scale attempted,
+    hysteresis before, scale after, hysteresis after]: ``FP16Optimizer`` counts into the first
+    two (``total``, ``now``) and the loss scaler's update writes the rest (``scales``), so keeping
+    the record costs no extra op. On CUDA an asynchronous copy takes it to a ring of pinned
+    slots, each with an event, and it is read once its event has completed (at a later ``poll``:
+    a step or two late); on the CPU it is read at once. Counts come from the running total, so
+    they add up even for records that could not be read (a host more than ``_SLOTS`` steps ahead
+    of the device, steps in CUDA graph capture): those steps are reported together at the next
+    record read, without their scales.
     """
 
     def __init__(self, device: torch.device, dynamic: bool, reported: int = 0, last_step: int = 0):
@@ -35,26 +35,23 @@ class SkipLog:
         self.dynamic = dynamic
         self.reported = reported  # the running total at the last record read
         self.last_step = last_step  # the step of that record
-        self.record = torch.zeros(6, dtype=torch.float64, device=device)
-        self._no_hysteresis = torch.zeros((), dtype=torch.int64, device=device)
+        self.record = torch.zeros(6, dtype=torch.float32, device=device)
+        self.total, self.now, self.scales = self.record[0], self.record[1], self.record[2:]
         self._cuda = device.type == "cuda"
         if self._cuda:
-            self._host = torch.zeros(_SLOTS, 6, dtype=torch.float64, pin_memory=True)
+            self._host = torch.zeros(_SLOTS, 6, dtype=torch.float32, pin_memory=True)
             self._events = [torch.cuda.Event() for _ in range(_SLOTS)]
         self._pending: deque[tuple[int, int]] = deque()  # (slot, step), oldest first
         self._next_slot = 0
 
-    def _hysteresis(self, scaler: LossScaler) -> torch.Tensor:
-        return getattr(scaler, "_cur_hysteresis", self._no_hysteresis)
-
-    def before_update(self, total, now, scaler: LossScaler) -> None:
-        parts = [total, now, scaler.scale_tensor, self._hysteresis(scaler)]
-        torch.stack(parts, out=self.record[:4])
-
-    def after_update(self, scaler: LossScaler, step: int) -> None:
-        torch.stack([scaler.scale_tensor, self._hysteresis(scaler)], out=self.record[4:])
+    def after_update(self, step: int) -> None:
+        """Take this step's record (filled by the step and the scale update) to the host."""
         if not self._cuda:
-            self._report(step, self.record.tolist())
+            record = self.record.tolist()
+            if record[1] or record[0] != self.reported:
+                self._report(step, record)
+            else:
+                self.last_step = step
             return
         if torch.cuda.is_current_stream_capturing():
             return  # an event recorded in capture cannot be queried; the total covers it

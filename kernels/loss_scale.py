@@ -5,7 +5,8 @@ Why a kernel for five scalars: written as torch ops, the device-side update is ~
 launch; at one update per step that alone is more host time than the whole flat-buffer
 optimizer step. One program reads the state, decides and writes it back.
 
-Bytes per update: 5 scalars read and written (~60 bytes): launch-bound, not memory-bound.
+Bytes per update: 5 scalars read and written, 4 recorded (~76 bytes): launch-bound, not
+memory-bound.
 
 The rule, per update (``ov``: the overflow flag is non-zero)::
 
@@ -49,6 +50,7 @@ def _update_loss_scale_kernel(
     hysteresis,  # int: the configured hysteresis (DeepSpeed's delayed_shift), >= 1
     consecutive,  # int (0/1): refill hysteresis on every clean iteration
     raise_at_min,  # int (0/1): an overflow at the minimum scale sets the error flag
+    record_ptr,  # fp32 [4]: written: scale and hysteresis before, then after (for the skip log)
 ):
     ov = tl.load(overflow_ptr) != 0
     scale = tl.load(scale_ptr)
@@ -73,8 +75,14 @@ def _update_loss_scale_kernel(
     new_scale = tl.where(ov, scale_ov, scale_clean)
     new_hyst = tl.where(ov, hyst_ov, hyst_clean)
     new_last = tl.where(ov, it, last)
-    tl.store(scale_ptr, tl.where(freeze, scale, new_scale))
-    tl.store(cur_hysteresis_ptr, tl.where(freeze, hyst, new_hyst))
+    final_scale = tl.where(freeze, scale, new_scale)
+    final_hyst = tl.where(freeze, hyst, new_hyst)
+    tl.store(scale_ptr, final_scale)
+    tl.store(cur_hysteresis_ptr, final_hyst)
+    tl.store(record_ptr, scale)
+    tl.store(record_ptr + 1, hyst.to(tl.float32))
+    tl.store(record_ptr + 2, final_scale)
+    tl.store(record_ptr + 3, final_hyst.to(tl.float32))
     tl.store(last_overflow_iter_ptr, tl.where(freeze, last, new_last))
     tl.store(cur_iter_ptr, tl.where(freeze, it, it + 1))
     tl.store(error_ptr, freeze.to(tl.float32))
@@ -94,10 +102,13 @@ def update_loss_scale(
     hysteresis: int,
     consecutive: bool,
     raise_at_min: bool,
+    record: torch.Tensor | None = None,
 ) -> None:
     """Advance the scaler state (one-element tensors on one device: ``scale`` and ``error``
     fp32, the counters int64) by one iteration, in place and without a host sync.
-    ``overflow`` is any one-element tensor on that device; non-zero means overflow."""
+    ``overflow`` is any one-element tensor on that device; non-zero means overflow.
+    ``record``, a 4-element fp32 tensor on that device, receives the scale and hysteresis
+    before and after the update (what a skip log reports), at no extra launch."""
     device = scale.device
     for name, t, dtype in (
         ("scale", scale, torch.float32),
@@ -117,6 +128,10 @@ def update_loss_scale(
         # Compare before casting: a float64 flag of 1e-50 is an overflow, and would be 0.0 in
         # fp32. One small op, no sync; fp32 flags (ours, GradScaler's) skip it.
         overflow = (overflow != 0).to(torch.float32)
+    if record is None:
+        record = torch.empty(4, dtype=torch.float32, device=device)
+    elif record.numel() != 4 or record.dtype != torch.float32 or record.device != device:
+        raise ValueError(f"record must be a 4-element float32 tensor on {device}")
     with device_guard(device):
         _update_loss_scale_kernel[(1,)](
             overflow,
@@ -131,4 +146,5 @@ def update_loss_scale(
             int(hysteresis),
             int(bool(consecutive)),
             int(bool(raise_at_min)),
+            record,
         )

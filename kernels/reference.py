@@ -226,6 +226,7 @@ def update_loss_scale(
     hysteresis: int,
     consecutive: bool,
     raise_at_min: bool,
+    record: torch.Tensor | None = None,
 ) -> None:
     """Reference of ``kernels.loss_scale.update_loss_scale``, in torch ops that never sync
     (``torch.where`` instead of branches), so it also serves devices without Triton."""
@@ -254,8 +255,11 @@ def update_loss_scale(
     new_scale = torch.where(ov, scale_ov, scale_clean)
     new_hyst = torch.where(ov, hyst_ov, hyst_clean)
     new_last = torch.where(ov, it, last)
+    before = [scale.clone(), hyst.float()] if record is not None else None
     scale.copy_(torch.where(freeze, scale, new_scale))
     cur_hysteresis.copy_(torch.where(freeze, hyst, new_hyst))
     last_overflow_iter.copy_(torch.where(freeze, last, new_last))
     cur_iter.copy_(torch.where(freeze, it, it + 1))
     error.copy_(freeze.to(torch.float32))
+    if record is not None:
+        torch.stack([*before, scale, cur_hysteresis.float()], out=record)

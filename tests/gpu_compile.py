@@ -109,6 +109,7 @@ def main() -> None:
         "overflow_ptr": "*fp32", "scale_ptr": "*fp32", "error_ptr": "*fp32",
         "cur_hysteresis_ptr": "*i64", "cur_iter_ptr": "*i64", "last_overflow_iter_ptr": "*i64",
         "scale_window": "i32", "hysteresis": "i32", "consecutive": "i32", "raise_at_min": "i32",
+        "record_ptr": "*fp32",
     }  # fmt: skip
     ints = ("scale_window", "hysteresis", "consecutive", "raise_at_min")
     for name, ones in (("loss-scale-update", ()), ("loss-scale-update-ones", ints)):

@@ -300,6 +300,29 @@ def test_default_hysteresis_first_overflow_keeps_second_halves(path, device_upda
 
 
 @pytest.mark.parametrize("path", ["host", "tensor"])
+def test_update_records_scale_and_hysteresis_before_and_after(path, device_update):
+    """``record`` (what FP16Optimizer logs for a skipped step) gets the scale and hysteresis
+    before and after each update, as read from the scaler itself around the update; the
+    static scaler records its scale twice and no hysteresis."""
+    scaler = DynamicLossScaler(
+        init_scale=1024.0, hysteresis=2, scale_window=2, min_scale=256.0,
+        raise_error_at_min_scale=False,
+    )  # fmt: skip
+    flag = (lambda o: o) if path == "host" else (lambda o: torch.tensor(float(o)))
+    record = torch.full((4,), -1.0)
+    # overflow (hysteresis 2 -> 1), overflow (halves), clean, clean (grows), overflows to the
+    # minimum: every branch of the rule.
+    for overflow in (True, True, False, False, True, True, True):
+        before = [scaler.loss_scale, float(scaler.cur_hysteresis)]
+        scaler.update_scale(flag(overflow), record=record)
+        after = [scaler.loss_scale, float(scaler.cur_hysteresis)]
+        assert record.tolist() == before + after
+    static = LossScaler(8.0)
+    static.update_scale(flag(True), record=record)
+    assert record.tolist() == [8.0, 0.0, 8.0, 0.0]
+
+
+@pytest.mark.parametrize("path", ["host", "tensor"])
 def test_growth_after_scale_window_clean_iterations(path, device_update):
     scaler = DynamicLossScaler(init_scale=8.0, scale_window=3, hysteresis=1)
     flag = (lambda o: o) if path == "host" else (lambda o: torch.tensor(o))
