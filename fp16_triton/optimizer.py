@@ -561,8 +561,9 @@ class FusedOptimizer(Optimizer):
         grads once."""
         work = []
         self._step_plans: list[_GroupPlan] = []
-        for group in self.param_groups:
+        for group in self.param_groups:  # all of them before any group's state is made
             self._check_hyperparameters(group)
+        for group in self.param_groups:
             for bucket, grads in self._plan(group):
                 # torch refuses a grad whose dtype differs from its param's, so one grad's
                 # dtype speaks for the bucket; a change means the params were cast: regroup.
