@@ -97,6 +97,7 @@ class Bucket:
     grad_strides: list[tuple[int, ...]] = field(default_factory=list)
     # Grads laid out unlike their param: position -> a buffer in the param's layout.
     relaid: dict[int, torch.Tensor] = field(default_factory=dict)
+    kept_storages: list = field(default_factory=list)  # see FusedOptimizer._refresh_state_lists
 
     @classmethod
     def per_tensor(cls, params, grads, backend, cache, indices) -> Bucket:

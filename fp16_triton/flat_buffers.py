@@ -24,11 +24,13 @@ optimizer:
   share one step count): add params you will unfreeze as a group of their own when you
   unfreeze them.
 - Each step checks, in O(1), three signals against the last verified steps
-  (``FlatBuffers.steady``): the first and the last param's addresses, how many tensors
-  reference the param and grad buffers' storages, and how many in-place writes the grad views
-  took. Whatever replaces a grad or a param's data anywhere in the bucket changes one of them;
-  the step then checks every param and re-adopts those out of place (an O(n) pass, logged).
-  Loaded state is noticed through ``optimizer.state``. See ``steady`` for what is not noticed.
+  (``FlatBuffers.steady``): the first and the last param's addresses (data, grad and state
+  views), how many tensors reference the param, grad and state buffers' storages, and how many
+  in-place writes the grad views took. Whatever replaces a grad, a param's data or a state
+  view's memory anywhere in the bucket changes one of them; the step then checks every param
+  and re-adopts those out of place (an O(n) pass, logged), reading every source before writing
+  any slot (params may have swapped slots). State assigned through ``optimizer.state`` is
+  noticed by its write count. See ``steady`` for what is not noticed.
 - Views of params made before adoption (``self.dec_w = self.mid.weight.t()``) keep the old
   storage: adoption counts them and warns.
 - The params share storage: ``torch.save`` of one param (or one state tensor) writes its whole
@@ -95,6 +97,7 @@ class FlatBuffers:
             lst.addresses, lst.numels = (lst[0].data_ptr(),), (total,)
         self.state: dict[str, torch.Tensor] = {}
         self.state_views: dict[str, list[torch.Tensor]] = {}
+        self._state_ptrs: dict[str, list[int]] = {}
         self.step: torch.Tensor | None = None
         # No param or grad view is kept here (views are made when adopting): each one alive
         # holds a reference to its buffer's storage, and the per-step check counts them.
@@ -114,13 +117,15 @@ class FlatBuffers:
         return [self._view(flat, i) for i in range(len(self.params))]
 
     def _in_place(self, i: int) -> bool:
-        """Param ``i``'s data and grad are (still) its slots of the buffers."""
+        """Param ``i``'s data, grad and state views are (still) its slots of the buffers (a
+        state view's ``.data`` may have been replaced)."""
         p = self.params[i]
         g = p.grad
         return (
             g is not None
             and g.data_ptr() == self._grad_ptrs[i]
             and p.data_ptr() == self._param_ptrs[i]
+            and all(self.state_views[n][i].data_ptr() == a[i] for n, a in self._state_ptrs.items())
         )
 
     def fits(self, params: list[torch.Tensor]) -> bool:
@@ -135,6 +140,14 @@ class FlatBuffers:
             and p.stride() == stride
             for p, q, shape, stride in zip(params, self.params, self.shapes, self.strides)
         )
+
+    def grads_in_place(self) -> bool:
+        """Whether every adopted param still has its grad view (for ``zero_grad``): O(1) when
+        the storages' reference counts are those of the last verified step, else O(n)."""
+        counts = self._reference_counts()
+        if counts is None or counts != self._references:
+            return self.all_in_place()
+        return self.ends_in_place()
 
     def ends_in_place(self) -> bool:
         """O(1): the first and last params still have their views as data and grad."""
@@ -204,13 +217,16 @@ class FlatBuffers:
             _storage_use_count(cdata) - 1 - n_params for cdata, (_, n_params) in leaving.items()
         )
 
-    def check_steps(self, state: dict) -> None:
-        """Raise, before anything moves, if the params' step counts differ: a flat bucket has
-        one (they differ only in state from a run without flat buffers in which some params
-        had no grad at some step)."""
-        steps = [state[p]["step"] for p in self.params if "step" in state[p]]
+    @staticmethod
+    def check_steps(params: list[torch.Tensor], state: dict) -> None:
+        """Raise, before anything is written, if the params' step counts differ: a flat bucket
+        has one (they differ only in state from a run without flat buffers in which some params
+        had no grad at some step, or after one param's count was reset)."""
+        steps = [state[p]["step"] for p in params if "step" in state.get(p, {})]
+        steps = [s if isinstance(s, torch.Tensor) else torch.tensor(float(s)) for s in steps]
         if len(steps) > 1 and any(s is not steps[0] for s in steps):
-            values = torch.stack([s.reshape(()).to(self.device) for s in steps])
+            device = steps[0].device
+            values = torch.stack([s.reshape(()).to(device, torch.float32) for s in steps])
             if not bool((values == values[0]).all()):  # one sync, at adoption only
                 raise ValueError(
                     "flat_buffers=True: the params of one group have different step counts "
@@ -223,38 +239,59 @@ class FlatBuffers:
     def adopt(self, state: dict) -> int:
         """Move each param's data, grad and state (``state``: the optimizer's, already created
         for every param) into the buffers and make them views. Returns the number of params
-        whose data or grad had to be moved (0 when everything was in place)."""
+        whose data or grad had to be moved (0 when everything was in place).
+
+        Everything to move is read before anything is written: a param's new data may be
+        another param's slot of this very buffer (``p.data, q.data = q.data, p.data``), which
+        the first copy would otherwise overwrite before the second reads it."""
         moved = 0
+        data, grads = {}, {}
         for i, p in enumerate(self.params):
-            changed = False
             if p.data_ptr() != self._param_ptrs[i]:
-                view = self._view(self.param, i)
-                view.copy_(p.detach())
-                p.data = view
-                changed = True
+                data[i] = _detached(p.detach(), self.param)
             g = p.grad
             if g is None or g.data_ptr() != self._grad_ptrs[i]:
-                view = self._view(self.grad, i)
-                if g is None:
-                    view.zero_()  # no grad: stepped with zeros (see the module docstring)
-                else:
-                    view.copy_(g)
-                p.grad = view
-                changed = True
-            moved += changed
-        self._references = None  # relearned at the next verified step
-        first = state[self.params[0]]
-        for name in [n for n, t in first.items() if isinstance(t, torch.Tensor)]:
+                grads[i] = None if g is None else _detached(g, self.grad)
+            moved += i in data or i in grads
+        names = [n for n, t in state[self.params[0]].items() if isinstance(t, torch.Tensor)]
+        incoming: dict[str, dict[int, torch.Tensor]] = {}
+        for name in names:
             if name == "step":
-                self._adopt_step(state)
                 continue
+            ptrs = self._state_ptrs.get(name)
+            incoming[name] = {
+                i: _detached(state[p][name], self.state[name]) if ptrs else state[p][name]
+                for i, p in enumerate(self.params)
+                if ptrs is None
+                or state[p][name] is not self.state_views[name][i]
+                or state[p][name].data_ptr() != ptrs[i]
+            }
+        for i, value in data.items():
+            view = self._view(self.param, i)
+            view.copy_(value)
+            self.params[i].data = view
+        for i, value in grads.items():
+            view = self._view(self.grad, i)
+            if value is None:
+                view.zero_()  # no grad: stepped with zeros (see the module docstring)
+            else:
+                view.copy_(value)
+            self.params[i].grad = view
+        self._references = None  # relearned at the next verified step
+        if "step" in names:
+            self._adopt_step(state)
+        for name, values in incoming.items():
             if name not in self.state:
                 self.state[name] = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
                 self.state_views[name] = self._views(self.state[name])
-            for p, view in zip(self.params, self.state_views[name]):
-                if state[p].get(name) is not view:
-                    view.copy_(state[p][name])
-                    state[p][name] = view
+                size = self.state[name].element_size()
+                base = self.state[name].data_ptr()
+                self._state_ptrs[name] = [base + o * size for o in self.offsets]
+                self._storages.append(self.state[name].untyped_storage()._cdata)
+            for i, value in values.items():
+                view = self.state_views[name][i] = self._view(self.state[name], i)
+                view.copy_(value)
+                state[self.params[i]][name] = view
         return moved
 
     def _adopt_step(self, state: dict) -> None:
@@ -265,3 +302,11 @@ class FlatBuffers:
             self.step.copy_(first.reshape(()))
         for p in self.params:
             state[p]["step"] = self.step
+
+
+def _detached(t: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``t`` as a source to copy into ``buffer``: a copy of it if it lies in ``buffer``'s own
+    storage (another slot, about to be overwritten), else ``t`` itself."""
+    if t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+        return t.clone()
+    return t

@@ -254,7 +254,6 @@ class FP16Optimizer(Optimizer):
                 loss = closure()
         self._skip_log.poll()  # earlier steps' records that have landed (CUDA)
         self.loss_scaler.raise_if_error()
-        self._step_calls += 1
         scaler = self.loss_scaler
         scaling = self._scaling
         if self.fused:
@@ -268,6 +267,7 @@ class FP16Optimizer(Optimizer):
             for g in grads:
                 by_device.setdefault(g.device, []).append(g)
             grad_groups = list(by_device.values())
+        self._step_calls += 1  # past what can refuse the step (a refused step is no step)
         if not grad_groups:
             return loss
         needs_check = self.check_nonfinite or scaling or self.clip_grad > 0
@@ -358,6 +358,13 @@ class FP16Optimizer(Optimizer):
         if norm_sq is not None:
             factor = factor * torch.clamp(self.clip_grad / (norm_sq.sqrt() + 1e-6), max=1.0)
         for model_param, master in self._masters:
+            if master is not model_param:
+                # A param written since the last step (p.clamp_(), model.load_state_dict) is
+                # what torch.optim would step: its master takes it where it no longer rounds
+                # to it, as in the fused kernels.
+                m, p = local(master).detach(), local(model_param).detach()
+                written = m.to(p.dtype).view(torch.int16) != p.view(torch.int16)
+                m.copy_(torch.where(written, p.float(), m))
             if model_param.grad is None:
                 master.grad = None
                 continue
@@ -474,8 +481,9 @@ class FP16Optimizer(Optimizer):
         self._skip_log.reported, self._skip_log.last_step = skipped_steps, step_calls
 
     def refresh_fp32_params(self) -> None:
-        """Copy the model's params into the fp32 masters (after loading model weights alone:
-        otherwise the next step would overwrite them from stale masters)."""
+        """Copy the model's params into the fp32 masters (DeepSpeed's name). Not needed: a step
+        starts from any param written since the last one (see ``FusedOptimizer.
+        refresh_master_weights``); kept for code written for DeepSpeed."""
         with torch.no_grad():
             if self.fused:
                 self.optimizer.refresh_master_weights()

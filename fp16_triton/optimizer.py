@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,22 @@ class _GroupCache:
         )
 
 
+_Work = list[tuple[Bucket, list[torch.Tensor]]]  # a group's (bucket, grads) for one step
+
+
+@dataclass
+class _Rebuild:
+    """A group whose buckets this step must (re)build: every group's is checked before any
+    group's is built, so that a refused step writes nothing."""
+
+    group: dict[str, Any]
+    cache: _GroupCache
+    key: Any = None  # per-tensor: which params have grads
+    active: list[torch.Tensor] | None = None  # per-tensor: those params; flat: the adopted
+    grads: list[torch.Tensor] | None = None  # per-tensor: their grads
+    plan: _GroupPlan | None = None  # flat buffers: the stale plan, if any
+
+
 class FusedOptimizer(Optimizer):
     """Base class of ``Adam``, ``AdamW`` and ``SGD``: see the module docstring.
 
@@ -108,24 +125,46 @@ class FusedOptimizer(Optimizer):
         self._warned_readopt = False  # flat buffers: the re-adoption warning is logged once
         self._logged: set[str] = set()  # notes logged once per optimizer
         self._groups: dict[int, _GroupCache] = {}
+        # Each param's dtype when its state was last made whole: a cast between fp16 and bf16
+        # remakes its master (weak references: the optimizer does not keep params alive).
+        self._dtypes: dict[int, tuple[weakref.ref, torch.dtype]] = {}
         defaults = dict(defaults, master_weights=bool(master_weights))
         super().__init__(params, defaults)
-        self.state = OptimizerState(self.state)
+
+    @property
+    def state(self) -> OptimizerState:
+        """``optimizer.state`` (see ``tracked.OptimizerState``)."""
+        return self._state
+
+    @state.setter
+    def state(self, value) -> None:
+        # Assigning a new mapping (torch's __init__ and __setstate__ do, and so may users, to
+        # restart every param) keeps the write counting and drops every cached plan.
+        self._state = value if isinstance(value, OptimizerState) else OptimizerState(value)
+        self._groups = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["backend"] = self.backend
         state["flat_buffers"] = self.flat_buffers
+        # The dtype each param's state was made for, keyed by the param (copied with it).
+        state["state_dtypes"] = {
+            p: entry[1]
+            for p in self.state
+            if (entry := self._dtypes.get(id(p))) is not None and entry[0]() is p
+        }
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        optimizer_state = state.pop("state", {})  # through the property, not into __dict__
+        dtypes = state.pop("state_dtypes", {})
         super().__setstate__(state)
         self.__dict__.setdefault("flat_buffers", False)
         self._warned_readopt = False
         self._logged = set()
-        self._groups = {}  # buckets hold tensors of the original: rebuilt on the next step
-        if not isinstance(self.state, OptimizerState):
-            self.state = OptimizerState(self.state)
+        self.state = optimizer_state  # also drops cached plans: they hold the original's tensors
+        self._dtypes = {id(p): (weakref.ref(p), dtype) for p, dtype in dtypes.items()}
 
     # ----------------------------------------------------------------- param groups and checks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -246,6 +285,12 @@ class FusedOptimizer(Optimizer):
                     )
                 continue
             if not isinstance(value, torch.Tensor):
+                if value is not None and name in self._state_names + ("master_param",):
+                    raise TypeError(
+                        f"state {name!r} of {self._describe(p)} is a {type(value).__name__}; "
+                        "it must be a tensor of the param's shape (or be deleted to start "
+                        "afresh)"
+                    )
                 continue
             if not value.is_floating_point():
                 raise TypeError(
@@ -276,16 +321,25 @@ class FusedOptimizer(Optimizer):
             new = self._new_state(p, group)
             if new or state is None:
                 self.state[p] = new
-            return
-        _normalize_state(p, state)
-        self._complete_state(p, group, state)
-        self._follow_dtype(p, group, state)
+        else:
+            _normalize_state(p, state)
+            self._complete_state(p, group, state)
+            self._follow_dtype(p, group, state)
+        self._remember_dtypes([p])
+
+    def _remember_dtypes(self, params: Iterable[torch.Tensor]) -> None:
+        """Note the dtype each param's state was made for (see ``_follow_dtype``)."""
+        for p in params:
+            self._dtypes[id(p)] = (weakref.ref(p), p.dtype)
 
     def _follow_dtype(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
         """An fp16/bf16 param with masters on gets an fp32 master from its current value (after
-        ``model.half()``, or state loaded without masters); an fp32 param (or masters off)
-        drops its master and is its own master."""
+        ``model.half()``, a cast between fp16 and bf16, or state loaded without masters); an
+        fp32 param (or masters off) drops its master and is its own master."""
         wants_master = bool(group["master_weights"]) and p.dtype in LOW_PRECISION
+        seen = self._dtypes.get(id(p))
+        if wants_master and seen is not None and seen[0]() is p and seen[1] != p.dtype:
+            state.pop("master_param", None)  # cast from the other low precision: remade below
         if wants_master and "master_param" not in state:
             state["master_param"] = like_param(local(p).detach().float().clone(), p)
             self._log_once(
@@ -328,9 +382,10 @@ class FusedOptimizer(Optimizer):
 
     @torch.no_grad()
     def refresh_master_weights(self) -> None:
-        """Copy the params into their fp32 masters. Call it after loading model weights alone
-        (``model.load_state_dict``) into a model whose optimizer has state: the next step
-        would otherwise start from the old masters and overwrite the loaded weights."""
+        """Copy the params into their fp32 masters (Apex's and DeepSpeed's call after loading
+        model weights alone). Not needed here: a step starts from any param whose bits are no
+        longer its master's rounding (``kernels.common.load_grad_and_weight``); calling it
+        also drops the masters' extra precision where the params were not written."""
         for group in self.param_groups:
             for p in group["params"]:
                 master = self.state.get(p, {}).get("master_param")
@@ -338,10 +393,10 @@ class FusedOptimizer(Optimizer):
                     master.copy_(p)
 
     # ------------------------------------------------------------------------------ steps
-    def _plan(self, group: dict[str, Any]) -> list[tuple[Bucket, list[torch.Tensor]]]:
-        """This step's ``(bucket, grads)`` pairs of ``group``: cached buckets while what they
-        were built from holds (see the module docstring), else rebuilt. One pass reads every
-        ``p.grad`` (a costly attribute at 10k params)."""
+    def _plan(self, group: dict[str, Any]) -> _Work | _Rebuild:
+        """This step's ``(bucket, grads)`` pairs of ``group`` while its cached buckets still hold
+        (see the module docstring), else what must be rebuilt. One pass reads every ``p.grad``
+        (a costly attribute at 10k params)."""
         if self.flat_buffers:
             return self._flat_plan(group)
         cache = self._group_cache(group)
@@ -360,20 +415,94 @@ class FusedOptimizer(Optimizer):
             if all(g is not None for _, g in work):
                 self._step_plans.append(plan)
                 return work
+        return _Rebuild(group, cache, key, list(active), grads)
+
+    def _flat_plan(
+        self, group: dict[str, Any]
+    ) -> list[tuple[Bucket, list[torch.Tensor]]] | _Rebuild:
+        """The group's flat buckets: O(1) when nothing was replaced since the last step (plus
+        one ``requires_grad`` read per param of the group that was left out as frozen)."""
+        cache = self._group_cache(group)
+        plan = cache.plans.get(_FLAT)
+        if plan is not None and any(p.requires_grad for p in plan.others):
+            raise ValueError(
+                "flat_buffers=True: a param that did not require grad when the optimizer adopted "
+                "its group's params now does; the params of a flat buffer share one step count, "
+                "so a param cannot join it mid-run. Leave the params you will unfreeze out of "
+                "this optimizer's groups and add them as a group of their own when you unfreeze "
+                "them (optimizer.add_param_group), or use flat_buffers=False"
+            )
+        if plan is not None and plan.state_version == self.state.version:
+            unsteady = {id(b) for b in plan.buckets if not b.flat.steady()}
+            # O(n), now and then: only for buckets whose O(1) check disagreed.
+            if all(b.flat.all_in_place() for b in plan.buckets if id(b) in unsteady):
+                for bucket in plan.buckets:
+                    bucket.flat.start_step(verified=id(bucket) in unsteady)
+                self._step_plans.append(plan)
+                return [(bucket, bucket.grads(None)) for bucket in plan.buckets]
+        return _Rebuild(group, cache, plan=plan)
+
+    def _check_rebuild(self, rebuild: _Rebuild) -> None:
+        """Raise, before anything is written, unless the group's buckets can be rebuilt: every
+        param, grad and state tensor checked (with flat buffers, every param that requires
+        grad, and the group's one step count)."""
+        group = rebuild.group
+        if self.flat_buffers:
+            adopted = [p for p in group["params"] if p.requires_grad]
+            rebuild.active = adopted
+            if rebuild.plan is None and all(p.grad is None for p in adopted):
+                return  # no grad yet: nothing to adopt
+            grads = [p.grad for p in adopted]
+        else:
+            adopted, grads = rebuild.active, rebuild.grads
+        self._check_params(adopted)
+        for p, g in zip(adopted, grads):
+            if g is not None:
+                self._check_grad(p, g)
+            self._check_state(p, group)
+        if not self.flat_buffers:
+            _check_unshared(self.state, adopted)
+            return
+        elsewhere = {id(q) for g in self.param_groups if g is not group for q in g["params"]}
+        if any(id(p) in elsewhere for p in adopted):
+            raise ValueError(
+                "flat_buffers=True: a param of this group is in another param group too; a "
+                "param lives in one flat buffer, so it can be in one group only (torch.optim "
+                "would step it once per group)"
+            )
+        FlatBuffers.check_steps(adopted, self.state)
+        counted = ["step" in (self.state.get(p) or {}) for p in adopted]
+        if any(counted) and not all(counted):
+            newcomer = adopted[counted.index(False)]
+            raise ValueError(
+                f"flat_buffers=True: {self._describe(newcomer)} has no step count while other "
+                "params of its group have taken steps (it was added to the group's params "
+                "list, its state was deleted, or a loaded state dict had none for it); the "
+                "params of a flat buffer share one step count. Add new params as a group of "
+                "their own (optimizer.add_param_group), or use flat_buffers=False"
+            )
+
+    def _rebuild(self, rebuild: _Rebuild) -> _Work:
+        """Rebuild a group's buckets (checked by ``_check_rebuild``): complete the state, and
+        group the params into buckets or adopt them into flat buffers."""
+        if self.flat_buffers:
+            buckets = self._adopt_group(rebuild)
+            for bucket in buckets:
+                bucket.flat.start_step(verified=False)
+            if _FLAT in rebuild.cache.plans:
+                self._step_plans.append(rebuild.cache.plans[_FLAT])
+            return [(bucket, bucket.grads(None)) for bucket in buckets]
+        cache, group, active, grads = rebuild.cache, rebuild.group, rebuild.active, rebuild.grads
         if len(cache.plans) >= _MAX_CACHED_ACTIVE_SETS:
             cache.plans.clear()
-        plan = cache.plans[key] = _GroupPlan(self._build_buckets(group, active, grads))
+        plan = cache.plans[rebuild.key] = _GroupPlan(self._build_buckets(group, active, grads))
         self._step_plans.append(plan)
         return [(bucket, bucket.grads(grads)) for bucket in plan.buckets]
 
     def _build_buckets(
         self, group: dict[str, Any], active: list[torch.Tensor], grads: list[torch.Tensor]
     ) -> list[Bucket]:
-        """Check every active param, grad and state, then (only then) complete the state and
-        group the params into buckets."""
-        for p, g in zip(active, grads):
-            self._check_grad(p, g)
-            self._check_state(p, group)
+        """Complete the state of the (checked) active params and group them into buckets."""
         # One bucket per (device, dtypes, alignment): a param of odd size or address gets its
         # own launch rather than taking 128-bit loads away from the others.
         by_key: dict[tuple, list[int]] = {}
@@ -399,47 +528,13 @@ class FusedOptimizer(Optimizer):
             buckets.append(bucket)
         return buckets
 
-    def _flat_plan(self, group: dict[str, Any]) -> list[tuple[Bucket, list[torch.Tensor]]]:
-        """The group's flat buckets: O(1) when nothing was replaced since the last step (plus
-        one ``requires_grad`` read per param of the group that was left out as frozen)."""
-        cache = self._group_cache(group)
-        plan = cache.plans.get(_FLAT)
-        if plan is not None and any(p.requires_grad for p in plan.others):
-            raise ValueError(
-                "flat_buffers=True: a param that did not require grad when the optimizer adopted "
-                "its group's params now does; the params of a flat buffer share one step count, "
-                "so a param cannot join it mid-run. Leave the params you will unfreeze out of "
-                "this optimizer's groups and add them as a group of their own when you unfreeze "
-                "them (optimizer.add_param_group), or use flat_buffers=False"
-            )
-        if plan is not None and plan.state_version == self.state.version:
-            unsteady = {id(b) for b in plan.buckets if not b.flat.steady()}
-            # O(n), now and then: only for buckets whose O(1) check disagreed.
-            if all(b.flat.all_in_place() for b in plan.buckets if id(b) in unsteady):
-                for bucket in plan.buckets:
-                    bucket.flat.start_step(verified=id(bucket) in unsteady)
-                self._step_plans.append(plan)
-                return [(bucket, bucket.grads(None)) for bucket in plan.buckets]
-        buckets = self._adopt_group(group, plan, cache)
-        for bucket in buckets:
-            bucket.flat.start_step(verified=False)
-        if _FLAT in cache.plans:
-            self._step_plans.append(cache.plans[_FLAT])
-        return [(bucket, bucket.grads(None)) for bucket in buckets]
-
-    def _adopt_group(
-        self, group: dict[str, Any], plan: _GroupPlan | None, cache: _GroupCache
-    ) -> list[Bucket]:
-        """(Re)build the group's flat buckets and move every param's data, grad and state into
-        them: at the first step, and after grads, data or state were replaced from outside (an
-        O(n) pass). Everything is checked before anything moves."""
-        adopted = [p for p in group["params"] if p.requires_grad]
+    def _adopt_group(self, rebuild: _Rebuild) -> list[Bucket]:
+        """(Re)build the group's flat buckets and move every (checked) param's data, grad and
+        state into them: at the first step, and after grads, data or state were replaced from
+        outside (an O(n) pass)."""
+        group, plan, adopted = rebuild.group, rebuild.plan, rebuild.active
         if plan is None and all(p.grad is None for p in adopted):
             return []  # no grad yet: like torch, a step before any backward changes nothing
-        for p in adopted:  # before any state is created or anything moves
-            if p.grad is not None:
-                self._check_grad(p, p.grad)
-            self._check_state(p, group)
         by_key: dict[tuple, list[torch.Tensor]] = {}
         for p in adopted:
             by_key.setdefault((p.device, p.dtype), []).append(p)
@@ -460,7 +555,6 @@ class FusedOptimizer(Optimizer):
                 )
             for p in params:
                 self._ensure_state(p, group)
-            bucket.flat.check_steps(self.state)
             buckets.append(bucket)
         foreign = sum(bucket.flat.foreign_views() for bucket in buckets)
         if foreign:
@@ -489,7 +583,7 @@ class FusedOptimizer(Optimizer):
                 moved,
             )
         others = [p for p in group["params"] if not p.requires_grad]
-        cache.plans = {_FLAT: _GroupPlan(buckets, self.state.version, others)}
+        rebuild.cache.plans = {_FLAT: _GroupPlan(buckets, self.state.version, others)}
         return buckets
 
     def _refresh_state_lists(self, bucket: Bucket) -> int:
@@ -506,6 +600,12 @@ class FusedOptimizer(Optimizer):
             bucket.state["step"] = [flat.step] if flat.step is not None else None
         else:
             bucket.state = {name: self._state_list(bucket.params, name) for name in names}
+            if bucket.cache is not None:
+                # The launch tables hold the state's addresses; a state tensor whose memory is
+                # replaced (state[p]["exp_avg"].data = t, .set_()) must not free it under them.
+                bucket.kept_storages = [
+                    t.untyped_storage() for lst in bucket.state.values() if lst for t in lst
+                ]
         if bucket.cache is not None:
             bucket.cache.state_version += 1
         return moved
@@ -526,10 +626,12 @@ class FusedOptimizer(Optimizer):
                 continue
             for bucket in plan.buckets:
                 bucket.flat.grad.zero_()
-            if all(b.flat.ends_in_place() for b in plan.buckets):
+            if all(b.flat.grads_in_place() for b in plan.buckets):
                 zero_grads(plan.others, set_to_none)
-            else:  # grads replaced from outside: torch's semantics; the next step re-adopts
-                zero_grads(group["params"], set_to_none)
+            else:  # grads replaced from outside: zeroed in place too (the next step re-adopts)
+                adopted = [p for p in group["params"] if p.requires_grad]
+                zero_grads(adopted, set_to_none=False)
+                zero_grads(plan.others, set_to_none)
 
     def _check_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         """Raise unless ``grad`` (``p``'s) is dense and has ``p``'s shape (before anything
@@ -563,8 +665,12 @@ class FusedOptimizer(Optimizer):
         self._step_plans: list[_GroupPlan] = []
         for group in self.param_groups:  # all of them before any group's state is made
             self._check_hyperparameters(group)
-        for group in self.param_groups:
-            for bucket, grads in self._plan(group):
+        planned = [(group, self._plan(group)) for group in self.param_groups]
+        for _, plan in planned:
+            if isinstance(plan, _Rebuild):
+                self._check_rebuild(plan)
+        for group, plan in planned:
+            for bucket, grads in self._rebuild(plan) if isinstance(plan, _Rebuild) else plan:
                 # torch refuses a grad whose dtype differs from its param's, so one grad's
                 # dtype speaks for the bucket; a change means the params were cast: regroup.
                 if grads[0].dtype != bucket.grad_dtype:
@@ -705,6 +811,7 @@ class FusedOptimizer(Optimizer):
         self.state.clear()
         self.state.update(new_state)
         self._groups.clear()
+        self._remember_dtypes(new_state)
 
     def _import_state(self, p, group, saved: dict[str, Any], key) -> dict[str, torch.Tensor]:
         """Convert one param's saved state to ours (checked, fp32, on ``p``'s device with
@@ -770,13 +877,18 @@ def _normalize_state(p: torch.Tensor, state: dict[str, Any]) -> None:
     param's strides. Writes only the entries that change."""
     shard = local(p)
     for name, value in list(state.items()):
-        if name == "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = torch.tensor(float(value))
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            continue
-        if name == "step":
-            if value.device != shard.device or value.dtype != torch.float32 or value.dim():
+        if name == "step":  # torch accepts numbers and integer tensors too
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(float(value))
+            if (
+                value is not state[name]
+                or value.device != shard.device
+                or value.dtype != torch.float32
+                or value.dim()
+            ):
                 state[name] = value.detach().to(shard.device, torch.float32).reshape(())
+            continue
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             continue
         lv = local(value)
         if lv is not value:  # a DTensor (FSDP2): sharded like the param
@@ -821,3 +933,20 @@ def torch_compat_options(foreach, capturable, differentiable, fused) -> dict[str
     if capturable is not None:
         options["capturable"] = bool(capturable)
     return options
+
+
+def _check_unshared(state, params: list[torch.Tensor]) -> None:
+    """Raise unless no state tensor is shared by two params (``state[p]["step"] = z`` for
+    several ``p``): each param's state is its own, and torch.optim would count such a step once
+    per param (at rebuilds only: O(n))."""
+    seen: dict[int, int] = {}
+    for i, p in enumerate(params):
+        for name, value in state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                j = seen.setdefault(id(value), i)
+                if j != i:
+                    raise ValueError(
+                        f"state {name!r} is one tensor for two params (active params {j} and {i} "
+                        "of a param group); give each param its own (e.g. torch.tensor(0.0) per "
+                        "param for 'step')"
+                    )

@@ -13,6 +13,10 @@ decay), with the loss-scale division and the clip coefficient folded in::
     p = p - (lr / (1 - beta1**step)) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)
     param = round_to_nearest_even(p)        # when a low-precision param has an fp32 master
 
+With a master, ``p`` starts from the param instead wherever the param's bits are not the
+master's rounding: the param was written since the last step, and torch.optim would step what
+it holds (``common.load_grad_and_weight``).
+
 Bias corrections are computed per program in fp64 from the device step count (binary
 exponentiation of ``1 - (1 - beta)``, a few fp64 roundings): no transcendental functions, so
 GPUs and the interpreter agree, and ``1 - beta2**step`` keeps fp32 precision even at step 1
@@ -20,8 +24,9 @@ GPUs and the interpreter agree, and ``1 - beta2**step`` keeps fp32 precision eve
 If ``found_inf`` is non-zero nothing at all is written and step counts do not advance.
 
 Bytes per element (fp16 param, fp16 grad, fp32 master/exp_avg/exp_avg_sq):
-reads grad 2 + master 4 + exp_avg 4 + exp_avg_sq 4 = 14, writes master 4 + exp_avg 4 +
-exp_avg_sq 4 + param 2 = 14: **28 bytes**. amsgrad adds 8 (read and write max_exp_avg_sq).
+reads grad 2 + master 4 + param 2 (is it still the master's rounding?) + exp_avg 4 +
+exp_avg_sq 4 = 16, writes master 4 + exp_avg 4 + exp_avg_sq 4 + param 2 = 14: **30 bytes**.
+amsgrad adds 8 (read and write max_exp_avg_sq).
 fp32 params without master: read g 4 + p 4 + m 4 + v 4, write p 4 + m 4 + v 4 = 28 bytes.
 fp16 params without a master: 22 bytes. A skipped step reads only the flag.
 Step counts: 8 bytes per tensor, not per element.
@@ -106,8 +111,8 @@ def _adam_kernel(
 ):
     """One Adam/AdamW update of one chunk of one tensor (see the module docstring).
 
-    Bytes per element, fp16 param and grad with fp32 master and moments: read 2 + 4 + 4 + 4,
-    write 4 + 4 + 4 + 2 = 28 (amsgrad +8; fp32 params 28; fp16 without master 22)."""
+    Bytes per element, fp16 param and grad with fp32 master and moments: read 2 + 4 + 2 + 4 +
+    4, write 4 + 4 + 4 + 2 = 30 (amsgrad +8; fp32 params 28; fp16 without master 22)."""
     tensor, start, numel = program_chunk(
         chunk_map, n_programs, numels, found_inf_ptr, HAS_FOUND_INF, ALIGNED, CHUNK
     )

@@ -110,11 +110,21 @@ def load_grad_and_weight(
     HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):  # fmt: skip
     """A block's fp32 grad, unscaled, clipped and signed in torch's order, and its fp32
-    weight (the master, or the widened param when there is none): the step kernels' shared
-    first half."""
+    weight: the step kernels' shared first half.
+
+    The weight is the master, unless the param's bits are no longer the master's rounding:
+    then the param was written since the last step (``p.clamp_()``, ``model.load_state_dict``,
+    ``p.data = ...``), and, as torch.optim would, the step starts from what the param holds
+    (its master is replaced by it). That check reads the param: 2 bytes per element. Without a
+    master the weight is the widened param."""
     g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
     if HAS_MASTER:
         p = tl.load(master + offsets, mask=mask, other=0.0)
+        q = tl.load(param + offsets, mask=mask, other=0.0)
+        written = round_to(p, PARAM_DTYPE).to(tl.uint16, bitcast=True) != q.to(
+            tl.uint16, bitcast=True
+        )
+        p = tl.where(written, widen(q, PARAM_DTYPE), p)
     else:
         p = widen(tl.load(param + offsets, mask=mask, other=0.0), PARAM_DTYPE)
     if HAS_GRAD_SCALE:

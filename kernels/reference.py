@@ -92,10 +92,16 @@ def _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize):
 
 def _fp32_weights(params, masters) -> list[torch.Tensor]:
     """The fp32 weights the update runs on: the masters, else the params (fp32 copies of
-    low-precision params without a master, written back rounded by ``_write_back``)."""
-    if masters is not None:
-        return list(masters)
-    return [p.float() for p in params]
+    low-precision params without a master, written back rounded by ``_write_back``). A master
+    whose rounding is no longer its param's bits (the param was written since the last step)
+    takes the param's value there first, as the kernels do."""
+    if masters is None:
+        return [p.float() for p in params]
+    masters = list(masters)
+    for p, m in zip(params, masters):
+        written = m.to(p.dtype).view(torch.int16) != p.view(torch.int16)
+        m.copy_(torch.where(written, p.float(), m))
+    return masters
 
 
 def _write_back(params, weights) -> None:

@@ -14,8 +14,9 @@ The "first step" is read from the tensor's device step count (0 before its first
 a skipped step cannot consume it. With ``momentum == 0`` there is no buffer and no step count.
 
 Bytes per element (fp16 param and grad, fp32 master and momentum buffer): reads grad 2 +
-master 4 + buf 4 = 10, writes master 4 + buf 4 + param 2 = 10: **20 bytes**; without momentum
-12. fp32 params (their own master), with momentum: read g, p, buf, write p, buf = 20 bytes;
+master 4 + param 2 (is it still the master's rounding? see ``kernels/adam.py``) + buf 4 = 12,
+writes master 4 + buf 4 + param 2 = 10: **22 bytes**; without momentum 14. fp32 params (their
+own master), with momentum: read g, p, buf, write p, buf = 20 bytes;
 fp16 params without a master, with momentum: read g 2, p 2, buf 4, write p 2, buf 4 = 14.
 """
 
@@ -78,8 +79,8 @@ def _sgd_kernel(
 ):
     """One SGD update of one chunk of one tensor (see the module docstring).
 
-    Bytes per element, fp16 param and grad with fp32 master and buffer: read 2 + 4 + 4, write
-    4 + 4 + 2 = 20 (12 without momentum; fp32 params 20; fp16 without master 14)."""
+    Bytes per element, fp16 param and grad with fp32 master and buffer: read 2 + 4 + 2 + 4,
+    write 4 + 4 + 2 = 22 (14 without momentum; fp32 params 20; fp16 without master 14)."""
     tensor, start, numel = program_chunk(
         chunk_map, n_programs, numels, found_inf_ptr, HAS_FOUND_INF, ALIGNED, CHUNK
     )

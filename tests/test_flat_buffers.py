@@ -566,15 +566,17 @@ class _Counts:
 )
 def test_steady_steps_take_no_o_n_path(monkeypatch, name, kwargs, dtype):
     """Two param groups, plain loop: one adoption per group at the first step, one full check
-    per bucket at the second (to learn the steady cycle), then nothing O(n)."""
+    per bucket by the zero_grad after it and one at the second step (the storages' reference
+    counts are learned at a verified step), then nothing O(n)."""
     counts = _Counts(monkeypatch)
     model = _deep_model(dtype)
     groups = [{"params": list(model[0].parameters())}, {"params": list(model[2:].parameters())}]
     opt = make_opt(name, groups, True, **kwargs)
     train(model, opt, 2)
-    assert (counts.adoptions, counts.full_checks) == (2, 2)
+    assert counts.adoptions == 2 and counts.full_checks <= 4
+    settled = counts.full_checks
     train(model, opt, 4, start=2)
-    assert (counts.adoptions, counts.full_checks) == (2, 2)
+    assert (counts.adoptions, counts.full_checks) == (2, settled)
 
 
 @pytest.mark.parametrize("case", ["layer-drop", "varying-accumulation", "clip-sometimes"])
@@ -623,7 +625,8 @@ def test_grad_replaced_while_a_list_still_holds_it_is_noticed():
 
 def test_steady_engine_steps_with_accumulation_take_no_o_n_path(monkeypatch):
     """The engine (FP16Optimizer, clipping, dynamic scaling, 2 micro-batches per step): after
-    the first two optimizer steps, no full check and no re-adoption."""
+    the first two optimizer steps, no full check and no re-adoption (the two full checks: the
+    engine's zero_grad after the adopting step, and the step that learns the steady cycle)."""
     counts = _Counts(monkeypatch)
     model = _deep_model(torch.float32)
     config = {
@@ -638,8 +641,8 @@ def test_steady_engine_steps_with_accumulation_take_no_o_n_path(monkeypatch):
         engine.backward(loss)
         engine.step()
         if micro == 3:
-            assert (counts.adoptions, counts.full_checks) == (1, 1)
-    assert (counts.adoptions, counts.full_checks) == (1, 1)
+            assert (counts.adoptions, counts.full_checks) == (1, 2)
+    assert (counts.adoptions, counts.full_checks) == (1, 2)
 
 
 @pytest.mark.parametrize(
@@ -1007,17 +1010,17 @@ def test_steady_step_host_work_is_independent_of_the_number_of_params(
     backend, wrapper, monkeypatch
 ):
     """A steady flat step reads p.grad and calls data_ptr() a constant, small number of times,
-    the same for 8 and 64 params (measured: 2 grad reads and 4 data_ptr calls, the bucket's two
-    sentinels; on the Triton backend 2 more data_ptr calls, 3 through FP16Optimizer: its
-    launch-table checks; Triton's launcher reads its kernel arguments' addresses, 15 or 20 under
-    the interpreter: counted apart, also constant). Likewise through FP16Optimizer (check pass,
-    clipping) and for zero_grad() (the sentinel check: 2 and 4). The per-tensor optimizer reads
+    the same for 8 and 64 params (measured: 2 grad reads and 8 data_ptr calls, the bucket's two
+    sentinels: data, grad and AdamW's two state views of each; Triton's launcher reads its
+    kernel arguments' addresses, 15 or 20 under the interpreter: counted apart, also constant).
+    Likewise through FP16Optimizer (check pass, clipping) and for zero_grad() (the sentinel
+    check: 2 and 8). The per-tensor optimizer reads
     every grad, which shows the counters would see O(n) work."""
     (small, small_zero) = _count_host_reads(monkeypatch, 8, True, backend, wrapper)
     (large, large_zero) = _count_host_reads(monkeypatch, 64, True, backend, wrapper)
     assert small == large and small_zero == large_zero
-    assert small["grad"] <= 4 and small["data_ptr"] <= 8 and small["triton_data_ptr"] <= 64
-    assert small_zero["grad"] <= 4 and small_zero["data_ptr"] <= 4
+    assert small["grad"] <= 4 and small["data_ptr"] <= 12 and small["triton_data_ptr"] <= 64
+    assert small_zero["grad"] <= 4 and small_zero["data_ptr"] <= 8
     (per_tensor, per_tensor_zero) = _count_host_reads(monkeypatch, 64, False, backend, wrapper)
     assert per_tensor["grad"] >= 64 and per_tensor_zero["grad"] >= 64
 
@@ -1311,7 +1314,7 @@ def test_cuda_flat_steps_make_no_host_sync(wrapped):
 
 def test_without_storage_reference_counts_every_step_checks_every_param(monkeypatch):
     """On a torch without ``torch._C._storage_Use_Count`` the O(1) check cannot trust anything:
-    every step checks every param (slower, still correct)."""
+    every step, and every zero_grad, checks every param (slower, still correct)."""
     import fp16_triton.flat_buffers
 
     monkeypatch.setattr(fp16_triton.flat_buffers, "_storage_use_count", None)
@@ -1323,7 +1326,7 @@ def test_without_storage_reference_counts_every_step_checks_every_param(monkeypa
 
     flat_model, flat_opt = _run_skippable(True, "torch", scenario, steps=5)
     ref_model, ref_opt = _run_skippable(False, "torch", scenario, steps=5)
-    assert counts.full_checks == 4  # every step after the adopting one
+    assert counts.full_checks == 8  # every step after the adopting one, every zero_grad
     assert_bitwise(
         snapshot(flat_model.parameters(), flat_opt), snapshot(ref_model.parameters(), ref_opt)
     )

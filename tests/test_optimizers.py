@@ -575,6 +575,52 @@ def test_refresh_master_weights_after_loading_weights_alone(backend):
         assert torch.equal(opt.state[p]["master_param"], p.detach().float())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("flat", [False, True], ids=["per_tensor", "flat"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_param_written_since_the_last_step_is_where_the_next_step_starts(backend, flat, dtype):
+    """Writes into low-precision params between steps (``p.clamp_()``, ``p.data.fill_()``,
+    ``model.load_state_dict``), with no refresh call: the next step starts from what the
+    params hold, as torch.optim would (before, the stale masters overwrote them). Oracle:
+    torch.optim.AdamW on fp32 copies of the written values with our moments and step counts;
+    the master within torch's fused-vs-foreach tolerance, the param exactly its rounding."""
+    params = make_params(dtype)
+    opt = fp16_triton.AdamW(params, lr=0.01, backend=backend, flat_buffers=flat)
+    for p, g in zip(params, random_grads(params, 0)):
+        p.grad = g
+    opt.step()
+    masters = [opt.state[p]["master_param"].clone() for p in params]
+    with torch.no_grad():
+        params[0].clamp_(-0.1, 0.1)  # in place, counted by autograd's version counter
+        params[1].data.fill_(0.5)  # through .data: no version counter sees it
+    # Element by element: where the param still is its master's rounding (inside the clamp
+    # range, and all of params[2]) the master goes on, elsewhere the written value.
+    expected_start = [
+        torch.where(m.to(dtype) == p.detach(), m, p.detach().float())
+        for p, m in zip(params, masters)
+    ]
+    assert torch.equal(expected_start[2], masters[2])
+    assert not torch.equal(expected_start[0], masters[0])
+    ref_params = [w.clone().requires_grad_() for w in expected_start]
+    ref = torch.optim.AdamW(ref_params, lr=0.01)
+    ref_state = ref.state_dict()
+    for i, p in enumerate(params):
+        ref_state["state"][i] = {
+            k: opt.state[p][k].clone() for k in ("step", "exp_avg", "exp_avg_sq")
+        }
+    ref.load_state_dict(ref_state)
+    grads = random_grads(params, 1)
+    for p, q, g in zip(params, ref_params, grads):
+        p.grad = g
+        q.grad = g.float()
+    opt.step()
+    ref.step()
+    for p, q in zip(params, ref_params):
+        master = opt.state[p]["master_param"]
+        assert_close(master, q.detach())
+        assert torch.equal(p.detach(), master.to(dtype))
+
+
 def test_init_state_creates_state_without_stepping():
     params = make_params(torch.float16)
     before = [p.detach().clone() for p in params]
