@@ -37,7 +37,8 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 from .backend import resolve_backend
 from .buckets import DTensor, local
 from .loss_scaler import LossScaler, get_loss_scaler
-from .optimizer import LOW_PRECISION, FusedOptimizer, zero_grads
+from .optimizer import FusedOptimizer, zero_grads
+from .param_state import LOW_PRECISION
 from .skip_log import SkipLog
 
 logger = logging.getLogger(__name__)

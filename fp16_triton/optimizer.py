@@ -3,8 +3,9 @@
 ``FusedOptimizer`` is a ``torch.optim.Optimizer``: ``param_groups``, ``add_param_group``,
 ``zero_grad``, ``state``, schedulers and ``torch.amp.GradScaler`` work as with torch's own. A
 subclass names its state (``_state_names``, ``_required_state``), how to create and complete it
-(``_init_state``, ``_complete_state``), which group settings shape it (``_state_kind``) and how
-to launch one step of a bucket (``_prepare_bucket``).
+(``_init_state``, ``_complete_state``: the rules are in ``param_state.py``), which group
+settings shape it (``_state_kind``) and how to launch one step of a bucket
+(``_prepare_bucket``).
 
 The step acts on what the user sees. Steady steps reuse buckets (``buckets.py``) and, with
 ``flat_buffers=True``, flat storage (``flat_buffers.py``); both are rebuilt, after validating
@@ -34,17 +35,16 @@ import torch
 from torch.optim import Optimizer
 
 from .backend import BACKENDS, resolve_backend
-from .buckets import Bucket, DTensor, like_param, local
+from .buckets import Bucket, DTensor, local
 from .flat_buffers import FlatBuffers
 from .kernels.multi_tensor import is_dense
+from .param_state import SUPPORTED_DTYPES, ParamStateRules, check_unshared
 from .tracked import OptimizerState, ParamList
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FusedOptimizer"]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 _MAX_CACHED_ACTIVE_SETS = 8  # distinct "which params have grads" patterns kept per group
 _FLAT = "flat"  # key of a group's plan with flat_buffers=True
 _ALL = None  # key of a group's plan when every param has a grad
@@ -94,7 +94,7 @@ class _Rebuild:
     plan: _GroupPlan | None = None  # flat buffers: the stale plan, if any
 
 
-class FusedOptimizer(Optimizer):
+class FusedOptimizer(ParamStateRules, Optimizer):
     """Base class of ``Adam``, ``AdamW`` and ``SGD``: see the module docstring.
 
     Subclasses set ``_state_names`` (per-param fp32 state, in torch's names) and
@@ -106,8 +106,6 @@ class FusedOptimizer(Optimizer):
     # found_inf attributes) instead of unscaling and syncing: the contract of torch's fused
     # optimizers.
     _step_supports_amp_scaling = True
-    _state_names: tuple[str, ...] = ()
-    _required_state: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -238,134 +236,6 @@ class FusedOptimizer(Optimizer):
         cache = self._groups[id(group)] = _GroupCache(group, params, params.version, kind)
         return cache
 
-    def _describe(self, p: torch.Tensor) -> str:
-        """'param i of param group g (shape ...)' for messages (O(n): error paths only)."""
-        for g, group in enumerate(self.param_groups):
-            for i, q in enumerate(group["params"]):
-                if q is p:
-                    return f"param {i} of param group {g} (shape {tuple(p.shape)}, {p.dtype})"
-        return f"a param of shape {tuple(p.shape)} ({p.dtype})"
-
-    # ----------------------------------------------------------------------------- state
-    def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """fp32 state for ``p`` on its device, with its strides: the subclass's tensors plus
-        ``master_param`` (sharded like ``p`` when it is a DTensor)."""
-        shard = local(p)
-        state = self._init_state(shard, group)
-        if group["master_weights"] and p.dtype in LOW_PRECISION:
-            state["master_param"] = shard.detach().float().clone()  # keeps p's strides
-        return {name: like_param(t, p) for name, t in state.items()}
-
-    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def _complete_state(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
-        """Add the state a setting switched on after the state was made needs (amsgrad's
-        maximum, SGD's momentum buffer). Subclasses override."""
-
-    def _check_state(self, p: torch.Tensor, group: dict[str, Any], state=None) -> None:
-        """Raise, changing nothing, unless ``p``'s state (``optimizer.state[p]``, or
-        ``state``) can be stepped: a dict whose tensors have ``p``'s shape, ``step`` a single
-        number, and every name of ``_required_state`` present."""
-        if state is None:
-            state = self.state.get(p)
-        if not state:
-            return  # none yet (or emptied): created at this step, as torch does
-        if not isinstance(state, dict):
-            raise TypeError(
-                f"optimizer.state of {self._describe(p)} is a {type(state).__name__}; "
-                "it must be a dict of state tensors (or be deleted to start afresh)"
-            )
-        for name, value in state.items():
-            if name == "step":
-                if isinstance(value, torch.Tensor) and value.numel() != 1:
-                    raise ValueError(
-                        f"state 'step' of {self._describe(p)} has {value.numel()} elements; "
-                        "it must be a single number"
-                    )
-                continue
-            if not isinstance(value, torch.Tensor):
-                if value is not None and name in self._state_names + ("master_param",):
-                    raise TypeError(
-                        f"state {name!r} of {self._describe(p)} is a {type(value).__name__}; "
-                        "it must be a tensor of the param's shape (or be deleted to start "
-                        "afresh)"
-                    )
-                continue
-            if not value.is_floating_point():
-                raise TypeError(
-                    f"state {name!r} of {self._describe(p)} is {value.dtype}; optimizer state "
-                    "must be floating point (it is kept in float32)"
-                )
-            if value.shape != p.shape:
-                raise ValueError(
-                    f"state {name!r} of {self._describe(p)} has shape {tuple(value.shape)}, "
-                    f"the param has shape {tuple(p.shape)} (torch.optim fails here too). If "
-                    "the param was resized on purpose, delete its state (del "
-                    "optimizer.state[p]) to restart it, or resize the state tensors alike"
-                )
-        missing = [name for name in self._required_state if state.get(name) is None]
-        if missing:
-            raise ValueError(
-                f"state of {self._describe(p)} lacks {missing} (torch.optim fails here too); "
-                "set them, or delete the param's state (del optimizer.state[p]) to restart it"
-            )
-
-    def _ensure_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        """Give ``p`` (checked by ``_check_state``) the state the group asks for: created if it
-        has none, else completed, with masters added or dropped to follow ``p``'s dtype, in
-        fp32 on ``p``'s device with ``p``'s strides. Assigns only what changes something: every
-        write advances the state's version and makes the groups rebuild at the next step."""
-        state = self.state.get(p)
-        if not state:
-            new = self._new_state(p, group)
-            if new or state is None:
-                self.state[p] = new
-        else:
-            _normalize_state(p, state)
-            self._complete_state(p, group, state)
-            self._follow_dtype(p, group, state)
-        self._remember_dtypes([p])
-
-    def _remember_dtypes(self, params: Iterable[torch.Tensor]) -> None:
-        """Note the dtype each param's state was made for (see ``_follow_dtype``)."""
-        for p in params:
-            self._dtypes[id(p)] = (weakref.ref(p), p.dtype)
-
-    def _follow_dtype(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
-        """An fp16/bf16 param with masters on gets an fp32 master from its current value (after
-        ``model.half()``, a cast between fp16 and bf16, or state loaded without masters); an
-        fp32 param (or masters off) drops its master and is its own master."""
-        wants_master = bool(group["master_weights"]) and p.dtype in LOW_PRECISION
-        seen = self._dtypes.get(id(p))
-        if wants_master and seen is not None and seen[0]() is p and seen[1] != p.dtype:
-            state.pop("master_param", None)  # cast from the other low precision: remade below
-        if wants_master and "master_param" not in state:
-            state["master_param"] = like_param(local(p).detach().float().clone(), p)
-            self._log_once(
-                "master-added",
-                "a %s param of shape %s had no fp32 master (its dtype changed after its state "
-                "was made, or its state was loaded without masters): made one from its current "
-                "value; logged once",
-                p.dtype,
-                tuple(p.shape),
-            )
-        elif not wants_master and "master_param" in state:
-            del state["master_param"]
-            self._log_once(
-                "master-dropped",
-                "a %s param of shape %s had an fp32 master it no longer needs (its dtype "
-                "changed, or master_weights was switched off): dropped it, the param is its own "
-                "master from its current value; logged once",
-                p.dtype,
-                tuple(p.shape),
-            )
-
-    def _log_once(self, key: str, message: str, *args) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            logger.info(message, *args)
-
     @torch.no_grad()
     def init_state(self) -> None:
         """Create the state of every param that has none (as its first step would), without
@@ -461,7 +331,7 @@ class FusedOptimizer(Optimizer):
                 self._check_grad(p, g)
             self._check_state(p, group)
         if not self.flat_buffers:
-            _check_unshared(self.state, adopted)
+            check_unshared(self.state, adopted)
             return
         elsewhere = {id(q) for g in self.param_groups if g is not group for q in g["params"]}
         if any(id(p) in elsewhere for p in adopted):
@@ -813,37 +683,6 @@ class FusedOptimizer(Optimizer):
         self._groups.clear()
         self._remember_dtypes(new_state)
 
-    def _import_state(self, p, group, saved: dict[str, Any], key) -> dict[str, torch.Tensor]:
-        """Convert one param's saved state to ours (checked, fp32, on ``p``'s device with
-        ``p``'s strides, masters following ``p``'s dtype); raises naming the param index."""
-        out: dict[str, Any] = {}
-        for name, value in saved.items():
-            if value is None:
-                continue
-            if not isinstance(value, torch.Tensor):
-                value = torch.tensor(float(value))
-            if name == "step":
-                if value.numel() != 1:
-                    raise ValueError(f"loaded 'step' of param {key!r} must be a single number")
-                out[name] = value.detach().to(local(p).device, torch.float32, copy=True).reshape(())
-                continue
-            if value.shape != p.shape:
-                raise ValueError(
-                    f"loaded state {name!r} of param {key!r} has shape {tuple(value.shape)}, "
-                    f"the param has shape {tuple(p.shape)} (were the params created or passed "
-                    "in another order than when the state dict was saved?)"
-                )
-            out[name] = value.detach().to(local(p).device, torch.float32, copy=True)
-        self._check_state(p, group, out)
-        _normalize_state(p, out)
-        self._complete_state(p, group, out)
-        wants_master = bool(group["master_weights"]) and p.dtype in LOW_PRECISION
-        if wants_master and "master_param" not in out:
-            out["master_param"] = like_param(local(p).detach().float().clone(), p)
-        elif not wants_master:
-            out.pop("master_param", None)
-        return out
-
     def __repr__(self) -> str:
         text = super().__repr__()
         return text[:-1] + f"backend: {self.backend}\n)"
@@ -868,38 +707,6 @@ def zero_grads(params: Iterable[torch.Tensor], set_to_none: bool) -> None:
             else:
                 p.grad.requires_grad_(False)
             p.grad.zero_()
-
-
-def _normalize_state(p: torch.Tensor, state: dict[str, Any]) -> None:
-    """State written from outside (ZeroRedundancyOptimizer keeps ``step`` on the CPU, torch's
-    loaders cast to the param dtype, users assign tensors of any layout) back to what the
-    kernels read: fp32 on the param's device, ``step`` one element, every other tensor with the
-    param's strides. Writes only the entries that change."""
-    shard = local(p)
-    for name, value in list(state.items()):
-        if name == "step":  # torch accepts numbers and integer tensors too
-            if not isinstance(value, torch.Tensor):
-                value = torch.tensor(float(value))
-            if (
-                value is not state[name]
-                or value.device != shard.device
-                or value.dtype != torch.float32
-                or value.dim()
-            ):
-                state[name] = value.detach().to(shard.device, torch.float32).reshape(())
-            continue
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            continue
-        lv = local(value)
-        if lv is not value:  # a DTensor (FSDP2): sharded like the param
-            if lv.device != shard.device or value.dtype != torch.float32:
-                state[name] = value.to(device=shard.device, dtype=torch.float32)
-        elif (
-            value.device != shard.device
-            or value.dtype != torch.float32
-            or (value.numel() > 1 and value.stride() != shard.stride())
-        ):
-            state[name] = torch.empty_like(shard, dtype=torch.float32).copy_(value)
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -933,20 +740,3 @@ def torch_compat_options(foreach, capturable, differentiable, fused) -> dict[str
     if capturable is not None:
         options["capturable"] = bool(capturable)
     return options
-
-
-def _check_unshared(state, params: list[torch.Tensor]) -> None:
-    """Raise unless no state tensor is shared by two params (``state[p]["step"] = z`` for
-    several ``p``): each param's state is its own, and torch.optim would count such a step once
-    per param (at rebuilds only: O(n))."""
-    seen: dict[int, int] = {}
-    for i, p in enumerate(params):
-        for name, value in state.get(p, {}).items():
-            if isinstance(value, torch.Tensor):
-                j = seen.setdefault(id(value), i)
-                if j != i:
-                    raise ValueError(
-                        f"state {name!r} is one tensor for two params (active params {j} and {i} "
-                        "of a param group); give each param its own (e.g. torch.tensor(0.0) per "
-                        "param for 'step')"
-                    )
