@@ -584,9 +584,17 @@ class UserChangesMachine(RuleBasedStateMachine):
         self.note_loaded()
 
     def note_loaded(self):
+        """After a load, ours' state is made for the params' current dtypes; a loaded master of
+        a param cast since its last step goes on wherever it still rounds to the param."""
         for s in self.slots:
-            if s.p in self.ours.state:
-                s.seen_dtype = s.p.dtype
+            if s.p not in self.ours.state:
+                continue
+            s.seen_dtype = s.p.dtype
+            master = self.ours.state[s.p].get("master_param")
+            if s.cast and master is not None:
+                with torch.no_grad():
+                    written = master.to(s.p.dtype) != s.p.detach()
+                    s.q.data = torch.where(written, fp32_copy(s.p), master)
 
     @precondition(lambda self: self.state_dict_loadable())
     @rule()
