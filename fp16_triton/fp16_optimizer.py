@@ -172,10 +172,18 @@ class FP16Optimizer(Optimizer):
         """The wrapped optimizer's param groups (schedulers edit these)."""
         return self.optimizer.param_groups
 
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
     @property
     def state(self):
         """The wrapped optimizer's state."""
         return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the model's grads (and the generic path's master grads), as the wrapped
@@ -263,6 +271,7 @@ class FP16Optimizer(Optimizer):
             work = self.optimizer._gather()
             grad_groups = [grads for _, _, grads in work]
         else:
+            self._check_generic_dtypes()
             grads = [local(p.grad) for p, _ in self._masters if p.grad is not None]
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for g in grads:
@@ -349,6 +358,19 @@ class FP16Optimizer(Optimizer):
                 else:
                     master = p
                 self._masters.append((p, master))
+        self._master_dtypes = [p.dtype for p, _ in self._masters]
+
+    def _check_generic_dtypes(self) -> None:
+        """Raise, before anything is written, if a param's dtype changed since the generic path
+        made its masters (it cannot follow: the wrapped optimizer holds the masters it made)."""
+        for i, ((p, _), dtype) in enumerate(zip(self._masters, self._master_dtypes)):
+            if p.dtype != dtype:
+                raise TypeError(
+                    f"param {i} was {dtype} when FP16Optimizer made the fp32 masters of its "
+                    f"{type(self.optimizer).__name__} and is {p.dtype} now; around a torch "
+                    "optimizer the masters are made once: build a new FP16Optimizer after "
+                    "changing dtypes, or wrap an fp16_triton optimizer, which follows them"
+                )
 
     def _generic_step(self, grad_scale, found_inf, norm_sq) -> None:
         if found_inf is not None and found_inf.item() != 0:

@@ -253,9 +253,10 @@ class FusedOptimizer(ParamStateRules, Optimizer):
     @torch.no_grad()
     def refresh_master_weights(self) -> None:
         """Copy the params into their fp32 masters (Apex's and DeepSpeed's call after loading
-        model weights alone). Not needed here: a step starts from any param whose bits are no
-        longer its master's rounding (``kernels.common.load_grad_and_weight``); calling it
-        also drops the masters' extra precision where the params were not written."""
+        model weights alone). A step already starts from any param whose bits are no longer its
+        master's rounding (``kernels.common.load_grad_and_weight``); call it after writes that
+        may leave the bits as they were (clamping to a bound the param already rounds to: see
+        docs/changing-things-between-steps.md). It drops the masters' extra precision."""
         for group in self.param_groups:
             for p in group["params"]:
                 master = self.state.get(p, {}).get("master_param")
@@ -606,10 +607,17 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._fused_step(
-            grad_scale=getattr(self, "grad_scale", None),
-            found_inf=getattr(self, "found_inf", None),
-        )
+        try:
+            self._fused_step(
+                grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None),
+            )
+        except BaseException:
+            # GradScaler sets these for one step and deletes them after it; a refused step
+            # skips its deletion, and a later plain step() would unscale by a stale scale.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
         return loss
 
     # ------------------------------------------------------------------------ state dicts
@@ -641,6 +649,9 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         without ``master_param`` gets its master from the current param value; missing state a
         subclass can derive (SGD's ``step``) is derived.
         """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():  # as torch's
+            result = pre_hook(self, state_dict)
+            state_dict = state_dict if result is None else result
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("a state dict needs the keys 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
@@ -682,6 +693,8 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         self.state.update(new_state)
         self._groups.clear()
         self._remember_dtypes(new_state)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __repr__(self) -> str:
         text = super().__repr__()

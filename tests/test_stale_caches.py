@@ -243,3 +243,76 @@ def test_a_refused_fp16_optimizer_step_is_not_counted():
     opt.param_groups[0]["lr"] = 0.1
     opt.step()
     assert opt.state_dict()["step_calls"] == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_refused_under_grad_scaler_leaves_no_stale_scale(backend):
+    """GradScaler sets ``grad_scale``/``found_inf`` on the optimizer for one step and deletes
+    them after it; a refused step used to leave them, so a later plain step() unscaled by a
+    stale scale."""
+    ours, ref, _ = pair(n=2)
+    ref_opt = torch.optim.SGD(ref, lr=0.1)
+    opt = fp16_triton.SGD(ours, lr=0.1, backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # as scaler.scale(loss).backward() would
+    for p in ours:
+        p.grad = torch.full_like(p, 1024.0)
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="learning rate"):
+        scaler.step(opt)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    opt.param_groups[0]["lr"] = 0.1
+    set_grads(ours, ref, 0)
+    opt.step()
+    ref_opt.step()
+    for p, r in zip(ours, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_state_dict_hooks_run_as_on_torch_optimizers(backend):
+    ours, _, _ = pair(n=1)
+    opt = fp16_triton.Adam(ours, lr=0.01, backend=backend)
+    calls = []
+
+    def pre(optimizer, state_dict):
+        calls.append("pre")
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["param_groups"][0]["lr"] = 0.123
+        return state_dict
+
+    opt.register_load_state_dict_pre_hook(pre)
+    opt.register_load_state_dict_post_hook(lambda optimizer: calls.append("post"))
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ["pre", "post"] and opt.param_groups[0]["lr"] == 0.123
+
+
+def test_generic_path_refuses_a_param_cast_after_its_masters_were_made():
+    """Around a torch optimizer, FP16Optimizer makes the fp32 masters once; a param cast later
+    is refused before anything is written (it used to fail on a broadcast, after writing an
+    earlier param's master)."""
+    ours, _, _ = pair(n=2)
+    fp16 = [torch.nn.Parameter(p.detach().half()) for p in ours]
+    opt = fp16_triton.FP16Optimizer(torch.optim.AdamW(fp16, lr=0.1))
+    for p in fp16:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    masters = [m.detach().clone() for _, m in opt._masters]
+    fp16[1].data = fp16[1].data.float()
+    fp16[1].grad = torch.ones_like(fp16[1])
+    with pytest.raises(TypeError, match="param 1 was torch.float16"):
+        opt.step()
+    assert all(torch.equal(m, before) for (_, m), before in zip(opt._masters, masters))
+    assert opt.state_dict()["step_calls"] == 1
+
+
+def test_fp16_optimizer_state_and_param_groups_can_be_assigned_as_torchs():
+    ours, _, _ = pair(n=1)
+    opt = fp16_triton.FP16Optimizer(fp16_triton.AdamW(ours, lr=0.1, backend="torch"))
+    ours[0].grad = torch.ones_like(ours[0])
+    opt.step()
+    opt.state = defaultdict(dict)
+    assert not opt.optimizer.state
+    groups = opt.param_groups
+    opt.param_groups = list(groups)
+    assert opt.optimizer.param_groups == groups
