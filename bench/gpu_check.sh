@@ -16,7 +16,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 timeout 270 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
     tests/test_optimizers.py tests/test_fp16_optimizer.py tests/test_loss_scaler.py \
-    tests/test_flat_buffers.py \
+    tests/test_flat_buffers.py tests/test_stale_caches.py tests/test_compile.py \
     2>&1 | tee "$OUT/pytest.log" | tail -25
 timeout 80 python3 -m fp16_triton tune --quick 2>&1 | tee "$OUT/tune.log" | tail -8
 python3 -m fp16_triton tune --show | tee -a "$OUT/tune.log"

@@ -9,12 +9,13 @@ import torch
 
 import fp16_triton
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 torch._dynamo.config.recompile_limit = 8  # dynamo's default, pinned: the limit the issue names
 
 
 def make_model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])
+    return torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)]).to(DEVICE)
 
 
 def make_optimizer(model, backend, wrapped, flat):
@@ -23,7 +24,7 @@ def make_optimizer(model, backend, wrapped, flat):
 
 
 def train(model, opt, steps, compiled):
-    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
     def train_step():
         loss = model(x).square().mean()

@@ -15,6 +15,7 @@ import torch
 
 import fp16_triton
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
 FLAT = [False, True]
 RTOL, ATOL = 1.3e-6, 1e-5
@@ -23,7 +24,7 @@ RTOL, ATOL = 1.3e-6, 1e-5
 def pair(n=2, size=8, seed=0, **kwargs):
     """``n`` params of ours, fp32 twins for torch.optim.Adam, and both optimizers."""
     g = torch.Generator().manual_seed(seed)
-    ours = [torch.nn.Parameter(torch.randn(size, generator=g)) for _ in range(n)]
+    ours = [torch.nn.Parameter(torch.randn(size, generator=g).to(DEVICE)) for _ in range(n)]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     return ours, ref, torch.optim.Adam(ref, lr=0.1)
 
@@ -31,7 +32,7 @@ def pair(n=2, size=8, seed=0, **kwargs):
 def set_grads(ours, ref, step):
     g = torch.Generator().manual_seed(100 + step)
     for p, r in zip(ours, ref):
-        grad = torch.randn(p.shape, generator=g)
+        grad = torch.randn(p.shape, generator=g).to(DEVICE)
         if p.grad is not None:
             p.grad.copy_(grad)  # in place: flat buffers keep their grad views
         else:
@@ -97,7 +98,7 @@ def test_flat_state_view_whose_memory_is_replaced(backend):
         set_grads(ours, ref, step)
         if step == 2:
             for o, p in ((opt, ours[1]), (ref_opt, ref[1])):
-                o.state[p]["exp_avg"].data = torch.full((8,), 0.25)
+                o.state[p]["exp_avg"].data = torch.full((8,), 0.25, device=DEVICE)
         opt.step()
         ref_opt.step()
     assert_matches(opt, ours, ref_opt, ref)
@@ -113,8 +114,8 @@ def test_per_tensor_triton_state_memory_replaced_is_not_freed_under_the_tables()
         p.grad = torch.ones_like(p)
     opt.step()
     for p in ours:
-        opt.state[p]["exp_avg"].data = torch.zeros(4096)
-        opt.state[p]["exp_avg_sq"].set_(torch.zeros(4096))
+        opt.state[p]["exp_avg"].data = torch.zeros(4096, device=DEVICE)
+        opt.state[p]["exp_avg_sq"].set_(torch.zeros(4096, device=DEVICE))
     import gc
 
     gc.collect()
@@ -164,7 +165,7 @@ def test_param_cast_to_float64_mid_run_is_refused_then_recovers(backend, flat):
     data = ours[1].data
     ours[1].data = data.double()
     if not flat:  # a float64 grad, as a backward would make (torch.optim would step it)
-        ours[1].grad = torch.ones(8, dtype=torch.float64)
+        ours[1].grad = torch.ones(8, dtype=torch.float64, device=DEVICE)
     before = snapshot(opt, [ours[0]])
     with pytest.raises(TypeError, match="float64"):
         opt.step()
@@ -253,8 +254,8 @@ def test_a_step_refused_under_grad_scaler_leaves_no_stale_scale(backend):
     ours, ref, _ = pair(n=2)
     ref_opt = torch.optim.SGD(ref, lr=0.1)
     opt = fp16_triton.SGD(ours, lr=0.1, backend=backend)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    scaler.scale(torch.ones(()))  # as scaler.scale(loss).backward() would
+    scaler = torch.amp.GradScaler(DEVICE, init_scale=1024.0)
+    scaler.scale(torch.ones((), device=DEVICE))  # as scaler.scale(loss).backward() would
     for p in ours:
         p.grad = torch.full_like(p, 1024.0)
     opt.param_groups[0]["lr"] = -1.0
