@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .backend import kernels
 from .buckets import Bucket
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 
@@ -151,11 +152,8 @@ class Adam(FusedOptimizer):
             bucket.state["step"],
         )
         if bucket.backend == "triton":
-            from .kernels.adam import prepare_adam_step
-
-            return prepare_adam_step(*args, cache=bucket.cache, **kwargs)
-        from .kernels.reference import adam_step
-
+            return kernels("adam").prepare_adam_step(*args, cache=bucket.cache, **kwargs)
+        adam_step = kernels("reference").adam_step
         return lambda: adam_step(*args, **kwargs)
 
 

@@ -3,11 +3,13 @@ reference (``backend="auto" | "triton" | "torch"``, overridden by ``FP16_TRITON_
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 
 import torch
 
-__all__ = ["BACKEND_ENV", "BACKENDS", "resolve_backend"]
+__all__ = ["BACKEND_ENV", "BACKENDS", "kernels", "resolve_backend"]
 
 BACKEND_ENV = "FP16_TRITON_BACKEND"
 """Environment variable that overrides every optimizer's ``backend`` for a whole run."""
@@ -53,3 +55,11 @@ def resolve_backend(requested: str, device: torch.device) -> str:
                 "Use backend='torch' or 'auto'."
             )
     return backend
+
+
+@functools.cache
+def kernels(name: str):
+    """The module ``fp16_triton.kernels.<name>``, imported at first use (so Triton is imported
+    only where kernels launch); later calls cost one cache lookup, where an ``import``
+    statement in a step would cost ~1 us of host time each time."""
+    return importlib.import_module(f"{__package__}.kernels.{name}")

@@ -117,16 +117,19 @@ class FlatBuffers:
         return [self._view(flat, i) for i in range(len(self.params))]
 
     def _in_place(self, i: int) -> bool:
-        """Param ``i``'s data, grad and state views are (still) its slots of the buffers (a
-        state view's ``.data`` may have been replaced)."""
+        """Param ``i``'s data and grad are (still) its slots of the buffers."""
         p = self.params[i]
         g = p.grad
         return (
             g is not None
             and g.data_ptr() == self._grad_ptrs[i]
             and p.data_ptr() == self._param_ptrs[i]
-            and all(self.state_views[n][i].data_ptr() == a[i] for n, a in self._state_ptrs.items())
         )
+
+    def _state_in_place(self, i: int) -> bool:
+        """Param ``i``'s state views still view their slots (a view's ``.data`` may have been
+        replaced: the state buffers' reference counts tell the O(1) check)."""
+        return all(self.state_views[n][i].data_ptr() == a[i] for n, a in self._state_ptrs.items())
 
     def fits(self, params: list[torch.Tensor]) -> bool:
         """Whether ``params`` are still this bucket's params, with its dtype, device, shapes
@@ -154,8 +157,8 @@ class FlatBuffers:
         return all(self._in_place(i) for i in self._ends)
 
     def all_in_place(self) -> bool:
-        """O(n): every param still has its views as data and grad."""
-        return all(self._in_place(i) for i in range(len(self.params)))
+        """O(n): every param still has its views as data, grad and state."""
+        return all(self._in_place(i) and self._state_in_place(i) for i in range(len(self.params)))
 
     def _reference_counts(self) -> tuple[int, ...] | None:
         if _storage_use_count is None:

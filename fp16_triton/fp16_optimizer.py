@@ -34,8 +34,9 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from .backend import resolve_backend
+from .backend import kernels, resolve_backend
 from .buckets import DTensor, local
+from .kernels.multi_tensor import TableCache
 from .loss_scaler import LossScaler, get_loss_scaler
 from .optimizer import FusedOptimizer, zero_grads
 from .param_state import LOW_PRECISION
@@ -326,20 +327,24 @@ class FP16Optimizer(Optimizer):
                 requested = getattr(self.optimizer, "backend", "auto")
                 backend = self._backends[device] = resolve_backend(requested, device)
             if backend == "triton":
-                from .kernels.multi_tensor import TableCache
-                from .kernels.nonfinite import check_and_norm_grouped, nonfinite_check_and_norm
-
-                cache = self._caches.setdefault(device, TableCache())
+                nonfinite = kernels("nonfinite")
+                cache = self._caches.get(device)
+                if cache is None:
+                    cache = self._caches[device] = TableCache()
                 if self.fused:  # buckets: one dtype each
-                    result = check_and_norm_grouped(groups, grad_scale=scale, out=out, cache=cache)
+                    result = nonfinite.check_and_norm_grouped(
+                        groups, grad_scale=scale, out=out, cache=cache
+                    )
                 else:  # the generic path's one list, dtypes mixed
                     (grads,) = groups.values()
-                    result = nonfinite_check_and_norm(grads, grad_scale=scale, out=out, cache=cache)
+                    result = nonfinite.nonfinite_check_and_norm(
+                        grads, grad_scale=scale, out=out, cache=cache
+                    )
             else:
-                from .kernels import reference
-
                 flat = [g for grads in groups.values() for g in grads]
-                result = reference.nonfinite_check_and_norm(flat, grad_scale=scale, out=out)
+                result = kernels("reference").nonfinite_check_and_norm(
+                    flat, grad_scale=scale, out=out
+                )
             results.append(result)
         if len(results) > 1 or results[0] is not self._check:
             total = torch.stack([r.to(self.device, non_blocking=True) for r in results]).sum(0)

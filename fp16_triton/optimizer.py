@@ -281,7 +281,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
             grads = [g for g in grads if g is not None]
             key = tuple(map(id, active))
         plan = cache.plans.get(key)
-        if plan is not None and plan.state_version == self.state.version:
+        if plan is not None and plan.state_version == self._state.version:
             work = [(bucket, bucket.grads(grads)) for bucket in plan.buckets]
             if all(g is not None for _, g in work):
                 self._step_plans.append(plan)
@@ -303,7 +303,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
                 "this optimizer's groups and add them as a group of their own when you unfreeze "
                 "them (optimizer.add_param_group), or use flat_buffers=False"
             )
-        if plan is not None and plan.state_version == self.state.version:
+        if plan is not None and plan.state_version == self._state.version:
             unsteady = {id(b) for b in plan.buckets if not b.flat.steady()}
             # O(n), now and then: only for buckets whose O(1) check disagreed.
             if all(b.flat.all_in_place() for b in plan.buckets if id(b) in unsteady):
@@ -552,7 +552,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         # (params belong to one group each): without this, every group's first step would
         # make the groups before it rebuild at the next step.
         for plan in self._step_plans:
-            plan.state_version = self.state.version
+            plan.state_version = self._state.version
         if len(self._groups) > len(self.param_groups):  # groups removed or replaced
             current = {id(group) for group in self.param_groups}
             self._groups = {k: c for k, c in self._groups.items() if k in current}

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .backend import kernels
 from .buckets import Bucket, like_param, local
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 
@@ -116,9 +117,6 @@ class SGD(FusedOptimizer):
         )
         args = (bucket.local_params, grads, bucket.state["momentum_buffer"], bucket.state["step"])
         if bucket.backend == "triton":
-            from .kernels.sgd import prepare_sgd_step
-
-            return prepare_sgd_step(*args, cache=bucket.cache, **kwargs)
-        from .kernels.reference import sgd_step
-
+            return kernels("sgd").prepare_sgd_step(*args, cache=bucket.cache, **kwargs)
+        sgd_step = kernels("reference").sgd_step
         return lambda: sgd_step(*args, **kwargs)
