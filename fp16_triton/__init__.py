@@ -7,7 +7,8 @@ parameters back, behind ``torch.optim``-compatible optimizers.
 
 from .adam import Adam, AdamW
 from .backend import BACKEND_ENV
-from .engine import CheckpointError, Engine, initialize
+from .checkpoint_files import CheckpointError
+from .engine import Engine, initialize
 from .fp16_optimizer import FP16Optimizer
 from .loss_scaler import DynamicLossScaler, LossScaler, MinLossScaleError, get_loss_scaler
 from .optimizer import FusedOptimizer

@@ -7,11 +7,10 @@ fp16/bf16, keeps fp32 masters in the optimizer, and drives an ``FP16Optimizer``:
 ``engine(batch)`` runs forward, ``engine.backward(loss)`` scales it (and divides by the
 accumulation steps), ``engine.step()`` steps at accumulation boundaries.
 
-Checkpoints (``save_checkpoint`` / ``load_checkpoint``) hold the model, the optimizer (fp32
-masters, moments, step counts), the loss scaler, the LR scheduler, the engine's counters and
-the caller's ``client_state`` in one file per tag, written atomically (temporary file, fsync,
-rename), with the ``latest`` pointer rewritten last: an interrupted save never damages the
-checkpoint before it.
+Checkpoints (``save_checkpoint`` / ``load_checkpoint``, ``checkpoint.py``) hold the model, the
+optimizer (fp32 masters, moments, step counts), the loss scaler, the LR scheduler, the engine's
+counters and the caller's ``client_state``, with a manifest of sizes and hashes written last
+and verified before a load reads anything; loads are all or nothing.
 
 An engine copies and pickles (``copy.deepcopy``, ``pickle``) as its module and optimizer do,
 into an independent engine, unless it runs data-parallel (DDP or FSDP2): a process group cannot
@@ -22,15 +21,15 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import checkpoint
 from .adam import Adam, AdamW
+from .checkpoint_files import CheckpointError
 from .config import ConfigSource, EngineConfig, load_config
 from .fp16_optimizer import FP16Optimizer
 from .lr_schedules import build_scheduler
@@ -38,17 +37,9 @@ from .sgd import SGD
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "initialize", "CheckpointError"]
+__all__ = ["Engine", "initialize", "CheckpointError"]  # CheckpointError: checkpoint_files.py
 
-CHECKPOINT_FILE = "fp16_triton_states.pt"
-ENGINE_FILE = "engine_states.pt"  # sharded checkpoints: the engine's own state, beside the shards
-LATEST_FILE = "latest"
-_CHECKPOINT_FORMAT = 1
 _OPTIMIZERS = {"Adam": Adam, "AdamW": AdamW, "SGD": SGD}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupt or does not fit the model."""
 
 
 def initialize(
@@ -302,26 +293,15 @@ class Engine(nn.Module):
     def save_checkpoint(
         self, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict | None = None
     ) -> str:
-        """Write ``save_dir/<tag>/fp16_triton_states.pt`` atomically, then ``save_dir/latest``.
+        """Write ``save_dir/<tag>/`` (the states file, then its manifest, atomically), then
+        ``save_dir/latest``; see ``fp16_triton/checkpoint.py``.
 
-        ``tag`` defaults to ``global_step<N>``. ``client_state`` must hold tensors, numbers,
-        strings and containers of them (the file is read back with ``weights_only=True``).
-        Returns the checkpoint file's path.
+        ``tag`` defaults to ``global_step<N>``. ``client_state`` is read back with
+        ``weights_only=True``: tensors, numbers, strings, containers of them and RNG states;
+        anything else is refused here, before anything is written. Returns the states file's
+        path.
         """
-        tag = tag if tag is not None else f"global_step{self.global_steps}"
-        _check_tag(tag)
-        if self.sharded:
-            return self._save_sharded(Path(save_dir), tag, client_state)
-        state = self._common_state(client_state)
-        state["module"] = self.module.state_dict()
-        state["optimizer"] = self.optimizer.state_dict()
-        directory = Path(save_dir) / tag
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / CHECKPOINT_FILE
-        _atomic_write(path, lambda f: torch.save(state, f))
-        _atomic_write(Path(save_dir) / LATEST_FILE, lambda f: f.write(tag.encode()))
-        logger.info("saved checkpoint %s", path)
-        return str(path)
+        return checkpoint.save(self, save_dir, tag, client_state)
 
     def load_checkpoint(
         self,
@@ -332,169 +312,13 @@ class Engine(nn.Module):
     ) -> tuple[str, dict]:
         """Load a checkpoint written by ``save_checkpoint``; returns ``(path, client_state)``.
 
-        ``tag`` defaults to the one in ``load_dir/latest``. A missing, truncated or corrupt
-        checkpoint, or one that does not fit this model, raises ``CheckpointError`` and
-        changes nothing: everything is read and checked before anything is loaded.
+        ``tag`` defaults to the one in ``load_dir/latest``. Every file is verified against the
+        checkpoint's manifest, and everything is read and checked, before anything is applied;
+        a missing, damaged or unfitting checkpoint raises ``CheckpointError`` and changes
+        nothing. Grads are cleared and the micro-step counter set to the checkpoint's
+        accumulation boundary, so resuming in a used engine is resuming in a fresh one.
         """
-        load_dir = Path(load_dir)
-        if self.sharded:
-            return self._load_sharded(
-                load_dir, tag, load_optimizer_states, load_lr_scheduler_states
-            )
-        if tag is None:
-            latest = load_dir / LATEST_FILE
-            if not latest.is_file():
-                raise CheckpointError(
-                    f"no checkpoint to load: {latest} does not exist (pass tag=... or check "
-                    "the directory)"
-                )
-            tag = latest.read_text().strip()
-        path = load_dir / tag / CHECKPOINT_FILE
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or corrupt files fail in the unpickler or zip reader
-            raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {e}") from e
-        self._check_checkpoint(state, path, load_lr_scheduler_states)
-        # The optimizer first: its loader checks everything before it changes anything, and
-        # the model's keys and shapes are checked above, so no load below can fail half-way.
-        if load_optimizer_states:
-            try:
-                self.optimizer.load_state_dict(state["optimizer"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{path}: optimizer state does not fit: {e}") from e
-        self.module.load_state_dict(state["module"])
-        if not load_optimizer_states or not _has_masters(state["optimizer"]):
-            # No saved masters (weights only, or a run without fp16/bf16): the masters the
-            # optimizer made must come from the weights just loaded.
-            self.optimizer.refresh_fp32_params()
-        self._load_common_state(state, load_lr_scheduler_states)
-        logger.info("loaded checkpoint %s", path)
-        return str(path), state["client_state"]
-
-    # Sharded (FSDP2) checkpoints: torch.distributed.checkpoint writes the model and optimizer
-    # shards of every rank under <tag>/sharded; rank 0 writes the engine's own small state
-    # (scaler, scheduler, counters, client state) atomically, and `latest` after a barrier.
-    def _common_state(self, client_state) -> dict:
-        """What every checkpoint holds beside the model and optimizer."""
-        return {
-            "format": _CHECKPOINT_FORMAT,
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
-            "global_steps": self.global_steps,
-            "micro_steps": self.micro_steps,
-            "global_samples": self.global_samples,
-            "client_state": client_state or {},
-            "config": self.config.to_dict(),
-        }
-
-    def _load_common_state(self, state: dict, load_scheduler: bool) -> None:
-        if load_scheduler and self.lr_scheduler is not None and state["lr_scheduler"]:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.global_steps = state["global_steps"]
-        self.micro_steps = state["micro_steps"]
-        self.global_samples = state["global_samples"]
-        self._skipped_before = self.skipped_steps
-
-    def _save_sharded(self, save_dir: Path, tag: str, client_state) -> str:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        _init_state(self.optimizer.optimizer)
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer.optimizer)
-        directory = save_dir / tag
-        directory.mkdir(parents=True, exist_ok=True)
-        dcp.save(
-            {"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory / "sharded")
-        )
-        engine_state = self._common_state(client_state)
-        engine_state["loss_scaler"] = self.optimizer.loss_scaler.state_dict()  # syncs: all ranks
-        engine_state["skipped_steps"] = self.optimizer.skipped_steps
-        engine_state["step_calls"] = self.optimizer._step_calls
-        if self.rank == 0:
-            _atomic_write(directory / ENGINE_FILE, lambda f: torch.save(engine_state, f))
-        torch.distributed.barrier()
-        if self.rank == 0:
-            _atomic_write(save_dir / LATEST_FILE, lambda f: f.write(tag.encode()))
-        torch.distributed.barrier()
-        return str(directory)
-
-    def _load_sharded(self, load_dir: Path, tag, load_optimizer, load_scheduler):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        if tag is None:
-            latest = load_dir / LATEST_FILE
-            if not latest.is_file():
-                raise CheckpointError(f"no checkpoint to load: {latest} does not exist")
-            tag = latest.read_text().strip()
-        directory = load_dir / tag
-        shards = directory / "sharded"
-        if not (shards / ".metadata").is_file() or not (directory / ENGINE_FILE).is_file():
-            raise CheckpointError(f"{directory} is not a complete sharded checkpoint")
-        try:
-            extra = torch.load(directory / ENGINE_FILE, map_location="cpu", weights_only=True)
-            self.optimizer._check_scaler_state(extra["loss_scaler"])
-        except Exception as e:
-            raise CheckpointError(f"{directory / ENGINE_FILE} is truncated or corrupt: {e}") from e
-        _init_state(self.optimizer.optimizer)
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer.optimizer)
-        state = {"model": model_sd}
-        if load_optimizer:
-            state["optimizer"] = optim_sd
-        dcp.load(state, checkpoint_id=str(shards))
-        set_state_dict(
-            self.module,
-            self.optimizer.optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state.get("optimizer", optim_sd),
-        )
-        if not load_optimizer:
-            self.optimizer.refresh_fp32_params()
-        self.optimizer.loss_scaler.load_state_dict(extra["loss_scaler"])
-        self.optimizer._set_counters(
-            int(extra["skipped_steps"]), int(extra.get("step_calls", extra["global_steps"]))
-        )
-        self._load_common_state(extra, load_scheduler)
-        return str(directory), extra["client_state"]
-
-    def _check_checkpoint(self, state, path, load_scheduler) -> None:
-        required = {"format", "module", "optimizer", "lr_scheduler", "global_steps"}
-        required |= {"micro_steps", "global_samples", "client_state"}
-        if not isinstance(state, dict) or not required <= set(state):
-            raise CheckpointError(f"{path} is not an fp16_triton checkpoint (keys missing)")
-        if state["format"] != _CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path} has checkpoint format {state['format']}")
-        ours = self.module.state_dict()
-        theirs = state["module"]
-        if set(ours) != set(theirs):
-            missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-            raise CheckpointError(
-                f"{path} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}"
-            )
-        for name, tensor in ours.items():
-            if tuple(theirs[name].shape) != tuple(tensor.shape):
-                raise CheckpointError(
-                    f"{path}: {name} has shape {tuple(theirs[name].shape)}, the model "
-                    f"{tuple(tensor.shape)}"
-                )
-        if load_scheduler and self.lr_scheduler is not None and state["lr_scheduler"] is None:
-            raise CheckpointError(f"{path} holds no LR scheduler state for this run's scheduler")
-
-
-def _init_state(optimizer) -> None:
-    """Create the optimizer's state without stepping, before ``get_state_dict``, which would
-    otherwise run a warm-up ``step()`` on an optimizer with empty state."""
-    if hasattr(optimizer, "init_state"):
-        optimizer.init_state()
-
-
-def _has_masters(optimizer_state: dict) -> bool:
-    """Whether a saved FP16Optimizer state holds fp32 masters (fused or generic path)."""
-    if optimizer_state.get("fp32_masters"):
-        return True
-    inner = optimizer_state.get("optimizer", {}).get("state", {})
-    return any("master_param" in s for s in inner.values())
+        return checkpoint.load(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -513,24 +337,3 @@ def _cast(x, dtype):
     if isinstance(x, dict):
         return type(x)((k, _cast(v, dtype)) for k, v in x.items())
     return x
-
-
-def _check_tag(tag: str) -> None:
-    if not tag or "/" in tag or "\\" in tag or tag in (".", ".."):
-        raise ValueError(f"checkpoint tag must be a plain directory name, got {tag!r}")
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write ``path`` through a temporary file in the same directory, fsync, then rename: the
-    old file stays intact until the new one is complete."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
