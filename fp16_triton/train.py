@@ -211,10 +211,22 @@ def plot(losses: list[float], scales: list[float], path: Path, summary: dict) ->
     return path
 
 
+def _steps(text: str) -> int:
+    """``--steps``: a positive number of optimizer steps (0 would leave nothing to train and a
+    schedule with no length)."""
+    try:
+        steps = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of steps, got {text!r}") from None
+    if steps < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 optimizer step, got {steps}")
+    return steps
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fp16-triton train``."""
     parser.add_argument("--config", type=Path, help="DeepSpeed-style JSON config")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    parser.add_argument("--steps", type=_steps, default=300, help="optimizer steps (default 300)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     parser.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory")

@@ -166,3 +166,17 @@ def test_module_entry_point(tmp_path):
     assert proc.returncode != 0
     assert "did you mean 'gradient_clipping'" in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("steps", "words"), [("0", "at least 1"), ("-3", "at least 1"), ("x", "a whole number")]
+)
+def test_train_refuses_a_step_count_it_cannot_run(tmp_path, capsys, steps, words):
+    """``--steps 0`` used to fail deep inside with a traceback about the scheduler's
+    total_num_steps; the argument parser now says what is wrong, and nothing is written."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--steps", steps, "--out", str(out)])
+    assert info.value.code == 2
+    assert f"argument --steps: must be {words}" in capsys.readouterr().err
+    assert not out.exists()
