@@ -73,8 +73,9 @@ def save(engine, save_dir, tag: str | None, client_state) -> str:
     client_state = check_client_state(client_state)
     directory = save_dir / tag
     directory.mkdir(parents=True, exist_ok=True)
-    if engine.rank == 0:
-        remove_leftovers(save_dir, directory, directory / SHARDS)
+    if engine.rank == 0:  # this tag's and any other's (a killed save may have used another)
+        tags = [p for p in save_dir.iterdir() if p.is_dir()]
+        remove_leftovers(save_dir, *tags, *(p / SHARDS for p in tags))
     if engine.sharded:
         torch.distributed.barrier()  # leftovers gone before any rank writes
     state = _common_state(engine, client_state)
@@ -156,13 +157,7 @@ def load(engine, load_dir, tag, load_optimizer: bool, load_scheduler: bool) -> t
     """``Engine.load_checkpoint``: see the module docstring. Returns ``(path, client_state)``."""
     load_dir = Path(load_dir)
     if tag is None:
-        latest = load_dir / LATEST_FILE
-        if not latest.is_file():
-            raise CheckpointError(
-                f"no checkpoint to load: {latest} does not exist (pass tag=... or check the "
-                "directory)"
-            )
-        tag = latest.read_text().strip()
+        tag = _latest_tag(load_dir)
     directory = load_dir / tag
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
@@ -180,7 +175,7 @@ def load(engine, load_dir, tag, load_optimizer: bool, load_scheduler: bool) -> t
     _check_states(engine, state, path, load_scheduler)
     optimizer = engine.optimizer
     refresh = not load_optimizer or not _has_masters(state["optimizer"])
-    with _restored_on_failure(engine, keep_masters=refresh and not load_optimizer):
+    with _restored_on_failure(engine, path, keep_masters=refresh and not load_optimizer):
         if load_optimizer:  # checks everything before it changes anything
             try:
                 optimizer.load_state_dict(state["optimizer"])
@@ -194,6 +189,24 @@ def load(engine, load_dir, tag, load_optimizer: bool, load_scheduler: bool) -> t
         _apply_common_state(engine, state, load_scheduler)
     logger.info("loaded checkpoint %s", path)
     return str(path), state["client_state"]
+
+
+def _latest_tag(load_dir: Path) -> str:
+    """The tag ``load_dir/latest`` names (DeepSpeed's pointer file), checked."""
+    latest = load_dir / LATEST_FILE
+    if not latest.is_file():
+        raise CheckpointError(
+            f"no checkpoint to load: {latest} does not exist (pass tag=... or check the directory)"
+        )
+    try:
+        tag = latest.read_bytes().decode().strip()
+        check_tag(tag)
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError(
+            f"{latest} is damaged (it should hold a checkpoint tag, the name of a directory "
+            "beside it); pass tag=... to load a checkpoint by name"
+        ) from None
+    return tag
 
 
 def _check_states(engine, state, path, load_scheduler: bool) -> None:
@@ -240,7 +253,8 @@ def _check_scheduler(engine, state, path, load_scheduler: bool) -> None:
             f"{ours}; build the engine with the same scheduler, or load with "
             "load_lr_scheduler_states=False"
         )
-    if not isinstance(saved, dict) or set(saved) != set(scheduler.state_dict()):
+    public = lambda keys: {k for k in keys if not str(k).startswith("_")}  # noqa: E731
+    if not isinstance(saved, dict) or public(saved) != public(scheduler.state_dict()):
         raise CheckpointError(
             f"{path}: the saved LR scheduler state does not fit this run's {ours} (keys "
             f"{sorted(saved)[:8] if isinstance(saved, dict) else saved!r}); load with "
@@ -254,8 +268,9 @@ class _restored_on_failure:
     old ones; the model's values, written in place, are copied first (one model's worth of
     memory while the load runs)."""
 
-    def __init__(self, engine, keep_masters: bool):
+    def __init__(self, engine, path: Path, keep_masters: bool):
         self.engine = engine
+        self.path = path
         optimizer = engine.optimizer
         self.optimizer_state = optimizer.state_dict()
         self.inner_groups = [dict(g) for g in optimizer.optimizer.param_groups]
@@ -281,10 +296,10 @@ class _restored_on_failure:
         if self.scheduler is not None:
             engine.lr_scheduler.load_state_dict(self.scheduler)
         engine.global_steps, engine.micro_steps, engine.global_samples = self.counters
-        if not isinstance(error, CheckpointError):
-            message = f"loading the checkpoint failed, nothing changed: {error}"
+        if isinstance(error, Exception) and not isinstance(error, CheckpointError):
+            message = f"loading {self.path} failed, nothing changed: {error}"
             raise CheckpointError(message) from error
-        return False
+        return False  # CheckpointError, and interrupts (Ctrl-C, SystemExit) as they are
 
 
 def _apply_common_state(engine, state: dict, load_scheduler: bool) -> None:

@@ -127,10 +127,18 @@ def write_manifest(
         "hash": HASH,
         "files": {name: record.as_dict() for name, record in sorted(files.items())},
         "version": version,
-        "config": config,
+        "config": json.loads(json.dumps(config, default=str)),
     }
-    text = json.dumps(manifest, indent=1, sort_keys=True, default=str).encode()
+    manifest["checksum"] = _checksum(manifest)
+    text = json.dumps(manifest, indent=1, sort_keys=True).encode()
     atomic_write(directory / MANIFEST_FILE, lambda f: f.write(text))
+
+
+def _checksum(manifest: dict) -> str:
+    """The manifest's own hash, over everything but itself (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.new(HASH, text).hexdigest()
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -141,11 +149,14 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             "interrupted, or it was written by a version without manifests)"
         )
     try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-        hash_name = manifest["hash"]
-    except (ValueError, KeyError, TypeError) as e:
+        manifest = json.loads(path.read_bytes().decode())
+        files, hash_name, checksum = manifest["files"], manifest["hash"], manifest["checksum"]
+    except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{path} is damaged: {e}") from e
+    if checksum != _checksum(manifest):
+        raise CheckpointError(f"{path} is damaged: its contents do not match its checksum")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{path} has manifest format {manifest.get('format')!r}")
     if hash_name != HASH or not isinstance(files, dict):
         raise CheckpointError(f"{path} lists files hashed with {hash_name!r}; expected {HASH}")
     return manifest
@@ -221,8 +232,17 @@ def check_client_state(client_state: Any) -> dict:
     be read back safely (``weights_only=True``), before anything is written."""
     if client_state is None:
         return {}
-    if not isinstance(client_state, dict):
-        raise ValueError(f"client_state must be a dict, got {type(client_state).__name__}")
+    if type(client_state) is not dict:
+        raise ValueError(
+            f"client_state must be a plain dict, got a {type(client_state).__name__}; pass "
+            "dict(client_state)"
+        )
+    for key in client_state:
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise ValueError(
+                f"client_state key {key!r} is a {type(key).__name__}; keys must be strings or "
+                "numbers (the checkpoint is read back with weights_only=True)"
+            )
     for key, value in client_state.items():
         buffer = io.BytesIO()
         try:
