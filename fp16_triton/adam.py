@@ -11,6 +11,7 @@ import torch
 from .backend import kernels
 from .buckets import Bucket
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
+from .spec import Algorithm, elementwise_traffic
 
 __all__ = ["Adam", "AdamW"]
 
@@ -209,3 +210,72 @@ def _check_tensor_betas(*betas) -> None:
                 continue
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+
+
+# ------------------------------------------------------------------------------------ spec
+def _traffic(param_dtype, grad_dtype=None, master=True, amsgrad=False, **_):
+    """Adam/AdamW: ``exp_avg``, ``exp_avg_sq`` (and amsgrad's maximum) read and written once.
+    fp16 params and grads with masters: read 2 + 2 + 4 x 3, write 2 + 4 x 3 = 30 B/param."""
+    return elementwise_traffic(param_dtype, grad_dtype, master, 3 if amsgrad else 2)
+
+
+def _example(sizes, device, param_dtype=torch.float16):
+    """Scratch inputs of ``prepare_adam_step``: random params, grads of the param's dtype,
+    fp32 masters (fp16/bf16 params), zero moments; lr 1e-6 so repeated trials barely move."""
+    device = torch.device(device)
+    params = [torch.randn(n, device=device).to(param_dtype) for n in sizes]
+    grads = [torch.randn(n, device=device).to(param_dtype) for n in sizes]
+    zeros = lambda: [torch.zeros(n, device=device) for n in sizes]  # noqa: E731
+    steps = [torch.zeros((), device=device) for _ in sizes]
+    masters = [p.float() for p in params] if param_dtype != torch.float32 else None
+    kwargs = dict(masters=masters, lr=1e-6, beta1=0.9, beta2=0.999, eps=1e-8)
+    kwargs.update(weight_decay=0.01, decoupled_weight_decay=True)
+    return (params, grads, zeros(), zeros(), steps), kwargs
+
+
+def _configure(type_name: str, params: dict, options: dict) -> str:
+    """DeepSpeed's Adam: ``"Adam"`` is AdamW unless ``adam_w_mode`` is false
+    (``effective_adam_w_mode = type == "adamw" or adam_w_mode``, deepspeedai/DeepSpeed:
+    ``deepspeed/runtime/engine.py``); ``torch_adam`` is kept for the engine to read."""
+    import warnings
+
+    from .config import ConfigError
+
+    if not options.pop("bias_correction"):
+        raise ConfigError(
+            "config key 'optimizer.params.bias_correction' = false is not supported; "
+            "fp16_triton's Adam always applies bias correction (as torch.optim.Adam does)"
+        )
+    if type_name == "AdamW" and not options["adam_w_mode"]:
+        warnings.warn(
+            "optimizer.params.adam_w_mode = false has no effect with type 'AdamW' (DeepSpeed "
+            "ignores it too); use type 'Adam' with adam_w_mode = false for L2-regularised Adam",
+            UserWarning,
+            stacklevel=4,
+        )
+    options["adam_w_mode"] = type_name == "AdamW" or options["adam_w_mode"]
+    return "AdamW" if options["adam_w_mode"] else "Adam"
+
+
+ALGORITHM = Algorithm(
+    name="adam",
+    classes=(Adam, AdamW),
+    kernel="adam",
+    state={
+        "step": "always (one element)",
+        "exp_avg": "always",
+        "exp_avg_sq": "always",
+        "max_exp_avg_sq": "amsgrad",
+        "master_param": "fp16/bf16 params with master_weights",
+    },
+    traffic=_traffic,
+    example=_example,
+    # DeepSpeed's FusedAdam default for both types (torch.optim.AdamW's is 0.01).
+    config_defaults={"weight_decay": 0.0},
+    config_options={
+        "bias_correction": ("bool", True),
+        "adam_w_mode": ("bool", True),
+        "torch_adam": ("bool", False),
+    },
+    configure=_configure,
+)

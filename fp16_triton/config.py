@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +53,7 @@ __all__ = [
     "EngineConfig",
     "load_config",
     "IGNORED_DEEPSPEED_KEYS",
-    "SUPPORTED_OPTIMIZERS",
+    "SUPPORTED_OPTIMIZERS",  # noqa: F822 (module __getattr__)
     "SUPPORTED_SCHEDULERS",
 ]
 
@@ -70,8 +70,20 @@ IGNORED_DEEPSPEED_KEYS: tuple[str, ...] = (
     "dump_state",
 )
 
-#: Optimizer types accepted in ``optimizer.type`` (matched case-insensitively).
-SUPPORTED_OPTIMIZERS: tuple[str, ...] = ("Adam", "AdamW", "SGD")
+
+def __getattr__(name: str):
+    # SUPPORTED_OPTIMIZERS: the types of the registered algorithms (fp16_triton/spec.py),
+    # matched case-insensitively; computed on first use, as the registry imports the classes.
+    if name == "SUPPORTED_OPTIMIZERS":
+        return _supported_optimizers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _supported_optimizers() -> tuple[str, ...]:
+    from .spec import algorithms
+
+    return tuple(n for a in algorithms().values() for n in a.type_names)
+
 
 #: Scheduler types accepted in ``scheduler.type`` (exact names, as DeepSpeed looks them up).
 SUPPORTED_SCHEDULERS: tuple[str, ...] = ("WarmupLR", "WarmupDecayLR")
@@ -136,42 +148,44 @@ class BF16Config:
 
 @dataclass
 class OptimizerConfig:
-    """The ``optimizer`` section, validated.
+    """The ``optimizer`` section, validated against the algorithm's spec (``fp16_triton/spec.py``).
 
-    ``type`` is the canonical name ("Adam", "AdamW" or "SGD") of what the config asked for, and
-    ``params`` holds keyword arguments valid for ``torch.optim.<effective_type>`` with the
-    defaults filled in (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0.0, amsgrad and
-    maximize false; SGD: momentum 0, dampening 0, nesterov false).
+    ``type`` is the canonical name of what the config asked for (a class name of a registered
+    algorithm), and ``params`` holds keyword arguments of that class with the defaults filled
+    in (the class signature's defaults, or DeepSpeed's where the spec says they differ).
+    :attr:`effective_type` names the class that runs, and ``options`` the DeepSpeed-only keys the
+    spec lifted out of ``params`` (e.g. Adam's ``adam_w_mode``, ``torch_adam``).
 
     **"Adam" means AdamW unless ``adam_w_mode`` is false.** This follows DeepSpeed, whose engine
     computes ``effective_adam_w_mode = type == "adamw" or params.get("adam_w_mode", True)``
     (``runtime/engine.py``, ``ADAM_W_MODE_DEFAULT = True`` in ``runtime/config.py``): a DeepSpeed
     config with ``"type": "Adam"`` and ``weight_decay > 0`` trains with decoupled weight decay.
-    ``adam_w_mode`` here holds that effective value (``None`` for SGD), and
-    :attr:`effective_type` names the algorithm actually run. ``adam_w_mode: false`` with type
-    AdamW has no effect (as in DeepSpeed) and warns. ``weight_decay`` defaults to 0.0 for AdamW
-    too (DeepSpeed's FusedAdam default), not ``torch.optim.AdamW``'s 0.01.
-
-    ``torch_adam`` (DeepSpeed: use torch's Adam instead of its fused kernel) is kept for the
-    engine to read; it does not change the math.
+    ``adam_w_mode: false`` with type AdamW has no effect (as in DeepSpeed) and warns.
+    ``weight_decay`` defaults to 0.0 for AdamW too (DeepSpeed's FusedAdam default), not
+    ``torch.optim.AdamW``'s 0.01. ``torch_adam`` (DeepSpeed: use torch's Adam instead of its
+    fused kernel) is kept for the engine to read; it does not change the math.
 
     ``flat_buffers`` (ours, default false) is the optimizers' ``flat_buffers`` argument
-    (optimizer-owned flat storage, see ``fp16_triton/flat_buffers.py``); like ``adam_w_mode`` it
-    is lifted out of ``params``.
+    (optimizer-owned flat storage, see ``fp16_triton/flat_buffers.py``), lifted out of ``params``.
     """
 
     type: str
     params: dict[str, Any] = field(default_factory=dict)
-    adam_w_mode: bool | None = None
-    torch_adam: bool = False
     flat_buffers: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    effective_type: str = ""
+
+    def __post_init__(self):
+        self.effective_type = self.effective_type or self.type
 
     @property
-    def effective_type(self) -> str:
-        """The algorithm that runs: "AdamW" for Adam with ``adam_w_mode``, else ``type``."""
-        if self.type in ("Adam", "AdamW"):
-            return "AdamW" if self.adam_w_mode else "Adam"
-        return self.type
+    def adam_w_mode(self) -> bool | None:
+        """Adam's effective ``adam_w_mode`` (None for other types)."""
+        return self.options.get("adam_w_mode")
+
+    @property
+    def torch_adam(self) -> bool:
+        return bool(self.options.get("torch_adam", False))
 
 
 @dataclass
@@ -232,9 +246,7 @@ class EngineConfig:
             params = {
                 k: list(v) if isinstance(v, tuple) else v for k, v in self.optimizer.params.items()
             }
-            if self.optimizer.adam_w_mode is not None:
-                params["adam_w_mode"] = self.optimizer.adam_w_mode
-                params["torch_adam"] = self.optimizer.torch_adam
+            params.update(self.optimizer.options)
             if self.optimizer.flat_buffers:
                 params["flat_buffers"] = True
             out["optimizer"] = {"type": self.optimizer.type, "params": params}
@@ -263,32 +275,6 @@ _FP16_KEYS = tuple(f.name for f in dataclasses.fields(FP16Config))
 _BF16_KEYS = tuple(f.name for f in dataclasses.fields(BF16Config))
 _SECTION_KEYS = ("type", "params")
 
-# Optimizer params: name -> (kind, default). Kinds are checked by _check_value.
-_ADAM_PARAMS: dict[str, tuple[str, Any]] = {
-    "lr": ("nonneg", 1e-3),
-    "betas": ("betas", (0.9, 0.999)),
-    "eps": ("nonneg", 1e-8),
-    "weight_decay": ("nonneg", 0.0),
-    "amsgrad": ("bool", False),
-    "maximize": ("bool", False),
-    # DeepSpeed's FusedAdam arguments; lifted out of params (see OptimizerConfig).
-    "bias_correction": ("bool", True),
-    "adam_w_mode": ("bool", True),
-    "torch_adam": ("bool", False),
-    # fp16_triton's own: optimizer-owned flat buffers (see fp16_triton/flat_buffers.py).
-    "flat_buffers": ("bool", False),
-}
-_SGD_PARAMS: dict[str, tuple[str, Any]] = {
-    "lr": ("nonneg", 1e-3),
-    "momentum": ("nonneg", 0.0),
-    "dampening": ("nonneg", 0.0),
-    "weight_decay": ("nonneg", 0.0),
-    "nesterov": ("bool", False),
-    "maximize": ("bool", False),
-    "flat_buffers": ("bool", False),
-}
-_OPTIMIZER_PARAMS = {"Adam": _ADAM_PARAMS, "AdamW": _ADAM_PARAMS, "SGD": _SGD_PARAMS}
-
 _REQUIRED = object()  # default marker for parameters without a default
 _WARMUP_PARAMS: dict[str, tuple[str, Any]] = {
     "warmup_min_lr": ("lrs", 0.0),
@@ -303,6 +289,7 @@ _SCHEDULER_PARAMS: dict[str, dict[str, tuple[str, Any]]] = {
 }
 
 
+@functools.cache
 def _leaf_index() -> dict[str, str]:
     """Leaf name -> dotted key, for keys that sit at one place only (used to say that a key
     was put at the wrong level, e.g. top-level 'loss_scale' -> 'fp16.loss_scale')."""
@@ -311,8 +298,10 @@ def _leaf_index() -> dict[str, str]:
         places.setdefault(key, set()).add(f"fp16.{key}")
     for key in _BF16_KEYS:
         places.setdefault(key, set()).add(f"bf16.{key}")
-    for params in (_ADAM_PARAMS, _SGD_PARAMS):
-        for key in params:
+    from .spec import algorithms
+
+    for algorithm in algorithms().values():
+        for key in algorithm.config_params():
             places.setdefault(key, set()).add(f"optimizer.params.{key}")
     for params in _SCHEDULER_PARAMS.values():
         for key in params:
@@ -320,9 +309,6 @@ def _leaf_index() -> dict[str, str]:
     for key in _TOP_LEVEL_KEYS:
         places.setdefault(key, set()).add(key)
     return {leaf: next(iter(where)) for leaf, where in places.items() if len(where) == 1}
-
-
-_LEAF_INDEX = _leaf_index()
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,7 +342,7 @@ def _check_keys(section: Mapping[Any, Any], prefix: str, valid: Iterable[str]) -
             raise ConfigError(
                 f"unknown config key '{full}'; did you mean '{_dotted(prefix, close)}'?"
             )
-        elsewhere = _LEAF_INDEX.get(key)
+        elsewhere = _leaf_index().get(key)
         if elsewhere is not None and elsewhere != full:
             raise ConfigError(
                 f"unknown config key '{full}'; did you mean '{elsewhere}'? "
@@ -506,18 +492,22 @@ def _section_params(section: Mapping[Any, Any], name: str) -> Mapping[Any, Any]:
 
 
 def _parse_optimizer(value: Any) -> OptimizerConfig:
+    from .spec import algorithm_for_type, algorithms
+
     section = _as_section("optimizer", value)
     given = _section_type(section, "optimizer")
     # DeepSpeed lower-cases the names of its own optimizers (adam, adamw); torch optimizers are
     # looked up by exact name there. We accept any case and store the canonical spelling.
-    canonical = {name.lower(): name for name in SUPPORTED_OPTIMIZERS}.get(given.lower())
-    if canonical is None:
-        close = _suggest(given, SUPPORTED_OPTIMIZERS)
+    algorithm = algorithm_for_type(given)
+    if algorithm is None:
+        supported = _supported_optimizers()
+        close = _suggest(given, supported)
         hint = f"; did you mean '{close}'?" if close else ""
         raise ConfigError(
             f"unsupported optimizer type {given!r} at 'optimizer.type'; supported "
-            f"(case-insensitive): {', '.join(SUPPORTED_OPTIMIZERS)}{hint}"
+            f"(case-insensitive): {', '.join(supported)}{hint}"
         )
+    canonical = next(n for n in algorithm.type_names if n.lower() == given.lower())
     params = _section_params(section, "optimizer")
     if "max_grad_norm" in params:
         # DeepSpeed raises on this too: clipping is an engine setting, not an optimizer one.
@@ -525,10 +515,15 @@ def _parse_optimizer(value: Any) -> OptimizerConfig:
             "config key 'optimizer.params.max_grad_norm' is not supported; "
             "use the top-level 'gradient_clipping' instead (as DeepSpeed requires)"
         )
-    spec = _OPTIMIZER_PARAMS[canonical]
+    spec = algorithm.config_params()
     for key in params:
         if isinstance(key, str) and key not in spec:
-            owners = [n for n, s in _OPTIMIZER_PARAMS.items() if key in s and s is not spec]
+            owners = [
+                name
+                for other in algorithms().values()
+                if other is not algorithm and key in other.config_params()
+                for name in other.type_names[:1]
+            ]
             if owners:
                 raise ConfigError(
                     f"config key 'optimizer.params.{key}' is not a parameter of {canonical} "
@@ -540,36 +535,16 @@ def _parse_optimizer(value: Any) -> OptimizerConfig:
         for key, (kind, default) in spec.items()
     }
     flat_buffers = values.pop("flat_buffers")
-
-    if canonical == "SGD":
-        if values["nesterov"] and (values["momentum"] <= 0.0 or values["dampening"] != 0.0):
-            # torch.optim.SGD rejects this combination too.
-            raise ConfigError(
-                "config key 'optimizer.params.nesterov' requires momentum > 0 and dampening 0"
-            )
-        return OptimizerConfig(type=canonical, params=values, flat_buffers=flat_buffers)
-
-    if not values.pop("bias_correction"):
-        raise ConfigError(
-            "config key 'optimizer.params.bias_correction' = false is not supported; "
-            "fp16_triton's Adam always applies bias correction (as torch.optim.Adam does)"
-        )
-    adam_w_mode = values.pop("adam_w_mode")
-    torch_adam = values.pop("torch_adam")
-    if canonical == "AdamW" and not adam_w_mode:
-        warnings.warn(
-            "optimizer.params.adam_w_mode = false has no effect with type 'AdamW' (DeepSpeed "
-            "ignores it too); use type 'Adam' with adam_w_mode = false for L2-regularised Adam",
-            UserWarning,
-            stacklevel=3,
-        )
-    # DeepSpeed: effective_adam_w_mode = (name == "adamw") or adam_w_mode (default True).
+    options = {key: values.pop(key) for key in algorithm.config_options}
+    effective = canonical
+    if algorithm.configure is not None:
+        effective = algorithm.configure(canonical, values, options)
     return OptimizerConfig(
         type=canonical,
         params=values,
-        adam_w_mode=canonical == "AdamW" or adam_w_mode,
-        torch_adam=torch_adam,
         flat_buffers=flat_buffers,
+        options=options,
+        effective_type=effective,
     )
 
 

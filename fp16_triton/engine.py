@@ -28,18 +28,15 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .adam import Adam, AdamW
 from .checkpoint_files import CheckpointError
 from .config import ConfigSource, EngineConfig, load_config
 from .fp16_optimizer import FP16Optimizer
 from .lr_schedules import build_scheduler
-from .sgd import SGD
+from .spec import algorithm_for_type
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Engine", "initialize", "CheckpointError"]  # CheckpointError: checkpoint_files.py
-
-_OPTIMIZERS = {"Adam": Adam, "AdamW": AdamW, "SGD": SGD}
 
 
 def initialize(
@@ -183,7 +180,7 @@ class Engine(nn.Module):
                 "no optimizer: pass one to initialize(optimizer=...) or add an 'optimizer' "
                 'section to the config, e.g. {"type": "AdamW", "params": {"lr": 1e-3}}'
             )
-        cls = _OPTIMIZERS[spec.effective_type]
+        cls = algorithm_for_type(spec.type).optimizer_class(spec.effective_type)
         return cls(params, backend=backend, flat_buffers=spec.flat_buffers, **spec.params)
 
     # ------------------------------------------------------------------------- training

@@ -11,6 +11,7 @@ import torch
 from .backend import kernels
 from .buckets import Bucket, like_param, local
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
+from .spec import Algorithm, elementwise_traffic
 
 __all__ = ["SGD"]
 
@@ -120,3 +121,48 @@ class SGD(FusedOptimizer):
             return kernels("sgd").prepare_sgd_step(*args, cache=bucket.cache, **kwargs)
         sgd_step = kernels("reference").sgd_step
         return lambda: sgd_step(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ spec
+def _traffic(param_dtype, grad_dtype=None, master=True, momentum=0.0, **_):
+    """SGD: the momentum buffer read and written once when ``momentum != 0``. fp16 params and
+    grads with masters and momentum: read 2 + 2 + 4 x 2, write 2 + 4 x 2 = 22 B/param."""
+    return elementwise_traffic(param_dtype, grad_dtype, master, 1 if momentum else 0)
+
+
+def _example(sizes, device, param_dtype=torch.float16):
+    """Scratch inputs of ``prepare_sgd_step`` with momentum 0.9 (see ``adam._example``)."""
+    device = torch.device(device)
+    params = [torch.randn(n, device=device).to(param_dtype) for n in sizes]
+    grads = [torch.randn(n, device=device).to(param_dtype) for n in sizes]
+    bufs = [torch.zeros(n, device=device) for n in sizes]
+    steps = [torch.zeros((), device=device) for _ in sizes]
+    masters = [p.float() for p in params] if param_dtype != torch.float32 else None
+    kwargs = dict(masters=masters, lr=1e-6, momentum=0.9, dampening=0.0, weight_decay=0.0)
+    return (params, grads, bufs, steps), kwargs
+
+
+def _configure(type_name: str, params: dict, options: dict) -> str:
+    if params["nesterov"] and (params["momentum"] <= 0.0 or params["dampening"] != 0.0):
+        from .config import ConfigError
+
+        # torch.optim.SGD rejects this combination too.
+        raise ConfigError(
+            "config key 'optimizer.params.nesterov' requires momentum > 0 and dampening 0"
+        )
+    return type_name
+
+
+ALGORITHM = Algorithm(
+    name="sgd",
+    classes=(SGD,),
+    kernel="sgd",
+    state={
+        "step": "momentum != 0 (one element; torch's SGD has none)",
+        "momentum_buffer": "momentum != 0",
+        "master_param": "fp16/bf16 params with master_weights",
+    },
+    traffic=_traffic,
+    example=_example,
+    configure=_configure,
+)

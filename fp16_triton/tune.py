@@ -39,20 +39,25 @@ def do_bench_median(fn: Callable[[], None]) -> float:
     return float(result[0] if isinstance(result, (list, tuple)) else result)
 
 
+def kernel_names() -> tuple[str, ...]:
+    """Every kernel with a launch configuration: the device layer's own, then each registered
+    algorithm's step kernel (``fp16_triton/spec.py``)."""
+    from .spec import algorithms
+
+    return (*lc.KERNELS, *algorithms())
+
+
 def _workloads(device: torch.device, sizes: Sequence[int]) -> dict[str, Callable]:
     """For each kernel, a function that builds scratch inputs (fp16 params and grads, fp32
     masters and state) and returns ``prepare(cache) -> launch``. For the step kernels the
-    launch is the bare kernel launch (host preparation done in ``prepare``); the check and
-    unscale launchers include their table look-up, which is small beside the 64M-element
-    tensor's traffic."""
-    from .kernels.adam import prepare_adam_step
+    launch is the bare kernel launch (host preparation done in ``prepare``), on the inputs of
+    the algorithm's spec (``Algorithm.example``); the check and unscale launchers include
+    their table look-up, which is small beside the 64M-element tensor's traffic."""
     from .kernels.nonfinite import nonfinite_check_and_norm, unscale_and_check_
-    from .kernels.sgd import prepare_sgd_step
+    from .spec import algorithms
 
-    def tensors(dtype, fill=None):
-        if fill is None:
-            return [torch.randn(n, device=device).to(dtype) for n in sizes]
-        return [torch.full((n,), fill, device=device, dtype=dtype) for n in sizes]
+    def tensors(dtype):
+        return [torch.randn(n, device=device).to(dtype) for n in sizes]
 
     def scalar(value):
         return torch.full((), value, device=device, dtype=torch.float32)
@@ -65,28 +70,21 @@ def _workloads(device: torch.device, sizes: Sequence[int]) -> dict[str, Callable
         grads, found, inv = tensors(torch.float16), scalar(0.0), scalar(1.0)
         return lambda cache: lambda: unscale_and_check_(grads, found, inv, cache=cache)
 
-    def adam():
-        params, grads = tensors(torch.float16), tensors(torch.float16)
-        masters = [p.float() for p in params]
-        m, v = tensors(torch.float32, 0.0), tensors(torch.float32, 0.0)
-        steps = [scalar(0.0) for _ in sizes]
-        kwargs = dict(masters=masters, lr=1e-6, beta1=0.9, beta2=0.999, eps=1e-8)
-        kwargs.update(weight_decay=0.0, decoupled_weight_decay=True)
-        return lambda cache: prepare_adam_step(params, grads, m, v, steps, cache=cache, **kwargs)
+    def step(algorithm):
+        def build():
+            args, kwargs = algorithm.example(sizes, device, torch.float16)
+            return lambda cache: algorithm.prepare(*args, cache=cache, **kwargs)
 
-    def sgd():
-        params, grads = tensors(torch.float16), tensors(torch.float16)
-        masters = [p.float() for p in params]
-        bufs, steps = tensors(torch.float32, 0.0), [scalar(0.0) for _ in sizes]
-        kwargs = dict(masters=masters, lr=1e-6, momentum=0.9, dampening=0.0, weight_decay=0.0)
-        return lambda cache: prepare_sgd_step(params, grads, bufs, steps, cache=cache, **kwargs)
+        return build
 
-    return {"nonfinite_check": check, "unscale": unscale, "adam": adam, "sgd": sgd}
+    workloads = {"nonfinite_check": check, "unscale": unscale}
+    workloads.update({name: step(a) for name, a in algorithms().items()})
+    return workloads
 
 
 def tune(
     device: torch.device | str = "cuda",
-    kernels: Sequence[str] = lc.KERNELS,
+    kernels: Sequence[str] | None = None,
     sizes: Sequence[int] = DEFAULT_SIZES,
     candidates: Sequence[dict[str, int]] = tuple(lc.CANDIDATES),
     timer: Timer | None = None,
@@ -97,6 +95,7 @@ def tune(
     from .kernels.multi_tensor import TableCache
 
     device = torch.device(device)
+    kernels = kernel_names() if kernels is None else kernels
     timer = timer or do_bench_median
     workloads = _workloads(device, sizes)
     results = {}
@@ -143,9 +142,10 @@ def save(results: dict[str, dict], device: torch.device | str = "cuda") -> str:
 
 def show(device: torch.device | str) -> str:
     """The configuration in effect on ``device`` and where it came from, as text."""
-    configs, source = lc.config_source(torch.device(device))
-    lines = [f"device: {device} ({lc.device_key(torch.device(device))})", f"source: {source}"]
-    lines += [f"  {kernel}: {config}" for kernel, config in configs.items()]
+    device = torch.device(device)
+    _, source = lc.config_source(device)
+    lines = [f"device: {device} ({lc.device_key(device)})", f"source: {source}"]
+    lines += [f"  {kernel}: {lc.launch_config(kernel, device)}" for kernel in kernel_names()]
     return "\n".join(lines)
 
 
@@ -153,7 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fp16-triton tune``."""
     parser.add_argument("--show", action="store_true", help="print the configuration in effect")
     parser.add_argument("--quick", action="store_true", help="smaller trial tensors")
-    parser.add_argument("--kernels", nargs="+", choices=lc.KERNELS, default=list(lc.KERNELS))
+    names = kernel_names()
+    parser.add_argument("--kernels", nargs="+", choices=names, default=list(names))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ trial, and a first training step must never pause to autotune. Instead:
    a per-user cache file keyed by GPU name, compute capability, Triton version and
    ``KERNELS_VERSION``;
 2. configs shipped in ``kernels/configs/*.json`` cover common GPUs by name;
-3. ``DEFAULT_CONFIGS`` is the generic fallback (and what the interpreter uses on CPU).
+3. ``DEFAULT_CONFIG`` is the generic fallback (and what the interpreter uses on CPU).
 
 ``launch_config`` reads them once per device, in that order of preference.
 
@@ -34,11 +34,12 @@ logger = logging.getLogger(__name__)
 KERNELS_VERSION = 1
 """Bumped whenever a kernel changes in a way that invalidates tuned configurations."""
 
-KERNELS = ("nonfinite_check", "unscale", "adam", "sgd")
+KERNELS = ("nonfinite_check", "unscale")
+"""The device layer's own kernels. Each optimizer's step kernel is named by its algorithm's
+spec (``fp16_triton/spec.py``); ``fp16_triton.tune.kernel_names()`` lists them all."""
 
-DEFAULT_CONFIGS: dict[str, dict[str, int]] = {
-    name: {"BLOCK": 1024, "CHUNK": 4096, "num_warps": 4} for name in KERNELS
-}
+DEFAULT_CONFIG: dict[str, int] = {"BLOCK": 1024, "CHUNK": 4096, "num_warps": 4}
+"""Every kernel's configuration where neither a tuned nor a shipped entry names it."""
 
 CANDIDATES: list[dict[str, int]] = [
     {"BLOCK": block, "CHUNK": block * per_program, "num_warps": warps}
@@ -80,8 +81,9 @@ def _device_name(device: torch.device) -> str:
 
 @functools.cache
 def _resolved(device: torch.device) -> tuple[dict[str, dict[str, int]], str]:
-    """(configs for every kernel, where they came from) for ``device``; read once."""
-    configs = {k: dict(v) for k, v in DEFAULT_CONFIGS.items()}
+    """(configs of the kernels that tuned or shipped entries name, where they came from) for
+    ``device``; read once. Kernels not named get ``DEFAULT_CONFIG``."""
+    configs: dict[str, dict[str, int]] = {}
     source = "generic defaults (kernels/launch_config.py)"
     name = _device_name(device)
     for path in sorted(SHIPPED_DIR.glob("*.json")):
@@ -117,8 +119,6 @@ def _valid(config) -> bool:
 def _merge(configs: dict, entries: dict, origin: str) -> None:
     """Take the valid entries of ``entries`` into ``configs``; warn about the others."""
     for kernel, config in entries.items():
-        if kernel not in configs:
-            continue
         if _valid(config):
             configs[kernel] = {k: int(config[k]) for k in ("BLOCK", "CHUNK", "num_warps")}
         else:
@@ -131,11 +131,12 @@ def launch_config(kernel: str, device: torch.device) -> dict[str, int]:
     """The launch configuration of ``kernel`` on ``device`` (a copy: callers may modify it)."""
     if kernel in _overrides:
         return dict(_overrides[kernel])  # the tuner's trials: CANDIDATES are all valid
-    return dict(_resolved(torch.device(device))[0][kernel])
+    return dict(_resolved(torch.device(device))[0].get(kernel, DEFAULT_CONFIG))
 
 
 def config_source(device: torch.device) -> tuple[dict[str, dict[str, int]], str]:
-    """Every kernel's configuration in effect on ``device`` and where it came from."""
+    """The configurations that tuned or shipped entries give on ``device`` (other kernels run
+    with ``DEFAULT_CONFIG``) and where they came from."""
     configs, source = _resolved(torch.device(device))
     return {k: dict(v) for k, v in configs.items()}, source
 

@@ -1,0 +1,201 @@
+"""One spec per optimizer algorithm, and the registry of them.
+
+An algorithm is described once, by an :class:`Algorithm` in its host file (``adam.py``,
+``sgd.py``), beside its torch.optim class. Everything else reads it:
+
+- the engine's DeepSpeed config (``config.py``): the ``"type"`` names are the classes' names,
+  the ``params`` and their defaults come from the classes' signatures (:meth:`config_params`),
+  plus the DeepSpeed-only options the spec declares;
+- the engine's registry (``engine.py``) and ``fp16-triton tune`` (``tune.py``), which times the
+  spec's example inputs;
+- the launch configurations (``kernels/launch_config.py``: a kernel with no entry gets the
+  generic default), the sm_90 compile check (``tests/gpu_compile.py`` calls the kernel module's
+  ``compile_variants``), the kernel tests' and launch-geometry tests' tables, and the
+  benchmark, whose bytes-per-param figures are :meth:`Algorithm.traffic`.
+
+The kernel module ``fp16_triton.kernels.<kernel>`` of an algorithm named ``<name>`` provides
+``prepare_<name>_step(*args, cache=None, **kwargs) -> launch`` (everything checked before the
+launch closure runs), ``<name>_step`` (prepare and launch) and ``compile_variants(compile)``;
+its reference module provides ``<name>_step`` with the same arguments in pure torch.
+
+Adding an algorithm: see ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+__all__ = ["Algorithm", "Traffic", "elementwise_traffic", "algorithms", "algorithm_for_type"]
+
+ALGORITHM_MODULES: tuple[str, ...] = ("adam", "sgd")
+"""The registry: each ``fp16_triton.<module>`` defines ``ALGORITHM``. One line per algorithm."""
+
+# Constructor arguments that are not DeepSpeed config params: torch.optim's implementation
+# switches (recorded for compatibility, no effect here), what the engine decides itself
+# (``backend``; masters follow the fp16/bf16 sections) and torch spellings DeepSpeed names
+# otherwise (``decoupled_weight_decay`` is DeepSpeed's ``adam_w_mode``).
+_NOT_CONFIG_PARAMS = frozenset(
+    {"params", "foreach", "capturable", "differentiable", "fused", "backend", "master_weights",
+     "decoupled_weight_decay"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes per parameter of one optimizer step: read and written by the step's kernels, and
+    kept on the device between steps (param, grad, masters and state). The step is
+    memory-bound, so ``read + written`` over the bandwidth is its floor."""
+
+    read: int
+    written: int
+    kept: int
+
+    @property
+    def moved(self) -> int:
+        return self.read + self.written
+
+
+def elementwise_traffic(
+    param_dtype: torch.dtype,
+    grad_dtype: torch.dtype | None,
+    master: bool,
+    state_tensors: int,
+) -> Traffic:
+    """The traffic of a step that reads the param, its grad, its master (fp16/bf16 params with
+    masters) and ``state_tensors`` fp32 state tensors once each, and writes all of them but the
+    grad once. The param is read even with a master: where its bits are no longer the master's
+    rounding (the user wrote it), the step starts from the param (``kernels/common.py``)."""
+    p = torch.empty((), dtype=param_dtype).element_size()
+    g = torch.empty((), dtype=grad_dtype or param_dtype).element_size()
+    fp32 = 4 * (state_tensors + (1 if master and param_dtype != torch.float32 else 0))
+    return Traffic(read=p + g + fp32, written=p + fp32, kept=p + g + fp32)
+
+
+def check_pass_bytes(grad_dtype: torch.dtype) -> int:
+    """Bytes per parameter of FP16Optimizer's non-finite check and norm pass: one read of the
+    grad (``kernels/nonfinite.py``). It runs before the step when loss scaling or clipping is on."""
+    return torch.empty((), dtype=grad_dtype).element_size()
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """An optimizer algorithm as the rest of the package sees it.
+
+    Args:
+        name: the kernel's name: launch configurations, tuned entries and the compile check
+            are keyed by it; the kernel module provides ``prepare_<name>_step``.
+        classes: the torch.optim drop-ins; their ``__name__`` are the config's ``"type"``
+            names (matched case-insensitively, as DeepSpeed does for its own optimizers).
+        kernel: the module under ``fp16_triton.kernels`` with the Triton kernel and launcher.
+        reference: the module under ``fp16_triton.kernels`` with the pure-torch ``<name>_step``.
+        state: per-param state names, each with when it exists (all fp32, shaped as the param
+            but ``step``, a one-element tensor).
+        traffic: ``traffic(param_dtype, grad_dtype=None, master=True, **group_options)``, the
+            bytes-per-param model of one step; the benchmark quotes it.
+        example: ``example(sizes, device, param_dtype) -> (args, kwargs)`` for
+            ``prepare_<name>_step``: scratch inputs for ``fp16-triton tune``, the launch-geometry
+            checks and the benchmark (fp32 masters for fp16/bf16 params; a tiny lr, so that
+            repeated trials barely move them).
+        config_defaults: DeepSpeed defaults that differ from the classes' (e.g. FusedAdam's
+            ``weight_decay`` 0 for AdamW).
+        config_options: DeepSpeed-only keys ``{name: (kind, default)}``: accepted in ``params``,
+            lifted out of them, and handed to ``configure``.
+        configure: ``configure(type_name, params, options) -> class name``: the DeepSpeed quirks
+            (which class runs, combinations to refuse with ``ConfigError``); the default runs
+            the class named by the type.
+    """
+
+    name: str
+    classes: tuple[type, ...]
+    kernel: str
+    state: Mapping[str, str]
+    traffic: Callable[..., Traffic]
+    example: Callable[..., tuple[tuple, dict]]
+    reference: str = "reference"
+    config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    config_options: Mapping[str, tuple[str, Any]] = field(default_factory=dict)
+    configure: Callable[[str, dict, dict], str] | None = None
+
+    # ------------------------------------------------------------------------- device side
+    def kernel_module(self):
+        from .backend import kernels
+
+        return kernels(self.kernel)
+
+    def prepare(self, *args, cache=None, **kwargs) -> Callable[[], None]:
+        """The Triton launcher: check everything, return the launch."""
+        prepare = getattr(self.kernel_module(), f"prepare_{self.name}_step")
+        return prepare(*args, cache=cache, **kwargs)
+
+    def run_reference(self, *args, **kwargs) -> None:
+        from .backend import kernels
+
+        getattr(kernels(self.reference), f"{self.name}_step")(*args, **kwargs)
+
+    # ------------------------------------------------------------------------- config side
+    @property
+    def type_names(self) -> tuple[str, ...]:
+        return tuple(cls.__name__ for cls in self.classes)
+
+    def optimizer_class(self, name: str) -> type:
+        return {cls.__name__: cls for cls in self.classes}[name]
+
+    def config_params(self) -> Mapping[str, tuple[str, Any]]:
+        """``{param: (kind, default)}`` of the config's ``optimizer.params``: the keyword
+        arguments of the classes' constructors (kinds from their defaults), then the
+        DeepSpeed-only options."""
+        params: dict[str, tuple[str, Any]] = {}
+        for cls in self.classes:
+            for arg in inspect.signature(cls.__init__).parameters.values():
+                if arg.name in _NOT_CONFIG_PARAMS or arg.name in params or arg.name == "self":
+                    continue
+                if arg.kind not in (arg.POSITIONAL_OR_KEYWORD, arg.KEYWORD_ONLY):
+                    continue
+                default = self.config_defaults.get(arg.name, arg.default)
+                params[arg.name] = (_kind_of(cls, arg.name, default), default)
+        params.update(self.config_options)
+        return MappingProxyType(params)
+
+
+def _kind_of(cls: type, name: str, default: Any) -> str:
+    """The config checker's kind of a constructor argument, from its default."""
+    if isinstance(default, bool):
+        return "bool"
+    if isinstance(default, (int, float)):
+        return "nonneg"
+    if isinstance(default, tuple) and len(default) == 2 and name == "betas":
+        return "betas"
+    raise TypeError(
+        f"{cls.__name__}({name}={default!r}): no config kind for this default; give the "
+        "argument a config kind in fp16_triton/spec.py or leave it out of the config"
+    )
+
+
+_registry: dict[str, Algorithm] | None = None
+
+
+def algorithms() -> Mapping[str, Algorithm]:
+    """Every registered algorithm by name (the modules are imported on first use)."""
+    global _registry
+    if _registry is None:
+        found = {}
+        for module in ALGORITHM_MODULES:
+            algorithm = importlib.import_module(f"{__package__}.{module}").ALGORITHM
+            found[algorithm.name] = algorithm
+        _registry = found
+    return MappingProxyType(_registry)
+
+
+def algorithm_for_type(type_name: str) -> Algorithm | None:
+    """The algorithm whose classes include ``type_name`` (case-insensitive), or None."""
+    for algorithm in algorithms().values():
+        if type_name.lower() in (n.lower() for n in algorithm.type_names):
+            return algorithm
+    return None
