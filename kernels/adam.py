@@ -352,3 +352,37 @@ def adam_step(*args, **kwargs) -> None:
     """One fused Adam/AdamW step, in place, with no host sync: ``prepare_adam_step``'s
     arguments, checked and launched at once."""
     prepare_adam_step(*args, **kwargs)()
+
+
+def compile_variants(compile) -> dict[str, dict]:
+    """The variants ``tests/gpu_compile.py`` compiles for sm_90: ``compile(kernel, constexprs,
+    types=None)`` for each. fp16/bf16 with masters and amsgrad, both alignments, lr on host or
+    device; fp32 without masters; the step-count kernel."""
+    common = {"BLOCK": 1024, "CHUNK": 4096}
+    flags = dict(
+        DECOUPLED=True, MAXIMIZE=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True
+    )
+    results = {}
+    for dtype_name, dtype in (("fp16", tl.float16), ("bf16", tl.bfloat16)):
+        for aligned in (False, True):
+            for lr_on_device in (False, True):
+                name = f"adam-{dtype_name}-master-amsgrad-aligned{aligned}-lrdev{lr_on_device}"
+                results[name] = compile(
+                    _adam_kernel,
+                    dict(
+                        PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=True, AMSGRAD=True,
+                        LR_ON_DEVICE=lr_on_device, ALIGNED=aligned, **flags, **common,
+                    ),
+                )  # fmt: skip
+    results["adam-fp32-plain"] = compile(
+        _adam_kernel,
+        dict(
+            PARAM_DTYPE=tl.float32, GRAD_DTYPE=tl.float32, HAS_MASTER=False, AMSGRAD=False,
+            DECOUPLED=False, MAXIMIZE=True, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False,
+            HAS_CLIP=False, LR_ON_DEVICE=False, ALIGNED=False, **common,
+        ),
+    )  # fmt: skip
+    results["increment-steps"] = compile(
+        _increment_steps_kernel, dict(HAS_FOUND_INF=True, BLOCK=1024)
+    )
+    return results

@@ -148,3 +148,21 @@ def update_loss_scale(
             int(bool(raise_at_min)),
             record,
         )
+
+
+def compile_variants(compile) -> dict[str, dict]:
+    """The variants ``tests/gpu_compile.py`` compiles for sm_90. Triton turns an int argument
+    equal to 1 into a constant: the defaults (raise_at_min=1) launch that variant, and
+    hysteresis=1 or scale_window=1 others; compile both extremes."""
+    scale_types = {
+        "overflow_ptr": "*fp32", "scale_ptr": "*fp32", "error_ptr": "*fp32",
+        "cur_hysteresis_ptr": "*i64", "cur_iter_ptr": "*i64", "last_overflow_iter_ptr": "*i64",
+        "scale_window": "i32", "hysteresis": "i32", "consecutive": "i32", "raise_at_min": "i32",
+        "record_ptr": "*fp32",
+    }  # fmt: skip
+    ints = ("scale_window", "hysteresis", "consecutive", "raise_at_min")
+    results = {}
+    for name, ones in (("loss-scale-update", ()), ("loss-scale-update-ones", ints)):
+        types = {k: v for k, v in scale_types.items() if k not in ones}
+        results[name] = compile(_update_loss_scale_kernel, {k: 1 for k in ones}, types=types)
+    return results

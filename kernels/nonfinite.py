@@ -274,3 +274,19 @@ def _scratch(cache: TableCache | None, name: str, shape, device) -> torch.Tensor
         buf = torch.empty(shape, dtype=torch.float32, device=device)
         cache.scratch[name] = buf
     return buf
+
+
+def compile_variants(compile) -> dict[str, dict]:
+    """The variants ``tests/gpu_compile.py`` compiles for sm_90 (see ``adam.compile_variants``)."""
+    common = {"BLOCK": 1024, "CHUNK": 4096}
+    results = {}
+    for aligned in (False, True):
+        results[f"check-fp16-aligned{aligned}"] = compile(
+            _nonfinite_check_kernel,
+            dict(GRAD_DTYPE=tl.float16, HAS_GRAD_SCALE=True, COMPUTE_NORM=True, ALIGNED=aligned,
+                 **common),
+        )  # fmt: skip
+        results[f"unscale-bf16-aligned{aligned}"] = compile(
+            _unscale_kernel, dict(GRAD_DTYPE=tl.bfloat16, ALIGNED=aligned, **common)
+        )
+    return results

@@ -213,3 +213,20 @@ def sgd_step(*args, **kwargs) -> None:
     """One fused SGD step, in place, with no host sync: ``prepare_sgd_step``'s arguments,
     checked and launched at once."""
     prepare_sgd_step(*args, **kwargs)()
+
+
+def compile_variants(compile) -> dict[str, dict]:
+    """The variants ``tests/gpu_compile.py`` compiles for sm_90 (see ``adam.compile_variants``):
+    fp16 with masters, momentum and Nesterov, both alignments."""
+    results = {}
+    for aligned in (False, True):
+        results[f"sgd-fp16-momentum-aligned{aligned}"] = compile(
+            _sgd_kernel,
+            dict(
+                PARAM_DTYPE=tl.float16, GRAD_DTYPE=tl.float16, HAS_MASTER=True,
+                HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=False, HAS_GRAD_SCALE=True,
+                HAS_FOUND_INF=True, HAS_CLIP=True, LR_ON_DEVICE=True, ALIGNED=aligned,
+                BLOCK=1024, CHUNK=4096,
+            ),
+        )  # fmt: skip
+    return results

@@ -15,11 +15,10 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fp16_triton.kernels import adam, loss_scale, nonfinite, sgd  # noqa: E402
+from fp16_triton.kernels import loss_scale, nonfinite  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SCALAR_POINTERS = {
@@ -59,64 +58,12 @@ def compile_variant(kernel, constexprs: dict, types: dict | None = None) -> dict
 
 
 def main() -> None:
-    common = {"BLOCK": 1024, "CHUNK": 4096}
-    adam_flags = dict(
-        DECOUPLED=True, MAXIMIZE=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True
-    )
+    from fp16_triton.spec import algorithms
+
     results = {}
-    for dtype_name, dtype in (("fp16", tl.float16), ("bf16", tl.bfloat16)):
-        for aligned in (False, True):
-            for lr_on_device in (False, True):
-                name = f"adam-{dtype_name}-master-amsgrad-aligned{aligned}-lrdev{lr_on_device}"
-                results[name] = compile_variant(
-                    adam._adam_kernel,
-                    dict(
-                        PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=True, AMSGRAD=True,
-                        LR_ON_DEVICE=lr_on_device, ALIGNED=aligned, **adam_flags, **common,
-                    ),
-                )  # fmt: skip
-    results["adam-fp32-plain"] = compile_variant(
-        adam._adam_kernel,
-        dict(
-            PARAM_DTYPE=tl.float32, GRAD_DTYPE=tl.float32, HAS_MASTER=False, AMSGRAD=False,
-            DECOUPLED=False, MAXIMIZE=True, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False,
-            HAS_CLIP=False, LR_ON_DEVICE=False, ALIGNED=False, **common,
-        ),
-    )  # fmt: skip
-    for aligned in (False, True):
-        results[f"sgd-fp16-momentum-aligned{aligned}"] = compile_variant(
-            sgd._sgd_kernel,
-            dict(
-                PARAM_DTYPE=tl.float16, GRAD_DTYPE=tl.float16, HAS_MASTER=True,
-                HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=False, HAS_GRAD_SCALE=True,
-                HAS_FOUND_INF=True, HAS_CLIP=True, LR_ON_DEVICE=True, ALIGNED=aligned, **common,
-            ),
-        )  # fmt: skip
-        results[f"check-fp16-aligned{aligned}"] = compile_variant(
-            nonfinite._nonfinite_check_kernel,
-            dict(GRAD_DTYPE=tl.float16, HAS_GRAD_SCALE=True, COMPUTE_NORM=True, ALIGNED=aligned,
-                 **common),
-        )  # fmt: skip
-        results[f"unscale-bf16-aligned{aligned}"] = compile_variant(
-            nonfinite._unscale_kernel, dict(GRAD_DTYPE=tl.bfloat16, ALIGNED=aligned, **common)
-        )
-    results["increment-steps"] = compile_variant(
-        adam._increment_steps_kernel, dict(HAS_FOUND_INF=True, BLOCK=1024)
-    )
-    # Triton turns an int argument equal to 1 into a constant: the defaults (raise_at_min=1)
-    # launch that variant, and hysteresis=1 or scale_window=1 others; compile both extremes.
-    scale_types = {
-        "overflow_ptr": "*fp32", "scale_ptr": "*fp32", "error_ptr": "*fp32",
-        "cur_hysteresis_ptr": "*i64", "cur_iter_ptr": "*i64", "last_overflow_iter_ptr": "*i64",
-        "scale_window": "i32", "hysteresis": "i32", "consecutive": "i32", "raise_at_min": "i32",
-        "record_ptr": "*fp32",
-    }  # fmt: skip
-    ints = ("scale_window", "hysteresis", "consecutive", "raise_at_min")
-    for name, ones in (("loss-scale-update", ()), ("loss-scale-update-ones", ints)):
-        types = {k: v for k, v in scale_types.items() if k not in ones}
-        results[name] = compile_variant(
-            loss_scale._update_loss_scale_kernel, {k: 1 for k in ones}, types=types
-        )
+    modules = [nonfinite, loss_scale] + [a.kernel_module() for a in algorithms().values()]
+    for module in modules:
+        results.update(module.compile_variants(compile_variant))
     json.dump(results, sys.stdout)
 
 
