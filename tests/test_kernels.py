@@ -1127,27 +1127,6 @@ def test_sgd_rejects_mismatched_or_gapped_layouts_and_changes_nothing(name, rela
     assert_unchanged(inputs, before)
 
 
-@pytest.mark.parametrize("kernel", ["adam", "sgd"])
-def test_steps_on_transposed_lists_equal_contiguous_ones_bitwise(kernel):
-    """Dense tensors of any layout are read as flat ranges: when the k-th tensors of every list
-    share one layout (a transpose here; channels_last alike), each element meets its own grad
-    and state, so the step is the contiguous step, bit for bit (same elements, same math)."""
-    make, call = (adam_inputs, call_adam) if kernel == "adam" else (sgd_inputs, call_sgd)
-    plain = make()
-    relaid = {
-        name: [transposed_like(t) if t.numel() == 24 else t.clone() for t in tensors]
-        if tensors is not None
-        else None
-        for name, tensors in plain.items()
-    }
-    call(plain)
-    call(relaid)
-    for name, tensors in plain.items():
-        for i, (a, b) in enumerate(zip(tensors or [], relaid[name] or [])):
-            expected = transposed_like(a) if a.numel() == 24 else a
-            assert_bitwise(b, expected, f"{name}[{i}] of the transposed step")
-
-
 @pytest.mark.parametrize("bad_index", [0, 1])
 def test_check_and_unscale_reject_non_contiguous_and_change_nothing(bad_index):
     """Mixed dtypes: the launchers work dtype group by dtype group, so the bad tensor may sit

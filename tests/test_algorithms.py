@@ -1,0 +1,132 @@
+"""What every registered algorithm must satisfy, read off its spec (``fp16_triton/spec.py``).
+
+A new optimizer gets these tests by registering: its launcher accepts the spec's example
+inputs on both backends, a skipped step (``found_inf`` set) writes nothing, dense transposed
+lists step bitwise as contiguous ones, the bytes-per-param model matches the tensors the step
+really keeps and writes, and the engine's config builds every class with the spec's defaults.
+The numerics of each algorithm are tested against float64 models in its own tests
+(``tests/test_kernels.py`` for Adam and SGD).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fp16_triton
+from fp16_triton.spec import algorithms, elementwise_traffic
+
+ALGORITHMS = sorted(algorithms())
+LOW_AND_FP32 = (torch.float16, torch.bfloat16, torch.float32)
+SIZES = [24, 1100, 3]  # a transposable 4 x 6 tensor, one across a 1024-element block, a tiny one
+
+
+def tensors_of(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for y in x for t in tensors_of(y)]
+    if isinstance(x, dict):
+        return [t for y in x.values() for t in tensors_of(y)]
+    return []
+
+
+def example(name, dtype, seed=0):
+    torch.manual_seed(seed)
+    args, kwargs = algorithms()[name].example(SIZES, "cpu", dtype)
+    return args, dict(kwargs, lr=1e-2)  # a visible step
+
+
+def run(name, backend, args, kwargs):
+    algorithm = algorithms()[name]
+    if backend == "triton":
+        algorithm.prepare(*args, **kwargs)()
+    else:
+        algorithm.run_reference(*args, **kwargs)
+
+
+def assert_bitwise(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert torch.equal(bits(a), bits(b)), what
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", LOW_AND_FP32)
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_a_skipped_step_writes_nothing(name, dtype, backend):
+    args, kwargs = example(name, dtype)
+    before = [t.clone() for t in tensors_of((args, kwargs))]
+    kwargs["found_inf"] = torch.ones(())
+    run(name, backend, args, kwargs)
+    for i, (t, b) in enumerate(zip(tensors_of((args, kwargs)), before)):
+        assert_bitwise(t, b, f"{name} tensor {i} written by a skipped step")
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_transposed_lists_step_bitwise_as_contiguous_ones(name):
+    """The kernels read dense tensors of any layout as flat ranges: when the k-th tensors of
+    every list share a layout, each element meets its own grad and state, so the step is the
+    contiguous step bit for bit."""
+    plain_args, kwargs = example(name, torch.float16)
+    relaid_args, relaid_kwargs = copy.deepcopy((plain_args, kwargs))
+
+    def relay(x):
+        if isinstance(x, torch.Tensor) and x.numel() == 24:
+            return x.detach().clone().reshape(4, 6).t()
+        if isinstance(x, list):
+            return [relay(t) for t in x]
+        return x
+
+    relaid_args = tuple(relay(a) for a in relaid_args)
+    relaid_kwargs = {k: relay(v) for k, v in relaid_kwargs.items()}
+    run(name, "triton", plain_args, kwargs)
+    run(name, "triton", relaid_args, relaid_kwargs)
+    for i, (a, b) in enumerate(zip(tensors_of(plain_args), tensors_of(relaid_args))):
+        expected = a.reshape(4, 6).t() if a.numel() == 24 else a
+        assert_bitwise(b, expected, f"{name} tensor {i} of the transposed step")
+
+
+@pytest.mark.parametrize("dtype", LOW_AND_FP32)
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_bytes_model_matches_the_tensors_kept_and_written(name, dtype):
+    """``traffic().kept`` is the bytes per param of every param-sized tensor of the example
+    (param, grad, master, state); ``written`` those a step changes; ``read`` at least what is
+    kept (every such tensor is read). The example runs the algorithm's default options."""
+    args, kwargs = example(name, dtype)
+    numel = sum(SIZES)
+    per_param = [t for t in tensors_of((args, kwargs)) if t.dim() > 0]
+    before = [t.clone() for t in per_param]
+    run(name, "triton", args, kwargs)
+    kept = sum(t.numel() * t.element_size() for t in per_param) / numel
+    written = sum(
+        t.numel() * t.element_size() for t, b in zip(per_param, before) if not torch.equal(t, b)
+    )
+    traffic = algorithms()[name].traffic(dtype, momentum=kwargs.get("momentum", 0.0))
+    assert traffic.kept == kept
+    assert traffic.written == written / numel
+    assert traffic.read >= traffic.kept
+
+
+def test_elementwise_traffic_of_adamw_fp16_is_the_documented_30_bytes():
+    # read p 2, g 2, master 4, m 4, v 4; write p 2, master 4, m 4, v 4.
+    assert elementwise_traffic(torch.float16, None, True, 2).moved == 30
+    assert elementwise_traffic(torch.float32, None, True, 2).moved == 28  # no master for fp32
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_the_engine_builds_every_type_with_the_config_defaults(name):
+    for type_name in algorithms()[name].type_names:
+        model = torch.nn.Linear(4, 3)
+        config = {"optimizer": {"type": type_name.lower()}, "fp16": {"enabled": True}}
+        engine, optimizer, *_ = fp16_triton.initialize(model=model, config=config)
+        assert type(optimizer.optimizer).__name__ == engine.config.optimizer.effective_type
+        loss = engine(torch.randn(2, 4).half()).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        assert engine.global_steps == 1
