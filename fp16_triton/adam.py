@@ -15,6 +15,15 @@ from .spec import Algorithm, elementwise_traffic
 
 __all__ = ["Adam", "AdamW"]
 
+_STATE = {
+    "step": "always (one element; a skipped step does not advance it)",
+    "exp_avg": "always",
+    "exp_avg_sq": "always",
+    "max_exp_avg_sq": "amsgrad",
+    "master_param": "fp16/bf16 params with master_weights",
+}
+"""Per-param state, all fp32 on the param's device, in torch's names, and when each exists."""
+
 
 class Adam(FusedOptimizer):
     """Adam (``torch.optim.Adam``'s arguments, defaults, math and state names).
@@ -50,7 +59,7 @@ class Adam(FusedOptimizer):
     ``master_param`` (fp16/bf16 params with masters).
     """
 
-    _state_names = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _state_names = tuple(name for name in _STATE if name != "master_param")
     _required_state = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(
@@ -261,13 +270,7 @@ ALGORITHM = Algorithm(
     name="adam",
     classes=(Adam, AdamW),
     kernel="adam",
-    state={
-        "step": "always (one element)",
-        "exp_avg": "always",
-        "exp_avg_sq": "always",
-        "max_exp_avg_sq": "amsgrad",
-        "master_param": "fp16/bf16 params with master_weights",
-    },
+    state=_STATE,
     traffic=_traffic,
     example=_example,
     # DeepSpeed's FusedAdam default for both types (torch.optim.AdamW's is 0.01).

@@ -15,6 +15,13 @@ from .spec import Algorithm, elementwise_traffic
 
 __all__ = ["SGD"]
 
+_STATE = {
+    "step": "momentum != 0 (one element; torch's SGD has none, see the class docstring)",
+    "momentum_buffer": "momentum != 0",
+    "master_param": "fp16/bf16 params with master_weights",
+}
+"""Per-param state, all fp32 on the param's device, and when each exists."""
+
 
 class SGD(FusedOptimizer):
     """SGD with momentum (``torch.optim.SGD``'s arguments, defaults, math and state names).
@@ -36,7 +43,7 @@ class SGD(FusedOptimizer):
     dict derives it from whether a buffer exists). Plus ``master_param`` for fp16/bf16 params.
     """
 
-    _state_names = ("step", "momentum_buffer")
+    _state_names = tuple(name for name in _STATE if name != "master_param")
 
     def __init__(
         self,
@@ -157,11 +164,7 @@ ALGORITHM = Algorithm(
     name="sgd",
     classes=(SGD,),
     kernel="sgd",
-    state={
-        "step": "momentum != 0 (one element; torch's SGD has none)",
-        "momentum_buffer": "momentum != 0",
-        "master_param": "fp16/bf16 params with master_weights",
-    },
+    state=_STATE,
     traffic=_traffic,
     example=_example,
     configure=_configure,
