@@ -1,25 +1,27 @@
 """fp16_triton: Triton kernels for mixed-precision training.
 
 Fused unscale and non-finite check of scaled gradients, the global gradient norm, and
-mixed-precision Adam/AdamW/SGD steps that keep fp32 master weights and write the fp16/bf16
+mixed-precision optimizer steps that keep fp32 master weights and write the fp16/bf16
 parameters back, behind ``torch.optim``-compatible optimizers.
 """
 
-from .adam import Adam, AdamW
+# Importing an algorithm's host module registers it (fp16_triton/spec.py) and its classes are
+# exported through __all__: the algorithm imports (adam, sgd, ...) are the registry, one line
+# per algorithm.
+from .adam import Adam, AdamW  # noqa: F401
 from .backend import BACKEND_ENV
 from .checkpoint_files import CheckpointError
 from .engine import Engine, initialize
 from .fp16_optimizer import FP16Optimizer
 from .loss_scaler import DynamicLossScaler, LossScaler, MinLossScaleError, get_loss_scaler
 from .optimizer import FusedOptimizer
-from .sgd import SGD
+from .sgd import SGD  # noqa: F401
+from .spec import algorithms as _algorithms
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adam",
-    "AdamW",
-    "SGD",
+    *(cls.__name__ for algorithm in _algorithms().values() for cls in algorithm.classes),
     "FusedOptimizer",
     "FP16Optimizer",
     "LossScaler",

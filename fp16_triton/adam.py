@@ -11,7 +11,7 @@ import torch
 from .backend import kernels
 from .buckets import Bucket
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
-from .spec import Algorithm, elementwise_traffic
+from .spec import Algorithm, elementwise_traffic, register
 
 __all__ = ["Adam", "AdamW"]
 
@@ -266,19 +266,21 @@ def _configure(type_name: str, params: dict, options: dict) -> str:
     return "AdamW" if options["adam_w_mode"] else "Adam"
 
 
-ALGORITHM = Algorithm(
-    name="adam",
-    classes=(Adam, AdamW),
-    kernel="adam",
-    state=_STATE,
-    traffic=_traffic,
-    example=_example,
-    # DeepSpeed's FusedAdam default for both types (torch.optim.AdamW's is 0.01).
-    config_defaults={"weight_decay": 0.0},
-    config_options={
-        "bias_correction": ("bool", True),
-        "adam_w_mode": ("bool", True),
-        "torch_adam": ("bool", False),
-    },
-    configure=_configure,
+ALGORITHM = register(
+    Algorithm(
+        name="adam",
+        classes=(Adam, AdamW),
+        kernel="adam",
+        state=_STATE,
+        traffic=_traffic,
+        example=_example,
+        # DeepSpeed's FusedAdam default for both types (torch.optim.AdamW's is 0.01).
+        config_defaults={"weight_decay": 0.0},
+        config_options={
+            "bias_correction": ("bool", True),
+            "adam_w_mode": ("bool", True),
+            "torch_adam": ("bool", False),
+        },
+        configure=_configure,
+    )
 )

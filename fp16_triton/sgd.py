@@ -11,7 +11,7 @@ import torch
 from .backend import kernels
 from .buckets import Bucket, like_param, local
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
-from .spec import Algorithm, elementwise_traffic
+from .spec import Algorithm, elementwise_traffic, register
 
 __all__ = ["SGD"]
 
@@ -160,12 +160,14 @@ def _configure(type_name: str, params: dict, options: dict) -> str:
     return type_name
 
 
-ALGORITHM = Algorithm(
-    name="sgd",
-    classes=(SGD,),
-    kernel="sgd",
-    state=_STATE,
-    traffic=_traffic,
-    example=_example,
-    configure=_configure,
+ALGORITHM = register(
+    Algorithm(
+        name="sgd",
+        classes=(SGD,),
+        kernel="sgd",
+        state=_STATE,
+        traffic=_traffic,
+        example=_example,
+        configure=_configure,
+    )
 )

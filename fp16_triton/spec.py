@@ -15,8 +15,9 @@ An algorithm is described once, by an :class:`Algorithm` in its host file (``ada
 
 The kernel module ``fp16_triton.kernels.<kernel>`` of an algorithm named ``<name>`` provides
 ``prepare_<name>_step(*args, cache=None, **kwargs) -> launch`` (everything checked before the
-launch closure runs), ``<name>_step`` (prepare and launch) and ``compile_variants(compile)``;
-its reference module provides ``<name>_step`` with the same arguments in pure torch.
+launch closure runs; keyword ``grad_scale``, ``found_inf``, ``norm_sq``/``max_norm`` as the
+optimizers pass them), ``<name>_step`` (prepare and launch) and ``compile_variants(compile)``;
+the spec's ``reference`` is the same step in pure torch.
 
 Adding an algorithm: see ``docs/architecture.md``.
 """
@@ -32,10 +33,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["Algorithm", "Traffic", "elementwise_traffic", "algorithms", "algorithm_for_type"]
+__all__ = [
+    "Algorithm",
+    "Traffic",
+    "elementwise_traffic",
+    "check_pass_bytes",
+    "register",
+    "algorithms",
+    "algorithm_for_type",
+]
 
-ALGORITHM_MODULES: tuple[str, ...] = ("adam", "sgd")
-"""The registry: each ``fp16_triton.<module>`` defines ``ALGORITHM``. One line per algorithm."""
 
 # Constructor arguments that are not DeepSpeed config params: torch.optim's implementation
 # switches (recorded for compatibility, no effect here), what the engine decides itself
@@ -94,7 +101,10 @@ class Algorithm:
         classes: the torch.optim drop-ins; their ``__name__`` are the config's ``"type"``
             names (matched case-insensitively, as DeepSpeed does for its own optimizers).
         kernel: the module under ``fp16_triton.kernels`` with the Triton kernel and launcher.
-        reference: the module under ``fp16_triton.kernels`` with the pure-torch ``<name>_step``.
+        reference: the pure-torch step, with the launcher's arguments: a function (a new
+            algorithm keeps it in its host file, beside the class whose CPU fallback it is) or
+            the name of a module under ``fp16_triton.kernels`` holding ``<name>_step`` (Adam's
+            and SGD's live in ``kernels/reference.py`` with the check and unscale references).
         state: per-param state names, each with when it exists (all fp32, shaped as the param
             but ``step``, a one-element tensor).
         traffic: ``traffic(param_dtype, grad_dtype=None, master=True, **group_options)``, the
@@ -118,7 +128,7 @@ class Algorithm:
     state: Mapping[str, str]
     traffic: Callable[..., Traffic]
     example: Callable[..., tuple[tuple, dict]]
-    reference: str = "reference"
+    reference: str | Callable[..., None] = "reference"
     config_defaults: Mapping[str, Any] = field(default_factory=dict)
     config_options: Mapping[str, tuple[str, Any]] = field(default_factory=dict)
     configure: Callable[[str, dict, dict], str] | None = None
@@ -137,7 +147,10 @@ class Algorithm:
     def run_reference(self, *args, **kwargs) -> None:
         from .backend import kernels
 
-        getattr(kernels(self.reference), f"{self.name}_step")(*args, **kwargs)
+        reference = self.reference
+        if isinstance(reference, str):
+            reference = getattr(kernels(reference), f"{self.name}_step")
+        reference(*args, **kwargs)
 
     # ------------------------------------------------------------------------- config side
     @property
@@ -178,18 +191,22 @@ def _kind_of(cls: type, name: str, default: Any) -> str:
     )
 
 
-_registry: dict[str, Algorithm] | None = None
+_registry: dict[str, Algorithm] = {}
+
+
+def register(algorithm: Algorithm) -> Algorithm:
+    """Add ``algorithm`` to the registry (its host module calls this when imported)."""
+    if algorithm.name in _registry and _registry[algorithm.name] is not algorithm:
+        raise ValueError(f"an algorithm named {algorithm.name!r} is registered already")
+    _registry[algorithm.name] = algorithm
+    return algorithm
 
 
 def algorithms() -> Mapping[str, Algorithm]:
-    """Every registered algorithm by name (the modules are imported on first use)."""
-    global _registry
-    if _registry is None:
-        found = {}
-        for module in ALGORITHM_MODULES:
-            algorithm = importlib.import_module(f"{__package__}.{module}").ALGORITHM
-            found[algorithm.name] = algorithm
-        _registry = found
+    """Every registered algorithm by name. The registry is the list of imports of the host
+    modules in ``fp16_triton/__init__.py``: one line per algorithm, which also exports its
+    classes."""
+    importlib.import_module(__package__)  # the package's imports register them
     return MappingProxyType(_registry)
 
 
