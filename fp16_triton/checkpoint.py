@@ -166,7 +166,7 @@ def load(engine, load_dir, tag, load_optimizer: bool, load_scheduler: bool) -> t
     path = directory / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
-    verify(directory)
+    _verify_kind(directory, [CHECKPOINT_FILE], "a sharded run's")
     try:
         with open(path, "rb") as f:
             state = load_states(f)
@@ -189,6 +189,19 @@ def load(engine, load_dir, tag, load_optimizer: bool, load_scheduler: bool) -> t
         _apply_common_state(engine, state, load_scheduler)
     logger.info("loaded checkpoint %s", path)
     return str(path), state["client_state"]
+
+
+def _verify_kind(directory: Path, required: list[str], other: str) -> None:
+    """Verify every file the manifest lists, and that it lists the files this engine reads: a
+    tag saved over by the other kind of run keeps the first run's files beside the manifest of
+    the second, and only the manifest says which are the checkpoint."""
+    listed = verify(directory)["files"]
+    missing = [name for name in required if name not in listed]
+    if missing:
+        raise CheckpointError(
+            f"{directory} is {other} checkpoint (its manifest does not list {missing[0]}); "
+            "load it into an engine set up as the run that saved it (sharded or not)"
+        )
 
 
 def _latest_tag(load_dir: Path) -> str:
@@ -323,7 +336,7 @@ def _load_sharded(engine, directory: Path, load_optimizer: bool, load_scheduler:
     shards = directory / SHARDS
     if not (shards / ".metadata").is_file() or not (directory / ENGINE_FILE).is_file():
         raise CheckpointError(f"{directory} is not a complete sharded checkpoint")
-    verify(directory)
+    _verify_kind(directory, [ENGINE_FILE, f"{SHARDS}/.metadata"], "an unsharded run's")
     optimizer = engine.optimizer
     try:
         with open(directory / ENGINE_FILE, "rb") as f:

@@ -1059,3 +1059,21 @@ def test_tag_latest_is_refused_at_save_and_nothing_is_written(tmp_path):
     fresh = build(seed=1)
     fresh.load_checkpoint(used)
     assert fresh.global_steps == 2
+
+
+# --------------------------------------------------- 9. files beside the manifest are not read
+def test_a_states_file_its_manifest_does_not_list_is_not_loaded(tmp_path):
+    """A sharded save over a tag an unsharded run used leaves the old states file beside the
+    new manifest (which lists the shards and the engine file): only the manifest says what the
+    checkpoint is, so that stale file must not be loaded."""
+    from fp16_triton.checkpoint_files import read_manifest, write_manifest
+
+    engine = trained(2)
+    engine.save_checkpoint(tmp_path, tag="t")
+    manifest = read_manifest(tmp_path / "t")
+    write_manifest(tmp_path / "t", {}, manifest["version"], manifest["config"])
+    fresh = build(seed=1)
+    before = everything(fresh)
+    with pytest.raises(CheckpointError, match=f"does not list {CHECKPOINT_FILE}"):
+        fresh.load_checkpoint(tmp_path, tag="t")
+    assert_identical(everything(fresh), before)
