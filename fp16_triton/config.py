@@ -93,8 +93,8 @@ SUPPORTED_SCHEDULERS: tuple[str, ...] = ("WarmupLR", "WarmupDecayLR")
 _UNSUPPORTED_DEEPSPEED_SCHEDULERS = ("LRRangeTest", "OneCycle", "WarmupCosineLR")
 
 _MULTI_GPU_HINT = (
-    "fp16_triton's engine is single-process; ZeRO sharding is done via torch.distributed, "
-    "see the README's Multi-GPU section"
+    "ZeRO sharding is done via torch.distributed (FSDP2 for stage 3, ZeroRedundancyOptimizer "
+    "for stage 1) around fp16_triton's engine, see docs/distributed.md"
 )
 
 

@@ -525,7 +525,7 @@ def test_ignored_deepspeed_keys():
 
 @pytest.mark.parametrize("zero", [{"stage": 1}, {"stage": 3, "offload_param": {}}, True])
 def test_zero_stages_above_zero_point_to_torch_distributed(zero):
-    with raises("ZeRO sharding is done via torch.distributed, see the README's Multi-GPU section"):
+    with raises("ZeRO sharding is done via torch.distributed (FSDP2 for stage 3"):
         load_config({"zero_optimization": zero})
 
 
