@@ -5,6 +5,7 @@ mixed-precision Adam/AdamW/SGD steps that keep fp32 master weights and write the
 parameters back, behind ``torch.optim``-compatible optimizers.
 """
 
+from . import fp16_utils, functional
 from .adam import Adam, AdamW
 from .backend import BACKEND_ENV
 from .checkpoint_files import CheckpointError
@@ -30,5 +31,7 @@ __all__ = [
     "initialize",
     "CheckpointError",
     "BACKEND_ENV",
+    "functional",
+    "fp16_utils",
     "__version__",
 ]

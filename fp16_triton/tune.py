@@ -81,7 +81,19 @@ def _workloads(device: torch.device, sizes: Sequence[int]) -> dict[str, Callable
         kwargs = dict(masters=masters, lr=1e-6, momentum=0.9, dampening=0.0, weight_decay=0.0)
         return lambda cache: prepare_sgd_step(params, grads, bufs, steps, cache=cache, **kwargs)
 
-    return {"nonfinite_check": check, "unscale": unscale, "adam": adam, "sgd": sgd}
+    def cast_copy():  # model grads into fp32 master grads
+        from .kernels.cast_copy import prepare_cast_copy
+
+        grads, master_grads = tensors(torch.float16), tensors(torch.float32, 0.0)
+        return lambda cache: prepare_cast_copy(master_grads, grads, cache=cache)
+
+    return {
+        "nonfinite_check": check,
+        "unscale": unscale,
+        "adam": adam,
+        "sgd": sgd,
+        "cast_copy": cast_copy,
+    }
 
 
 def tune(

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 KERNELS_VERSION = 1
 """Bumped whenever a kernel changes in a way that invalidates tuned configurations."""
 
-KERNELS = ("nonfinite_check", "unscale", "adam", "sgd")
+KERNELS = ("nonfinite_check", "unscale", "adam", "sgd", "cast_copy")
 
 DEFAULT_CONFIGS: dict[str, dict[str, int]] = {
     name: {"BLOCK": 1024, "CHUNK": 4096, "num_warps": 4} for name in KERNELS

@@ -19,7 +19,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fp16_triton.kernels import adam, loss_scale, nonfinite, sgd  # noqa: E402
+from fp16_triton.kernels import adam, cast_copy, loss_scale, nonfinite, sgd  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SCALAR_POINTERS = {
@@ -100,6 +100,13 @@ def main() -> None:
         results[f"unscale-bf16-aligned{aligned}"] = compile_variant(
             nonfinite._unscale_kernel, dict(GRAD_DTYPE=tl.bfloat16, ALIGNED=aligned, **common)
         )
+    for src, dst in (("fp16", "fp32"), ("bf16", "fp32"), ("fp32", "fp16"), ("fp32", "bf16")):
+        types = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
+        for aligned in (False, True):
+            results[f"cast-copy-{src}-to-{dst}-aligned{aligned}"] = compile_variant(
+                cast_copy._cast_copy_kernel,
+                dict(SRC_DTYPE=types[src], DST_DTYPE=types[dst], ALIGNED=aligned, **common),
+            )
     results["increment-steps"] = compile_variant(
         adam._increment_steps_kernel, dict(HAS_FOUND_INF=True, BLOCK=1024)
     )
