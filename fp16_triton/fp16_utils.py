@@ -39,9 +39,10 @@ Where this module differs from Apex:
   fp32 (a growth beyond fp32's range keeps the scale).
 * ``FP16_Optimizer`` takes Apex's constructor arguments over ``fp16_triton.FP16Optimizer``:
   steps with inf/nan grads are skipped with a static scale too (Apex checked only with a
-  dynamic one), the masters live in the optimizer (``optimizer.param_groups`` keep the
-  model's params), and there is no ``clip_master_grads`` (``FP16Optimizer``'s ``clip_grad``
-  clips inside the step), ``update_master_grads`` nor ``inspect_master_grad_data``.
+  dynamic one); around a torch optimizer the fp32 masters replace the fp16 params in its param
+  groups, as in Apex (an ``fp16_triton`` optimizer keeps them in its state); there is no
+  ``clip_master_grads`` (``FP16Optimizer``'s ``clip_grad`` clips inside the step),
+  ``update_master_grads`` nor ``inspect_master_grad_data``.
 """
 
 from __future__ import annotations
