@@ -8,6 +8,7 @@ parameters back, behind ``torch.optim``-compatible optimizers.
 # Importing an algorithm's host module registers it (fp16_triton/spec.py) and its classes are
 # exported through __all__: the algorithm imports (adam, sgd, ...) are the registry, one line
 # per algorithm.
+from . import fp16_utils, functional
 from .adam import Adam, AdamW  # noqa: F401
 from .backend import BACKEND_ENV
 from .checkpoint_files import CheckpointError
@@ -32,5 +33,7 @@ __all__ = [
     "initialize",
     "CheckpointError",
     "BACKEND_ENV",
+    "functional",
+    "fp16_utils",
     "__version__",
 ]

@@ -77,7 +77,14 @@ def _workloads(device: torch.device, sizes: Sequence[int]) -> dict[str, Callable
 
         return build
 
-    workloads = {"nonfinite_check": check, "unscale": unscale}
+    def cast_copy():  # model grads into fp32 master grads
+        from .kernels.cast_copy import prepare_cast_copy
+
+        grads = tensors(torch.float16)
+        master_grads = [torch.zeros(n, device=device) for n in sizes]
+        return lambda cache: prepare_cast_copy(master_grads, grads, cache=cache)
+
+    workloads = {"nonfinite_check": check, "unscale": unscale, "cast_copy": cast_copy}
     workloads.update({name: step(a) for name, a in algorithms().items()})
     return workloads
 

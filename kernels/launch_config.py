@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 KERNELS_VERSION = 1
 """Bumped whenever a kernel changes in a way that invalidates tuned configurations."""
 
-KERNELS = ("nonfinite_check", "unscale")
+KERNELS = ("nonfinite_check", "unscale", "cast_copy")
 """The device layer's own kernels. Each optimizer's step kernel is named by its algorithm's
 spec (``fp16_triton/spec.py``); ``fp16_triton.tune.kernel_names()`` lists them all."""
 

@@ -1,10 +1,10 @@
 """Pure-torch references of every kernel: the CPU fallback and the tests' oracle.
 
 Same signatures and semantics as the Triton launchers (``nonfinite_check_and_norm``,
-``unscale_and_check_``, ``adam_step``, ``sgd_step``, ``update_loss_scale``), written with
-``torch._foreach_*`` ops in fp32, in the kernels' order of operations, so the two agree to a
-few ulps. Bias corrections
-are computed in Python floats (fp64) from the step counts.
+``unscale_and_check_``, ``adam_step``, ``sgd_step``, ``update_loss_scale``, ``cast_copy_``),
+written with ``torch._foreach_*`` ops in fp32, in the kernels' order of operations, so the two
+agree to a few ulps (``cast_copy_``: bit for bit). Bias corrections are computed in Python
+floats (fp64) from the step counts.
 
 Differences that are allowed: these functions read flags and step counts with ``.item()``,
 which syncs a GPU (the Triton path never does); they are meant for CPU tensors and for
@@ -24,6 +24,7 @@ __all__ = [
     "adam_step",
     "sgd_step",
     "update_loss_scale",
+    "cast_copy_",
 ]
 
 
@@ -269,3 +270,12 @@ def update_loss_scale(
     error.copy_(freeze.to(torch.float32))
     if record is not None:
         torch.stack([*before, scale, cur_hysteresis.float()], out=record)
+
+
+def cast_copy_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], *, cache=None) -> None:
+    """Reference of ``kernels.cast_copy.cast_copy_``: ``torch.Tensor.copy_``, whose
+    fp32 -> fp16/bf16 conversion rounds to nearest-even."""
+    if len(dsts) != len(srcs):
+        raise ValueError(f"{len(srcs)} sources for {len(dsts)} destinations")
+    for d, s in zip(dsts, srcs):
+        d.copy_(s)

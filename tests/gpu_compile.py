@@ -18,7 +18,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fp16_triton.kernels import loss_scale, nonfinite  # noqa: E402
+from fp16_triton.kernels import cast_copy, loss_scale, nonfinite  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SCALAR_POINTERS = {
@@ -61,7 +61,9 @@ def main() -> None:
     from fp16_triton.spec import algorithms
 
     results = {}
-    modules = [nonfinite, loss_scale] + [a.kernel_module() for a in algorithms().values()]
+    modules = [nonfinite, loss_scale, cast_copy] + [
+        a.kernel_module() for a in algorithms().values()
+    ]
     for module in modules:
         results.update(module.compile_variants(compile_variant))
     json.dump(results, sys.stdout)

@@ -1,0 +1,284 @@
+"""The functional layer: the fused steps and gradient passes on tensor lists, no classes.
+
+What ``torch.optim._functional`` (``adam``, ``sgd``) and optimi's ``adam()`` are to their
+optimizers: each function takes the lists a step reads and writes, updates them in place, and
+dispatches to the Triton launcher or to the pure-torch reference by the backend rule of
+``fp16_triton.backend`` (``"auto"``: Triton for GPU tensors, torch elsewhere;
+``FP16_TRITON_BACKEND`` overrides). Nothing on the Triton path syncs with the host, so the
+functions can sit inside a training step or a CUDA graph. ``clip_grad_norm_`` is
+``torch.nn.utils.clip_grad_norm_`` (signature and result) as one read pass plus the scaling.
+
+``prepare_adam`` and ``prepare_sgd`` return the launch instead of running it: the optimizer
+classes check every param group before they update any, so bad input changes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from .backend import kernels, resolve_backend
+
+__all__ = [
+    "adam_",
+    "adamw_",
+    "sgd_",
+    "nonfinite_check_and_norm",
+    "unscale_",
+    "clip_grad_norm_",
+]
+
+_RESOLVED = ("triton", "torch")
+
+
+def _backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
+    """The backend serving ``tensors`` (the first one's device decides; the launchers check
+    that the others share it). An empty list is served by the reference, which does nothing."""
+    if len(tensors) == 0:
+        return "torch"
+    return resolve_backend(backend, tensors[0].device)
+
+
+def prepare_adam(backend: str, *args, cache=None, **kwargs) -> Callable[[], None]:
+    """The launch of one Adam/AdamW step: ``kernels.adam.prepare_adam_step``'s arguments.
+
+    ``backend`` is ``"triton"`` or ``"torch"`` as the caller resolved it (an optimizer resolves
+    once per bucket, so the step does not read the environment again), or ``"auto"``, resolved
+    here. On the Triton path every input is checked before this returns; the torch reference
+    checks when the launch runs."""
+    if backend not in _RESOLVED:
+        backend = _backend(backend, args[0])
+    if backend == "triton":
+        return kernels("adam").prepare_adam_step(*args, cache=cache, **kwargs)
+    adam_step = kernels("reference").adam_step
+    return lambda: adam_step(*args, **kwargs)
+
+
+def prepare_sgd(backend: str, *args, cache=None, **kwargs) -> Callable[[], None]:
+    """The launch of one SGD step: ``kernels.sgd.prepare_sgd_step``'s arguments; ``backend``
+    as in ``prepare_adam``."""
+    if backend not in _RESOLVED:
+        backend = _backend(backend, args[0])
+    if backend == "triton":
+        return kernels("sgd").prepare_sgd_step(*args, cache=cache, **kwargs)
+    sgd_step = kernels("reference").sgd_step
+    return lambda: sgd_step(*args, **kwargs)
+
+
+def adam_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None = None,
+    masters: Sequence[torch.Tensor] | None = None,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    backend: str = "auto",
+    cache=None,
+) -> None:
+    """One Adam step (AdamW's with ``decoupled_weight_decay``) over tensor lists, in place.
+
+    ``torch.optim._functional.adam``'s hyperparameters, with two differences of form:
+    ``max_exp_avg_sqs`` is a keyword (torch passes it positionally before ``state_steps``) and
+    ``state_steps`` must be fp32 one-element tensors, the count *before* this step (torch's
+    fused and capturable paths keep them so too); they advance by one unless ``found_inf``.
+
+    ``masters``: fp32 master weights of fp16/bf16 params; the update runs on them and the params
+    receive their rounding to nearest-even. ``grad_scale``: the grads are divided by it (the
+    loss scale; the grads themselves are not written). ``found_inf``: a non-zero value skips
+    the whole step, step counts included. Both are one-element fp32 tensors on the params'
+    device, read by the kernel (no sync). See ``kernels/adam.py`` for the exact math.
+    """
+    if len(params) == 0:
+        return
+    prepare_adam(
+        _backend(backend, params), params, grads, exp_avgs, exp_avg_sqs, state_steps,
+        masters=masters, max_exp_avg_sqs=max_exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+        cache=cache,
+    )()  # fmt: skip
+
+
+def adamw_(*args, **kwargs) -> None:
+    """``adam_`` with decoupled weight decay (``p *= 1 - lr * weight_decay``), as
+    ``torch.optim._functional.adamw``."""
+    adam_(*args, decoupled_weight_decay=True, **kwargs)
+
+
+def sgd_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffer_list: list[torch.Tensor | None],
+    state_steps: Sequence[torch.Tensor] | None = None,
+    *,
+    masters: Sequence[torch.Tensor] | None = None,
+    lr: float | torch.Tensor,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    backend: str = "auto",
+    cache=None,
+) -> None:
+    """One SGD step over tensor lists, in place (``torch.optim._functional.sgd``'s math).
+
+    ``momentum_buffer_list`` may hold ``None`` where a param has no buffer yet, as torch's:
+    with momentum, such entries are replaced in the list by new fp32 buffers (which the step
+    initialises to the grad, torch's first-step rule). ``state_steps``: optional fp32
+    one-element counts, 0 before a param's first step, advanced unless ``found_inf``; without
+    them a param's first step is the one where its buffer was ``None`` (torch's rule; one
+    small tensor per param per call). Other arguments as in ``adam_``.
+    """
+    if len(params) == 0:
+        return
+    buffers = None
+    if momentum != 0:
+        if state_steps is None:
+            state_steps = [
+                torch.full((), float(b is not None), dtype=torch.float32, device=p.device)
+                for p, b in zip(params, momentum_buffer_list)
+            ]
+        for i, (p, b) in enumerate(zip(params, momentum_buffer_list)):
+            if b is None:
+                momentum_buffer_list[i] = torch.zeros_like(p, dtype=torch.float32)
+        buffers = momentum_buffer_list
+    prepare_sgd(
+        _backend(backend, params), params, grads, buffers, state_steps, masters=masters, lr=lr,
+        momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+        maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, cache=cache,
+    )()  # fmt: skip
+
+
+def nonfinite_check_and_norm(
+    grads: Sequence[torch.Tensor],
+    *,
+    grad_scale: torch.Tensor | None = None,
+    compute_norm: bool = True,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+    cache=None,
+) -> torch.Tensor:
+    """fp32 ``[sum of squares of grads / grad_scale, non-finite flag]`` in one read pass over
+    fp16/bf16/fp32 grads (mixed dtypes allowed); the flag is non-zero iff some grad holds an
+    inf or nan. Nothing syncs on the Triton path. See ``kernels/nonfinite.py``."""
+    name = "nonfinite" if _backend(backend, grads) == "triton" else "reference"
+    return kernels(name).nonfinite_check_and_norm(
+        grads, grad_scale=grad_scale, compute_norm=compute_norm, out=out, cache=cache
+    )
+
+
+def unscale_(
+    grads: Sequence[torch.Tensor],
+    found_inf: torch.Tensor,
+    inv_scale: torch.Tensor,
+    *,
+    backend: str = "auto",
+    cache=None,
+) -> None:
+    """``torch._amp_foreach_non_finite_check_and_unscale_``: multiply ``grads`` in place by
+    ``inv_scale`` and set ``found_inf`` (a one-element fp32 tensor, only ever set to 1.0) when
+    any input holds an inf or nan; fp16, bf16 and fp32 grads alike, one launch per dtype."""
+    name = "nonfinite" if _backend(backend, grads) == "triton" else "reference"
+    kernels(name).unscale_and_check_(grads, found_inf, inv_scale, cache=cache)
+
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (pytorch/pytorch: torch/nn/utils/clip_grad.py), for
+    the 2-norm in one fused read pass plus the in-place scaling.
+
+    Same arguments and result: the total norm of the grads as a tensor on the first grad's
+    device, of the dtype torch's stacking of per-grad norms gives (the grads' common dtype:
+    fp16 for fp16 grads, fp32 for fp16 with bf16), and every grad multiplied by
+    ``clamp(max_norm / (total_norm + 1e-6), max=1)`` computed as torch computes it. An inf norm
+    zeroes finite grads and a nan norm makes every grad nan, as in torch;
+    ``error_if_nonfinite=True`` raises torch's ``RuntimeError`` instead, before any grad is
+    written, and is the one case that syncs with the host (to know whether to raise). No
+    grads: a CPU ``tensor(0.)``, and a warning when ``parameters`` was an empty generator.
+
+    Where the result differs from torch's: the sum of squares is accumulated in fp32 over all
+    elements (torch rounds each grad's norm to the grad's dtype first, and accumulates in
+    fp64 on CPU), so the norm may differ by a few ulps of its dtype; a norm above
+    sqrt(fp32 max), about 1.8e19, is inf here (as on CUDA with torch).
+
+    Delegated to torch unchanged (and said so here rather than approximated): ``norm_type``
+    other than 2, the torch backend, grads on several devices, and grads the kernels do not
+    read (sparse, strided with gaps, float64). ``foreach`` is accepted for compatibility; the
+    fused path never loops over tensors.
+    """
+    is_generator = isinstance(parameters, types.GeneratorType)
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if len(grads) == 0:
+        if is_generator and len(parameters) == 0:
+            warnings.warn(
+                "`parameters` is an empty generator, no gradient clipping will occur.",
+                stacklevel=3,
+            )
+        return torch.tensor(0.0)
+    if not _fusable(grads, norm_type, backend):
+        return torch.nn.utils.clip_grad_norm_(
+            parameters, max_norm, norm_type, error_if_nonfinite, foreach
+        )
+    sum_sq = kernels("nonfinite").nonfinite_check_and_norm(grads)[0]
+    dtype = functools.reduce(torch.promote_types, {g.dtype for g in grads})
+    total_norm = sum_sq.sqrt().to(dtype)
+    if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+    clip_coef = torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
+    # torch multiplies each grad by the coefficient in fp32 arithmetic and rounds once: the
+    # unscale kernel's job exactly (its non-finite flag goes to a scratch scalar).
+    found_inf = torch.zeros((), dtype=torch.float32, device=sum_sq.device)
+    kernels("nonfinite").unscale_and_check_(grads, found_inf, clip_coef.float())
+    return total_norm
+
+
+def _fusable(grads: list[torch.Tensor], norm_type, backend: str) -> bool:
+    """Whether the fused path serves these grads (else torch's own function does)."""
+    if float(norm_type) != 2.0 or resolve_backend(backend, grads[0].device) != "triton":
+        return False
+    device = grads[0].device
+    multi_tensor = kernels("multi_tensor")
+    return all(
+        g.device == device and g.dtype in _FUSED_DTYPES and not g.is_sparse
+        and multi_tensor.is_dense(g)
+        for g in grads
+    )  # fmt: skip
