@@ -3,12 +3,12 @@ master weights for fp16/bf16 params and one fused Triton launch per param bucket
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from .backend import kernels
+from .backend import backend_for
 from .buckets import Bucket
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 from .spec import Algorithm, elementwise_traffic, register
@@ -161,10 +161,7 @@ class Adam(FusedOptimizer):
             bucket.state["exp_avg_sq"],
             bucket.state["step"],
         )
-        if bucket.backend == "triton":
-            return kernels("adam").prepare_adam_step(*args, cache=bucket.cache, **kwargs)
-        adam_step = kernels("reference").adam_step
-        return lambda: adam_step(*args, **kwargs)
+        return ALGORITHM.launch(bucket.backend, *args, cache=bucket.cache, **kwargs)
 
 
 class AdamW(Adam):
@@ -219,6 +216,60 @@ def _check_tensor_betas(*betas) -> None:
                 continue
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+
+
+# ------------------------------------------------------------------------------ functional
+def adam_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None = None,
+    masters: Sequence[torch.Tensor] | None = None,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    backend: str = "auto",
+    cache=None,
+) -> None:
+    """One Adam step (AdamW's with ``decoupled_weight_decay``) over tensor lists, in place
+    (``fp16_triton.functional.adam_``).
+
+    ``torch.optim._functional.adam``'s hyperparameters, with two differences of form:
+    ``max_exp_avg_sqs`` is a keyword (torch passes it positionally before ``state_steps``) and
+    ``state_steps`` must be fp32 one-element tensors, the count *before* this step (torch's
+    fused and capturable paths keep them so too); they advance by one unless ``found_inf``.
+
+    ``masters``: fp32 master weights of fp16/bf16 params; the update runs on them and the params
+    receive their rounding to nearest-even. ``grad_scale``: the grads are divided by it (the
+    loss scale; the grads themselves are not written). ``found_inf``: a non-zero value skips
+    the whole step, step counts included. Both are one-element fp32 tensors on the params'
+    device, read by the kernel (no sync). See ``kernels/adam.py`` for the exact math.
+    """
+    if len(params) == 0:
+        return
+    ALGORITHM.launch(
+        backend_for(backend, params), params, grads, exp_avgs, exp_avg_sqs, state_steps,
+        masters=masters, max_exp_avg_sqs=max_exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+        cache=cache,
+    )()  # fmt: skip
+
+
+def adamw_(*args, **kwargs) -> None:
+    """``adam_`` with decoupled weight decay (``p *= 1 - lr * weight_decay``), as
+    ``torch.optim._functional.adamw``."""
+    adam_(*args, decoupled_weight_decay=True, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ spec
@@ -282,5 +333,6 @@ ALGORITHM = register(
             "torch_adam": ("bool", False),
         },
         configure=_configure,
+        functional={"adam_": adam_, "adamw_": adamw_},
     )
 )

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-__all__ = ["BACKEND_ENV", "BACKENDS", "kernels", "resolve_backend"]
+__all__ = ["BACKEND_ENV", "BACKENDS", "backend_for", "kernels", "resolve_backend"]
 
 BACKEND_ENV = "FP16_TRITON_BACKEND"
 """Environment variable that overrides every optimizer's ``backend`` for a whole run."""
@@ -63,3 +63,12 @@ def kernels(name: str):
     only where kernels launch); later calls cost one cache lookup, where an ``import``
     statement in a step would cost ~1 us of host time each time."""
     return importlib.import_module(f"{__package__}.kernels.{name}")
+
+
+def backend_for(backend: str, tensors) -> str:
+    """The backend serving a tensor list (the first tensor's device decides; the launchers
+    check that the others share it). An empty list is served by the reference, which does
+    nothing."""
+    if len(tensors) == 0:
+        return "torch"
+    return resolve_backend(backend, tensors[0].device)

@@ -8,8 +8,10 @@ dispatches to the Triton launcher or to the pure-torch reference by the backend 
 functions can sit inside a training step or a CUDA graph. ``clip_grad_norm_`` is
 ``torch.nn.utils.clip_grad_norm_`` (signature and result) as one read pass plus the scaling.
 
-``prepare_adam`` and ``prepare_sgd`` return the launch instead of running it: the optimizer
-classes check every param group before they update any, so bad input changes nothing.
+Each optimizer algorithm's own functions (``adam_``, ``adamw_``, ``sgd_``, ...) live in its
+host file beside its class and spec (``fp16_triton/adam.py``), and are exported here through
+the registry (``Algorithm.functional``), so a new algorithm adds its functions without an edit
+here. The classes call the same launches through ``Algorithm.launch``.
 """
 
 from __future__ import annotations
@@ -21,151 +23,28 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from .backend import kernels, resolve_backend
+from .backend import backend_for, kernels, resolve_backend
 
-__all__ = [
-    "adam_",
-    "adamw_",
-    "sgd_",
-    "nonfinite_check_and_norm",
-    "unscale_",
-    "clip_grad_norm_",
-]
-
-_RESOLVED = ("triton", "torch")
+_OWN = ["nonfinite_check_and_norm", "unscale_", "clip_grad_norm_"]
 
 
-def _backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
-    """The backend serving ``tensors`` (the first one's device decides; the launchers check
-    that the others share it). An empty list is served by the reference, which does nothing."""
-    if len(tensors) == 0:
-        return "torch"
-    return resolve_backend(backend, tensors[0].device)
+def _algorithm_functions() -> dict[str, Callable]:
+    from .spec import algorithms
+
+    return {name: fn for a in algorithms().values() for name, fn in a.functional.items()}
 
 
-def prepare_adam(backend: str, *args, cache=None, **kwargs) -> Callable[[], None]:
-    """The launch of one Adam/AdamW step: ``kernels.adam.prepare_adam_step``'s arguments.
-
-    ``backend`` is ``"triton"`` or ``"torch"`` as the caller resolved it (an optimizer resolves
-    once per bucket, so the step does not read the environment again), or ``"auto"``, resolved
-    here. On the Triton path every input is checked before this returns; the torch reference
-    checks when the launch runs."""
-    if backend not in _RESOLVED:
-        backend = _backend(backend, args[0])
-    if backend == "triton":
-        return kernels("adam").prepare_adam_step(*args, cache=cache, **kwargs)
-    adam_step = kernels("reference").adam_step
-    return lambda: adam_step(*args, **kwargs)
+def __getattr__(name: str):
+    if name == "__all__":
+        return [*_algorithm_functions(), *_OWN]
+    functions = _algorithm_functions()
+    if name in functions:
+        return functions[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def prepare_sgd(backend: str, *args, cache=None, **kwargs) -> Callable[[], None]:
-    """The launch of one SGD step: ``kernels.sgd.prepare_sgd_step``'s arguments; ``backend``
-    as in ``prepare_adam``."""
-    if backend not in _RESOLVED:
-        backend = _backend(backend, args[0])
-    if backend == "triton":
-        return kernels("sgd").prepare_sgd_step(*args, cache=cache, **kwargs)
-    sgd_step = kernels("reference").sgd_step
-    return lambda: sgd_step(*args, **kwargs)
-
-
-def adam_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    state_steps: Sequence[torch.Tensor],
-    *,
-    max_exp_avg_sqs: Sequence[torch.Tensor] | None = None,
-    masters: Sequence[torch.Tensor] | None = None,
-    lr: float | torch.Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    decoupled_weight_decay: bool = False,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    backend: str = "auto",
-    cache=None,
-) -> None:
-    """One Adam step (AdamW's with ``decoupled_weight_decay``) over tensor lists, in place.
-
-    ``torch.optim._functional.adam``'s hyperparameters, with two differences of form:
-    ``max_exp_avg_sqs`` is a keyword (torch passes it positionally before ``state_steps``) and
-    ``state_steps`` must be fp32 one-element tensors, the count *before* this step (torch's
-    fused and capturable paths keep them so too); they advance by one unless ``found_inf``.
-
-    ``masters``: fp32 master weights of fp16/bf16 params; the update runs on them and the params
-    receive their rounding to nearest-even. ``grad_scale``: the grads are divided by it (the
-    loss scale; the grads themselves are not written). ``found_inf``: a non-zero value skips
-    the whole step, step counts included. Both are one-element fp32 tensors on the params'
-    device, read by the kernel (no sync). See ``kernels/adam.py`` for the exact math.
-    """
-    if len(params) == 0:
-        return
-    prepare_adam(
-        _backend(backend, params), params, grads, exp_avgs, exp_avg_sqs, state_steps,
-        masters=masters, max_exp_avg_sqs=max_exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2,
-        eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-        cache=cache,
-    )()  # fmt: skip
-
-
-def adamw_(*args, **kwargs) -> None:
-    """``adam_`` with decoupled weight decay (``p *= 1 - lr * weight_decay``), as
-    ``torch.optim._functional.adamw``."""
-    adam_(*args, decoupled_weight_decay=True, **kwargs)
-
-
-def sgd_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    momentum_buffer_list: list[torch.Tensor | None],
-    state_steps: Sequence[torch.Tensor] | None = None,
-    *,
-    masters: Sequence[torch.Tensor] | None = None,
-    lr: float | torch.Tensor,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    maximize: bool = False,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    backend: str = "auto",
-    cache=None,
-) -> None:
-    """One SGD step over tensor lists, in place (``torch.optim._functional.sgd``'s math).
-
-    ``momentum_buffer_list`` may hold ``None`` where a param has no buffer yet, as torch's:
-    with momentum, such entries are replaced in the list by new fp32 buffers (which the step
-    initialises to the grad, torch's first-step rule). ``state_steps``: optional fp32
-    one-element counts, 0 before a param's first step, advanced unless ``found_inf``; without
-    them a param's first step is the one where its buffer was ``None`` (torch's rule; one
-    small tensor per param per call). Other arguments as in ``adam_``.
-    """
-    if len(params) == 0:
-        return
-    buffers = None
-    if momentum != 0:
-        if state_steps is None:
-            state_steps = [
-                torch.full((), float(b is not None), dtype=torch.float32, device=p.device)
-                for p, b in zip(params, momentum_buffer_list)
-            ]
-        for i, (p, b) in enumerate(zip(params, momentum_buffer_list)):
-            if b is None:
-                momentum_buffer_list[i] = torch.zeros_like(p, dtype=torch.float32)
-        buffers = momentum_buffer_list
-    prepare_sgd(
-        _backend(backend, params), params, grads, buffers, state_steps, masters=masters, lr=lr,
-        momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-        maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, cache=cache,
-    )()  # fmt: skip
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_algorithm_functions()})
 
 
 def nonfinite_check_and_norm(
@@ -180,7 +59,7 @@ def nonfinite_check_and_norm(
     """fp32 ``[sum of squares of grads / grad_scale, non-finite flag]`` in one read pass over
     fp16/bf16/fp32 grads (mixed dtypes allowed); the flag is non-zero iff some grad holds an
     inf or nan. Nothing syncs on the Triton path. See ``kernels/nonfinite.py``."""
-    name = "nonfinite" if _backend(backend, grads) == "triton" else "reference"
+    name = "nonfinite" if backend_for(backend, grads) == "triton" else "reference"
     return kernels(name).nonfinite_check_and_norm(
         grads, grad_scale=grad_scale, compute_norm=compute_norm, out=out, cache=cache
     )
@@ -197,7 +76,7 @@ def unscale_(
     """``torch._amp_foreach_non_finite_check_and_unscale_``: multiply ``grads`` in place by
     ``inv_scale`` and set ``found_inf`` (a one-element fp32 tensor, only ever set to 1.0) when
     any input holds an inf or nan; fp16, bf16 and fp32 grads alike, one launch per dtype."""
-    name = "nonfinite" if _backend(backend, grads) == "triton" else "reference"
+    name = "nonfinite" if backend_for(backend, grads) == "triton" else "reference"
     kernels(name).unscale_and_check_(grads, found_inf, inv_scale, cache=cache)
 
 

@@ -3,12 +3,12 @@ params and one fused Triton launch per param bucket."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from .backend import kernels
+from .backend import backend_for
 from .buckets import Bucket, like_param, local
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 from .spec import Algorithm, elementwise_traffic, register
@@ -124,10 +124,57 @@ class SGD(FusedOptimizer):
             **scaling,
         )
         args = (bucket.local_params, grads, bucket.state["momentum_buffer"], bucket.state["step"])
-        if bucket.backend == "triton":
-            return kernels("sgd").prepare_sgd_step(*args, cache=bucket.cache, **kwargs)
-        sgd_step = kernels("reference").sgd_step
-        return lambda: sgd_step(*args, **kwargs)
+        return ALGORITHM.launch(bucket.backend, *args, cache=bucket.cache, **kwargs)
+
+
+# ------------------------------------------------------------------------------ functional
+def sgd_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffer_list: list[torch.Tensor | None],
+    state_steps: Sequence[torch.Tensor] | None = None,
+    *,
+    masters: Sequence[torch.Tensor] | None = None,
+    lr: float | torch.Tensor,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    backend: str = "auto",
+    cache=None,
+) -> None:
+    """One SGD step over tensor lists, in place (``torch.optim._functional.sgd``'s math;
+    ``fp16_triton.functional.sgd_``).
+
+    ``momentum_buffer_list`` may hold ``None`` where a param has no buffer yet, as torch's:
+    with momentum, such entries are replaced in the list by new fp32 buffers (which the step
+    initialises to the grad, torch's first-step rule). ``state_steps``: optional fp32
+    one-element counts, 0 before a param's first step, advanced unless ``found_inf``; without
+    them a param's first step is the one where its buffer was ``None`` (torch's rule; one
+    small tensor per param per call). Other arguments as in ``fp16_triton.adam.adam_``.
+    """
+    if len(params) == 0:
+        return
+    buffers = None
+    if momentum != 0:
+        if state_steps is None:
+            state_steps = [
+                torch.full((), float(b is not None), dtype=torch.float32, device=p.device)
+                for p, b in zip(params, momentum_buffer_list)
+            ]
+        for i, (p, b) in enumerate(zip(params, momentum_buffer_list)):
+            if b is None:
+                momentum_buffer_list[i] = torch.zeros_like(p, dtype=torch.float32)
+        buffers = momentum_buffer_list
+    ALGORITHM.launch(
+        backend_for(backend, params), params, grads, buffers, state_steps, masters=masters,
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        nesterov=nesterov, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+        cache=cache,
+    )()  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ spec
@@ -169,5 +216,6 @@ ALGORITHM = register(
         traffic=_traffic,
         example=_example,
         configure=_configure,
+        functional={"sgd_": sgd_},
     )
 )

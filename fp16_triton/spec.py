@@ -120,6 +120,8 @@ class Algorithm:
         configure: ``configure(type_name, params, options) -> class name``: the DeepSpeed quirks
             (which class runs, combinations to refuse with ``ConfigError``); the default runs
             the class named by the type.
+        functional: the algorithm's public functions on tensor lists (``{"adam_": adam_}``),
+            exported by ``fp16_triton.functional``.
     """
 
     name: str
@@ -132,6 +134,7 @@ class Algorithm:
     config_defaults: Mapping[str, Any] = field(default_factory=dict)
     config_options: Mapping[str, tuple[str, Any]] = field(default_factory=dict)
     configure: Callable[[str, dict, dict], str] | None = None
+    functional: Mapping[str, Callable[..., None]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------- device side
     def kernel_module(self):
@@ -143,6 +146,15 @@ class Algorithm:
         """The Triton launcher: check everything, return the launch."""
         prepare = getattr(self.kernel_module(), f"prepare_{self.name}_step")
         return prepare(*args, cache=cache, **kwargs)
+
+    def launch(self, backend: str, *args, cache=None, **kwargs) -> Callable[[], None]:
+        """One step's launch on ``backend`` (``"triton"`` or ``"torch"``, as resolved by the
+        caller): what the classes and the functional forms run. On the Triton path every input
+        is checked before this returns (so a class can check every group before it launches
+        any); the torch reference checks when the launch runs."""
+        if backend == "triton":
+            return self.prepare(*args, cache=cache, **kwargs)
+        return lambda: self.run_reference(*args, **kwargs)
 
     def run_reference(self, *args, **kwargs) -> None:
         from .backend import kernels
