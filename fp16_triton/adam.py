@@ -11,7 +11,7 @@ import torch
 from .backend import backend_for
 from .buckets import Bucket
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
-from .spec import Algorithm, elementwise_traffic, register
+from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
 
 __all__ = ["Adam", "AdamW"]
 
@@ -280,17 +280,12 @@ def _traffic(param_dtype, grad_dtype=None, master=True, amsgrad=False, **_):
 
 
 def _example(sizes, device, param_dtype=torch.float16):
-    """Scratch inputs of ``prepare_adam_step``: random params, grads of the param's dtype,
-    fp32 masters (fp16/bf16 params), zero moments; lr 1e-6 so repeated trials barely move."""
-    device = torch.device(device)
-    params = [torch.randn(n, device=device).to(param_dtype) for n in sizes]
-    grads = [torch.randn(n, device=device).to(param_dtype) for n in sizes]
-    zeros = lambda: [torch.zeros(n, device=device) for n in sizes]  # noqa: E731
-    steps = [torch.zeros((), device=device) for _ in sizes]
-    masters = [p.float() for p in params] if param_dtype != torch.float32 else None
+    """Scratch inputs of ``prepare_adam_step`` (``spec.scratch_inputs``); lr 1e-6 so that
+    repeated trials barely move them."""
+    params, grads, (m, v), steps, masters = scratch_inputs(sizes, device, param_dtype, 2)
     kwargs = dict(masters=masters, lr=1e-6, beta1=0.9, beta2=0.999, eps=1e-8)
     kwargs.update(weight_decay=0.01, decoupled_weight_decay=True)
-    return (params, grads, zeros(), zeros(), steps), kwargs
+    return (params, grads, m, v, steps), kwargs
 
 
 def _configure(type_name: str, params: dict, options: dict) -> str:

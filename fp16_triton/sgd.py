@@ -11,7 +11,7 @@ import torch
 from .backend import backend_for
 from .buckets import Bucket, like_param, local
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
-from .spec import Algorithm, elementwise_traffic, register
+from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
 
 __all__ = ["SGD"]
 
@@ -186,12 +186,7 @@ def _traffic(param_dtype, grad_dtype=None, master=True, momentum=0.0, **_):
 
 def _example(sizes, device, param_dtype=torch.float16):
     """Scratch inputs of ``prepare_sgd_step`` with momentum 0.9 (see ``adam._example``)."""
-    device = torch.device(device)
-    params = [torch.randn(n, device=device).to(param_dtype) for n in sizes]
-    grads = [torch.randn(n, device=device).to(param_dtype) for n in sizes]
-    bufs = [torch.zeros(n, device=device) for n in sizes]
-    steps = [torch.zeros((), device=device) for _ in sizes]
-    masters = [p.float() for p in params] if param_dtype != torch.float32 else None
+    params, grads, (bufs,), steps, masters = scratch_inputs(sizes, device, param_dtype, 1)
     kwargs = dict(masters=masters, lr=1e-6, momentum=0.9, dampening=0.0, weight_decay=0.0)
     return (params, grads, bufs, steps), kwargs
 

@@ -38,6 +38,7 @@ __all__ = [
     "Traffic",
     "elementwise_traffic",
     "check_pass_bytes",
+    "scratch_inputs",
     "register",
     "algorithms",
     "algorithm_for_type",
@@ -83,6 +84,19 @@ def elementwise_traffic(
     g = torch.empty((), dtype=grad_dtype or param_dtype).element_size()
     fp32 = 4 * (state_tensors + (1 if master and param_dtype != torch.float32 else 0))
     return Traffic(read=p + g + fp32, written=p + fp32, kept=p + g + fp32)
+
+
+def scratch_inputs(sizes, device, param_dtype: torch.dtype, state_tensors: int):
+    """``(params, grads, states, steps, masters)`` for an ``Algorithm.example``: random params
+    and grads of ``param_dtype``, ``state_tensors`` lists of zero fp32 state, zero one-element
+    step counts, and fp32 masters for fp16/bf16 params (None for fp32)."""
+    device = torch.device(device)
+    params = [torch.randn(n, device=device).to(param_dtype) for n in sizes]
+    grads = [torch.randn(n, device=device).to(param_dtype) for n in sizes]
+    states = [[torch.zeros(n, device=device) for n in sizes] for _ in range(state_tensors)]
+    steps = [torch.zeros((), device=device) for _ in sizes]
+    masters = [p.float() for p in params] if param_dtype != torch.float32 else None
+    return params, grads, states, steps, masters
 
 
 def check_pass_bytes(grad_dtype: torch.dtype) -> int:
