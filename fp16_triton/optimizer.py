@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 from .backend import BACKENDS, resolve_backend
 from .buckets import Bucket, DTensor, local
 from .flat_buffers import FlatBuffers
-from .kernels.multi_tensor import is_dense
+from .kernels.multi_tensor import is_aligned, is_dense
 from .param_state import SUPPORTED_DTYPES, ParamStateRules, check_unshared
 from .tracked import OptimizerState, ParamList
 
@@ -379,7 +379,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         by_key: dict[tuple, list[int]] = {}
         for i, (p, g) in enumerate(zip(active, grads)):
             shard = local(p)
-            by_key.setdefault((shard.device, p.dtype, g.dtype, _aligned(shard)), []).append(i)
+            by_key.setdefault((shard.device, p.dtype, g.dtype, is_aligned(shard)), []).append(i)
         buckets = []
         for (device, _, _, _), indices in by_key.items():
             params = [active[i] for i in indices]
@@ -699,12 +699,6 @@ class FusedOptimizer(ParamStateRules, Optimizer):
     def __repr__(self) -> str:
         text = super().__repr__()
         return text[:-1] + f"backend: {self.backend}\n)"
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    """The kernels' alignment condition (``kernels.multi_tensor.is_aligned``), without
-    importing the kernels (and so Triton) on the torch backend."""
-    return t.data_ptr() % 16 == 0 and t.numel() % 8 == 0
 
 
 def zero_grads(params: Iterable[torch.Tensor], set_to_none: bool) -> None:

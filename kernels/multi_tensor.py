@@ -30,10 +30,13 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
+    "LOW_PRECISION",
+    "SUPPORTED_DTYPES",
     "LaunchTables",
     "TableCache",
     "TensorList",
     "check_scalar",
+    "check_step_inputs",
     "check_tensor_lists",
     "device_guard",
     "is_aligned",
@@ -99,6 +102,35 @@ def check_scalar(name: str, t: torch.Tensor | None, device: torch.device) -> Non
             f"{name} must be a one-element float32 tensor on {device}, "
             f"got {t.dtype} with {t.numel()} elements on {t.device}"
         )
+
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""The dtypes of params and grads that the optimizers and the kernels accept."""
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+"""The dtypes whose params get an fp32 master."""
+
+
+def check_step_inputs(params, grads, masters, state_lists, grad_scale, found_inf, norm_sq):
+    """O(1) checks of the dtype combination shared by the step launchers (the per-tensor checks
+    run when tables are rebuilt)."""
+    if len(params) == 0 or len(grads) == 0:
+        raise ValueError("a fused step needs at least one param with a grad; got an empty list")
+    param_dtype, grad_dtype = params[0].dtype, grads[0].dtype
+    if param_dtype not in SUPPORTED_DTYPES or grad_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"params and grads must be float16, bfloat16 or float32, got {param_dtype} params "
+            f"with {grad_dtype} grads"
+        )
+    if masters is not None and param_dtype not in LOW_PRECISION:
+        raise ValueError(
+            f"masters must be None for {param_dtype} params: they are their own master"
+        )
+    for name, lst in state_lists.items():
+        if lst is not None and len(lst) and lst[0].dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {lst[0].dtype}")
+    device = params[0].device
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf), ("norm_sq", norm_sq)):
+        check_scalar(name, t, device)
 
 
 def is_dense(t: torch.Tensor) -> bool:
