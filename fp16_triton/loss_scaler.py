@@ -329,22 +329,22 @@ class DynamicLossScaler(LossScaler):
     iterations, counted from the last overflow.
 
     **Arithmetic.** The scale is float32, as is every value it is combined with (``min_scale``,
-    ``scale_factor``, ``init_scale`` are rounded to float32 at construction and reported
-    rounded). Both paths compute the identical float32 results; with ``scale_factor=2`` this is
-    exactly DeepSpeed's float64 sequence. One deliberate difference from DeepSpeed, forced by
-    float32 storage: a growth whose result would be infinite (above ~3.4e38) keeps the scale
-    (hysteresis is still refilled), as ``torch.amp.GradScaler`` does; DeepSpeed's float64 scale
-    would grow, overflow the fp32 loss, and come back down, while an infinite float32 scale
-    could never come back (inf / 2 is inf). The counters are int64 tensors: exact for any run
-    length, whereas float32 counters would stop counting exactly after 2**24 (16.7M)
-    iterations and silently break the ``stable % scale_window`` test.
+    ``scale_factor``, ``init_scale`` are rounded to float32 at construction and reported rounded).
+    Both paths run one rule, the Triton kernel or its torch reference, with identical float32
+    results; with ``scale_factor=2`` this is exactly DeepSpeed's float64 sequence. One deliberate
+    difference from DeepSpeed, forced by float32 storage: a growth whose result would be infinite
+    (above ~3.4e38) keeps the scale (hysteresis is still refilled), as ``torch.amp.GradScaler``
+    does; DeepSpeed's float64 scale would grow, overflow the fp32 loss, and come back down, while an
+    infinite float32 scale could never come back (inf / 2 is inf). The counters are int64 tensors:
+    exact for any run length, whereas float32 counters would stop counting exactly after 2**24
+    (16.7M) iterations and silently break the ``stable % scale_window`` test.
 
     **Two update paths.**
 
-    * ``update_scale(True/False)`` (Python bool, e.g. after ``found_inf.item()``): reads the
-      state (one sync on CUDA), branches in Python, logs every scale or hysteresis change at
-      INFO, raises :class:`MinLossScaleError` immediately, before changing any state, and
-      writes the new state back.
+    * ``update_scale(True/False)`` (Python bool, e.g. after ``found_inf.item()``): the tensor
+      path's update, then one read of its result (one sync on CUDA): it logs every scale or
+      hysteresis change at INFO and raises :class:`MinLossScaleError` at once, the state left
+      as it was before the update.
     * ``update_scale(flag_tensor)`` (any one-element float/bool/int tensor; overflow means
       ``flag != 0``, so torch's summed ``found_inf`` of 2.0 counts): one Triton launch on a GPU
       (``kernels/loss_scale.py``), torch ops (``torch.where``) elsewhere; no ``.item()`` and no
@@ -497,12 +497,7 @@ class DynamicLossScaler(LossScaler):
         if isinstance(overflow, torch.Tensor):
             self._update_on_device(overflow, record)
         else:
-            before = (
-                [self._scale.clone(), self._cur_hysteresis.float()] if record is not None else None
-            )
-            self._update_on_host(bool(overflow))
-            if record is not None:
-                torch.stack([*before, self._scale, self._cur_hysteresis.float()], out=record)
+            self._update_on_host(bool(overflow), record)
 
     def _read_state(self) -> tuple[float, int, int, int, float]:
         # One stacked copy, hence one sync on CUDA instead of five. int64 -> float64 is exact
@@ -519,56 +514,53 @@ class DynamicLossScaler(LossScaler):
         scale, hyst, it, last, err = values
         return scale, int(hyst), int(it), int(last), err
 
-    def _update_on_host(self, overflow: bool) -> None:
-        scale, hyst, it, last, err = self._read_state()
+    def _update_on_host(self, overflow: bool, record: torch.Tensor | None) -> None:
+        """The bool path: the device update (the one rule: ``kernels/loss_scale.py`` or its
+        reference), then one read of what it did, to raise now and to log the change."""
+        if record is None:
+            record = torch.empty(4, dtype=torch.float32, device=self.device)
+        self._update_on_device(torch.tensor(float(overflow)), record)
+        scale, hyst, new_scale, new_hyst, err, it, last = torch.cat(
+            [
+                record.double(),
+                torch.stack(
+                    [
+                        self._error_flag.double(),
+                        self._cur_iter.double(),
+                        self._last_overflow_iter.double(),
+                    ]
+                ),
+            ]
+        ).tolist()  # one sync on CUDA
         if err != 0.0:
-            # A tensor-path update already hit the minimum and nothing has been applied since:
-            # surface that error now rather than advancing past it.
+            # Either this overflow hit the minimum or a tensor-path update already had (nothing
+            # has been applied since): the update left the state as it was; surface it now.
             self._clear_error()
-            raise MinLossScaleError(_min_scale_message(self._min_scale, it))
-        ds = self._hysteresis
-        if overflow:
-            if ds == 1 or hyst == 1:
-                if scale == self._min_scale and self._raise_at_min:
-                    raise MinLossScaleError(_min_scale_message(self._min_scale, it))
-                new_scale = max(_f32(scale / self._scale_factor), self._min_scale)
-                logger.info(
-                    "Gradient overflow at iteration %d: skipping step, loss scale %g -> %g",
-                    it,
-                    scale,
-                    new_scale,
-                )
-                scale = new_scale
-            else:
-                logger.info(
-                    "Gradient overflow at iteration %d: skipping step, loss scale kept at %g, "
-                    "hysteresis %d -> %d",
-                    it,
-                    scale,
-                    hyst,
-                    hyst - 1,
-                )
-                hyst -= 1
-            last = it
-        else:
-            if self._consecutive:
-                hyst = ds
-            stable = it - last - 1
-            if stable > 0 and stable % self._scale_window == 0:
-                if not self._consecutive:
-                    hyst = ds
-                grown = _f32(scale * self._scale_factor)
-                if math.isfinite(grown):
-                    logger.info(
-                        "No overflow for %d iterations: loss scale %g -> %g", stable, scale, grown
-                    )
-                    scale = grown
-                else:
-                    logger.info("Loss scale %g kept: growing it would overflow float32", scale)
-        self._scale.fill_(scale)
-        self._cur_hysteresis.fill_(hyst)
-        self._last_overflow_iter.fill_(last)
-        self._cur_iter.fill_(it + 1)
+            raise MinLossScaleError(_min_scale_message(self._min_scale, int(it)))
+        it -= 1  # the iteration just counted
+        stable = it - last - 1
+        if overflow and new_hyst == hyst:
+            logger.info(
+                "Gradient overflow at iteration %d: skipping step, loss scale %g -> %g",
+                it,
+                scale,
+                new_scale,
+            )
+        elif overflow:
+            logger.info(
+                "Gradient overflow at iteration %d: skipping step, loss scale kept at %g, "
+                "hysteresis %d -> %d",
+                it,
+                scale,
+                hyst,
+                new_hyst,
+            )
+        elif new_scale != scale:
+            logger.info(
+                "No overflow for %d iterations: loss scale %g -> %g", stable, scale, new_scale
+            )
+        elif stable > 0 and stable % self._scale_window == 0:
+            logger.info("Loss scale %g kept: growing it would overflow float32", scale)
 
     def _update_on_device(self, overflow: torch.Tensor, record: torch.Tensor | None) -> None:
         device = self._scale.device
