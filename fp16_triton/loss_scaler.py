@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .backend import resolve_backend
+from .config import parse_fp16
 
 __all__ = ["LossScaler", "DynamicLossScaler", "MinLossScaleError", "get_loss_scaler"]
 
@@ -798,19 +799,8 @@ def _validate_state_dict(state_dict: Mapping[str, Any], *, dynamic: bool) -> dic
 # Construction from a DeepSpeed-style fp16 config.
 # --------------------------------------------------------------------------------------------
 
-_CONFIG_DEFAULTS: dict[str, Any] = {
-    "loss_scale": 0,
-    "initial_scale_power": 16,
-    "loss_scale_window": 1000,
-    "hysteresis": 2,
-    "consecutive_hysteresis": False,
-    "min_loss_scale": 1,
-    # Our extension (DeepSpeed sets it in code, not in the config).
-    "raise_error_at_min_scale": True,
-}
-# Accepted for compatibility with DeepSpeed configs, but they do not affect the scaler: the
-# dtype argument decides whether to scale, and autocast is the model's business.
-_CONFIG_IGNORED = ("enabled", "auto_cast")
+# Our extension of DeepSpeed's fp16 section (DeepSpeed sets it in code, not in the config).
+_EXTENSION_KEYS = ("raise_error_at_min_scale",)
 
 
 def get_loss_scaler(
@@ -824,8 +814,9 @@ def get_loss_scaler(
             static scale), ``initial_scale_power`` (16: init_scale = 2**16),
             ``loss_scale_window`` (1000), ``hysteresis`` (2), ``consecutive_hysteresis``
             (False), ``min_loss_scale`` (1); ``raise_error_at_min_scale`` (True) is an
-            extension; ``enabled`` and ``auto_cast`` are accepted and ignored. An unknown key
-            raises ``ValueError`` naming the closest valid key.
+            extension; ``enabled`` and ``auto_cast`` are checked and ignored. Keys and bounds
+            are those of ``config.parse_fp16``, the one fp16 validator: a bad or unknown key
+            raises its ``ConfigError`` (a ``ValueError``) naming the key.
         dtype: the low-precision dtype of the parameters. Only ``torch.float16`` is scaled;
             bf16 and fp32 (any other floating dtype) get ``LossScaler(1.0)``, which scales by 1.
 
@@ -838,52 +829,27 @@ def get_loss_scaler(
         config = {}
     if not isinstance(config, Mapping):
         raise ValueError(f"config must be a mapping (the fp16 section), got {type(config)!r}")
-    valid = list(_CONFIG_DEFAULTS) + list(_CONFIG_IGNORED)
-    for key in config:
-        if key not in valid:
-            if key in ("fp16", "bf16"):
-                raise ValueError(
-                    f"config has a {key!r} key: pass the fp16 section, config['fp16'], "
-                    "not the whole DeepSpeed config"
-                )
-            raise _unknown_key_error(str(key), valid, "fp16 config")
-    cfg = {**_CONFIG_DEFAULTS, **{k: v for k, v in config.items() if k not in _CONFIG_IGNORED}}
-
-    # Validate every key, even for bf16 where it is unused: a typo should fail on any run.
-    loss_scale = cfg["loss_scale"]
-    if not _is_real(loss_scale) or not math.isfinite(loss_scale) or loss_scale < 0:
-        raise ValueError(
-            f"fp16.loss_scale must be 0 (dynamic) or a positive number, got {loss_scale!r}"
-        )
-    power = _check_int("fp16.initial_scale_power", cfg["initial_scale_power"], -(2**31))
-    window = _check_int("fp16.loss_scale_window", cfg["loss_scale_window"], 1)
-    hysteresis = _check_int("fp16.hysteresis", cfg["hysteresis"], 1)
-    consecutive = _check_bool("fp16.consecutive_hysteresis", cfg["consecutive_hysteresis"])
-    min_scale = _check_scale("fp16.min_loss_scale", cfg["min_loss_scale"])
-    raise_at_min = _check_bool("fp16.raise_error_at_min_scale", cfg["raise_error_at_min_scale"])
-    # 2**power must be a positive finite float32: float32 exponents run from -149 to 127.
-    if not -149 <= power <= 127:
-        raise ValueError(
-            f"fp16.initial_scale_power must be in [-149, 127] (2**power in float32), got {power}"
-        )
-    init_scale = math.ldexp(1.0, power)
-    if loss_scale == 0 and min_scale > init_scale:
-        raise ValueError(
-            f"fp16.min_loss_scale ({min_scale:g}) must not be above 2**initial_scale_power "
-            f"({init_scale:g})"
-        )
-    if loss_scale > 0:
-        _check_scale("fp16.loss_scale", loss_scale)
-
+    for key in ("fp16", "bf16"):
+        if key in config:
+            raise ValueError(
+                f"config has a {key!r} key: pass the fp16 section, config['fp16'], "
+                "not the whole DeepSpeed config"
+            )
+    # Every key validated (config.parse_fp16, the one fp16 validator), even for bf16 where the
+    # values are unused: a typo should fail on any run.
+    cfg = parse_fp16(config, extra_keys=_EXTENSION_KEYS)
+    raise_at_min = _check_bool(
+        "fp16.raise_error_at_min_scale", config.get("raise_error_at_min_scale", True)
+    )
     if dtype != torch.float16:
         return LossScaler(1.0)
-    if loss_scale > 0:
-        return LossScaler(float(loss_scale))
+    if not cfg.dynamic_loss_scale:
+        return LossScaler(cfg.loss_scale)
     return DynamicLossScaler(
-        init_scale=init_scale,
-        scale_window=window,
-        min_scale=min_scale,
-        hysteresis=hysteresis,
-        consecutive_hysteresis=consecutive,
+        init_scale=cfg.initial_loss_scale,
+        scale_window=cfg.loss_scale_window,
+        min_scale=cfg.min_loss_scale,
+        hysteresis=cfg.hysteresis,
+        consecutive_hysteresis=cfg.consecutive_hysteresis,
         raise_error_at_min_scale=raise_at_min,
     )
