@@ -509,12 +509,12 @@ class FP16Optimizer(Optimizer):
         self._skip_log.reported, self._skip_log.last_step = skipped_steps, step_calls
 
     def refresh_fp32_params(self) -> None:
-        """Copy the model's params into the fp32 masters (DeepSpeed's name). Not needed: a step
-        starts from any param written since the last one (see ``FusedOptimizer.
-        refresh_master_weights``); kept for code written for DeepSpeed."""
+        """Copy the model's params into the fp32 masters (DeepSpeed's name). Rarely needed: a
+        step starts from any param written since the last one (see ``FusedOptimizer.
+        refresh_fp32_params``); kept for code written for DeepSpeed."""
         with torch.no_grad():
             if self.fused:
-                self.optimizer.refresh_master_weights()
+                self.optimizer.refresh_fp32_params()
             else:
                 for model_param, master in self._masters:
                     if master is not model_param:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -251,17 +252,27 @@ class FusedOptimizer(ParamStateRules, Optimizer):
                 self._ensure_state(p, group)
 
     @torch.no_grad()
-    def refresh_master_weights(self) -> None:
-        """Copy the params into their fp32 masters (Apex's and DeepSpeed's call after loading
-        model weights alone). A step already starts from any param whose bits are no longer its
-        master's rounding (``kernels.common.load_grad_and_weight``); call it after writes that
-        may leave the bits as they were (clamping to a bound the param already rounds to: see
-        docs/changing-things-between-steps.md). It drops the masters' extra precision."""
+    def refresh_fp32_params(self) -> None:
+        """Copy the params into their fp32 masters (DeepSpeed's name for the call Apex and
+        DeepSpeed make after loading model weights alone). A step already starts from any param
+        whose bits are no longer its master's rounding (``kernels.common.load_grad_and_weight``);
+        call it after writes that may leave the bits as they were (clamping to a bound the param
+        already rounds to: see docs/changing-things-between-steps.md). It drops the masters'
+        extra precision."""
         for group in self.param_groups:
             for p in group["params"]:
                 master = self.state.get(p, {}).get("master_param")
                 if master is not None:
                     master.copy_(p)
+
+    def refresh_master_weights(self) -> None:
+        """Deprecated name of :meth:`refresh_fp32_params`."""
+        warnings.warn(
+            "refresh_master_weights() is deprecated; call refresh_fp32_params() (DeepSpeed's name)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self.refresh_fp32_params()
 
     # ------------------------------------------------------------------------------ steps
     def _plan(self, group: dict[str, Any]) -> _Work | _Rebuild:
