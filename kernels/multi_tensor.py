@@ -14,11 +14,10 @@ number of tensors. torch's own ``multi_tensor_apply`` passes addresses in kernel
 
 Tables are rebuilt only when an address or a size changes. The caching allocator usually hands
 autograd the same addresses step after step, so the steady state costs Python passes over
-``data_ptr()``/``numel()`` of the lists that can move, and no upload. Measured on the 2-core
-dev machine, 10,000 tensors, launches stubbed: ~10 ms of host time per ``FP16Optimizer`` +
-AdamW step (about 0.1 us per attribute read). Optimizers with ``flat_buffers=True``
-(``fp16_triton/flat_buffers.py``) own their grads instead: their tables hold one tensor per
-bucket, and the same step costs ~70-115 us whatever the number of tensors.
+``data_ptr()``/``numel()`` of the lists that can move, and no upload: host time linear in the
+number of tensors. Optimizers with ``flat_buffers=True`` (``fp16_triton/flat_buffers.py``) own
+their grads instead: their tables hold one tensor per bucket, and the step's host time does not
+grow with the number of tensors. Figures for both: ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -178,8 +177,8 @@ def learning_rate(lr, device: torch.device) -> tuple[float, torch.Tensor | None]
 class TensorList(list):
     """A list of tensors whose owner has read their addresses and sizes this step.
 
-    Reading ``data_ptr()`` or ``numel()`` of every tensor costs about 0.07 us each (0.7 ms at
-    10,000 tensors on the dev machine); an optimizer reads them once per step to check its
+    Reading ``data_ptr()`` or ``numel()`` of every tensor is a host cost linear in the number
+    of tensors (``bench/results/``); an optimizer reads them once per step to check its
     buckets, and the launches of that step (the check pass, the step) reuse them. The owner
     vouches that ``addresses`` and ``numels``, when set, are those of the tensors now.
     """
