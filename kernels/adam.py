@@ -47,11 +47,11 @@ from .common import (
     load_grad_and_weight,
     prepare_step,
     program_chunk,
-    round_to,
+    store_weight,
     tensor_ptr,
     unscale_and_clip_factors,
 )
-from .multi_tensor import TableCache, device_guard
+from .multi_tensor import TableCache
 
 __all__ = ["adam_step", "prepare_adam_step", "increment_steps"]
 
@@ -163,9 +163,7 @@ def _adam_kernel(
             tl.store(max_exp_avg_sq + offsets, v, mask=mask)
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         p = p - step_size * tl.div_rn(m, denom)
-        if HAS_MASTER:
-            tl.store(master + offsets, p, mask=mask)
-        tl.store(param + offsets, round_to(p, PARAM_DTYPE), mask=mask)
+        store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
 
 
 def prepare_adam_step(
@@ -225,38 +223,15 @@ def prepare_adam_step(
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     state = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps, "masters": masters}
     state["max_exp_avg_sqs"] = max_exp_avg_sqs if amsgrad else None
-    tables, rows, args, flags = prepare_step(
-        "adam", params, grads, masters, state, lr=lr, maximize=maximize, grad_scale=grad_scale,
-        found_inf=found_inf, norm_sq=norm_sq, max_norm=max_norm, cache=cache,
+    return prepare_step(
+        _adam_kernel, "adam", params, grads, masters, state,
+        rows=("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
+        hyperparameters=(float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
+                         float(eps), float(weight_decay)),
+        flags=dict(DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad)),
+        count_steps=True, lr=lr, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+        norm_sq=norm_sq, max_norm=max_norm, cache=cache,
     )  # fmt: skip
-    device = params[0].device
-    n_tensors = len(params)
-
-    def launch():
-        with device_guard(device):
-            if tables.n_programs > 0:
-                _adam_kernel[(tables.n_programs,)](
-                    rows["params"],
-                    rows["grads"],
-                    rows["masters"],
-                    rows["exp_avgs"],
-                    rows["exp_avg_sqs"],
-                    rows["max_exp_avg_sqs"],
-                    rows["steps"],
-                    *args,
-                    float(beta1),
-                    float(beta2),
-                    1.0 - float(beta1),
-                    1.0 - float(beta2),
-                    float(eps),
-                    float(weight_decay),
-                    DECOUPLED=bool(decoupled_weight_decay),
-                    AMSGRAD=bool(amsgrad),
-                    **flags,
-                )
-            increment_steps(rows["steps"], n_tensors, found_inf)
-
-    return launch
 
 
 def adam_step(*args, **kwargs) -> None:

@@ -4,14 +4,14 @@ step-count increment, and the host-side first half of every step launcher (``pre
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from .launch_config import launch_config
-from .multi_tensor import LaunchTables, check_step_inputs, learning_rate, tables_for
+from .multi_tensor import check_step_inputs, device_guard, learning_rate, tables_for
 
 TORCH_TO_TRITON = {
     torch.float16: tl.float16,
@@ -144,6 +144,17 @@ def load_grad_and_weight(
 
 
 @triton.jit
+def store_weight(
+    param, master, offsets, mask, p, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr
+):
+    """The step kernels' last write: the fp32 weight into the master, if there is one, and
+    rounded to nearest-even into the param."""
+    if HAS_MASTER:
+        tl.store(master + offsets, p, mask=mask)
+    tl.store(param + offsets, round_to(p, PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
 def _increment_steps_kernel(
     step_ptrs,  # int64 [T]: fp32 one-element step counts
     n_tensors,  # T
@@ -179,12 +190,17 @@ def increment_steps(
 
 
 def prepare_step(
-    kernel: str,
+    kernel,
+    name: str,
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     masters: Sequence[torch.Tensor] | None,
     state: Mapping[str, Sequence[torch.Tensor] | None],
     *,
+    rows: Sequence[str],
+    hyperparameters: Sequence[float],
+    flags: Mapping[str, bool],
+    count_steps: bool,
     lr,
     maximize: bool,
     grad_scale: torch.Tensor | None,
@@ -192,37 +208,39 @@ def prepare_step(
     norm_sq: torch.Tensor | None,
     max_norm: float,
     cache,
-) -> tuple[LaunchTables, dict[str, torch.Tensor], tuple, dict]:
-    """What every step launcher does before its own arguments: check the inputs, take the
-    launch configuration of ``kernel`` and the tables of params, grads and ``state``.
+) -> Callable[[], None]:
+    """The step launchers' shared body: check the inputs, build (or reuse) the tables of
+    params, grads and ``state``, and return the launch of ``kernel`` (then of the step-count
+    increment of ``state["steps"]`` if ``count_steps``), configured as ``name`` in
+    ``launch_config``.
 
-    Returns ``(tables, rows, args, flags)``: ``rows`` maps each list's name ("params",
-    "grads", the keys of ``state``) to its address row; ``args`` are the kernel arguments that
-    follow the address rows in every step kernel (sizes, chunk map, the optional scalars, the
-    clipping threshold and the learning rate), ``flags`` the keyword arguments every step kernel
-    takes (dtypes, optional-input flags, alignment, block sizes, warps). Absent optional
-    pointers are filled with any tensor: the kernels never read them.
+    Every step kernel takes the same arguments, but for its own: first the address rows, named
+    by ``rows`` ("params", "grads" or a key of ``state``); then the sizes, the chunk map, the
+    optional scalars, the clipping threshold and the learning rate; then ``hyperparameters``;
+    and the shared flags (dtypes, optional inputs, alignment, block sizes) with its own
+    ``flags``. Absent optional pointers are filled with any tensor: the kernels never read them.
     """
     check_step_inputs(params, grads, masters, state, grad_scale, found_inf, norm_sq)
     device = params[0].device
-    config = launch_config(kernel, device)
+    config = launch_config(name, device)
     names = ["params", "grads", *state]
     tables = tables_for(names, [params, grads], list(state.values()), config["CHUNK"], cache)
+    by_name = dict(zip(names, tables.rows))
     has_clip = norm_sq is not None and max_norm > 0
     scalar = tables.numels
     lr_value, lr_tensor = learning_rate(lr, device)
     args = (
-        tables.numels,
-        tables.chunk_map,
-        tables.n_programs,
+        *(by_name[row] for row in rows),
+        *tables.chunk_args,
         grad_scale if grad_scale is not None else scalar,
         found_inf if found_inf is not None else scalar,
         norm_sq if has_clip else scalar,
         lr_tensor if lr_tensor is not None else scalar,
         float(max_norm),
         lr_value,
+        *hyperparameters,
     )
-    flags = dict(
+    kwargs = dict(
         PARAM_DTYPE=TORCH_TO_TRITON[params[0].dtype],
         GRAD_DTYPE=TORCH_TO_TRITON[grads[0].dtype],
         HAS_MASTER=masters is not None,
@@ -231,9 +249,16 @@ def prepare_step(
         HAS_FOUND_INF=found_inf is not None,
         HAS_CLIP=has_clip,
         LR_ON_DEVICE=lr_tensor is not None,
-        ALIGNED=tables.aligned,
-        BLOCK=config["BLOCK"],
-        CHUNK=config["CHUNK"],
-        num_warps=config["num_warps"],
+        **tables.options(config),
+        **flags,
     )
-    return tables, dict(zip(names, tables.rows)), args, flags
+    n_tensors = len(params)
+
+    def launch():
+        with device_guard(device):
+            if tables.n_programs > 0:
+                kernel[(tables.n_programs,)](*args, **kwargs)
+            if count_steps:
+                increment_steps(by_name["steps"], n_tensors, found_inf)
+
+    return launch

@@ -224,6 +224,20 @@ class LaunchTables:
     def __post_init__(self):
         self.rows = tuple(self.addresses.unbind(0))
 
+    @property
+    def chunk_args(self) -> tuple:
+        """``(numels, chunk_map, n_programs)``: what every table kernel takes after its rows."""
+        return (self.numels, self.chunk_map, self.n_programs)
+
+    def options(self, config: dict[str, int]) -> dict:
+        """The alignment flag, block sizes and warps of a launch over these tables."""
+        return dict(
+            ALIGNED=self.aligned,
+            BLOCK=config["BLOCK"],
+            CHUNK=config["CHUNK"],
+            num_warps=config["num_warps"],
+        )
+
     @staticmethod
     def build(
         names: Sequence[str], lists: Sequence[Sequence[torch.Tensor] | None], chunk: int

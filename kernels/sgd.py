@@ -30,15 +30,14 @@ import triton.language as tl
 
 from .common import (
     block_offsets,
-    increment_steps,
     load_grad_and_weight,
     prepare_step,
     program_chunk,
-    round_to,
+    store_weight,
     tensor_ptr,
     unscale_and_clip_factors,
 )
-from .multi_tensor import TableCache, device_guard
+from .multi_tensor import TableCache
 
 __all__ = ["sgd_step", "prepare_sgd_step"]
 
@@ -113,9 +112,7 @@ def _sgd_kernel(
             else:
                 g = buf
         p = p - lr * g
-        if HAS_MASTER:
-            tl.store(master + offsets, p, mask=mask)
-        tl.store(param + offsets, round_to(p, PARAM_DTYPE), mask=mask)
+        store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
 
 
 def prepare_sgd_step(
@@ -153,34 +150,14 @@ def prepare_sgd_step(
     state = {"masters": masters}
     state["momentum_buffers"] = momentum_buffers if has_momentum else None
     state["steps"] = steps if has_momentum else None
-    tables, rows, args, flags = prepare_step(
-        "sgd", params, grads, masters, state, lr=lr, maximize=maximize, grad_scale=grad_scale,
+    return prepare_step(
+        _sgd_kernel, "sgd", params, grads, masters, state,
+        rows=("params", "grads", "masters", "momentum_buffers", "steps"),
+        hyperparameters=(float(momentum), 1.0 - float(dampening), float(weight_decay)),
+        flags=dict(HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov)),
+        count_steps=has_momentum, lr=lr, maximize=maximize, grad_scale=grad_scale,
         found_inf=found_inf, norm_sq=norm_sq, max_norm=max_norm, cache=cache,
     )  # fmt: skip
-    device = params[0].device
-    n_tensors = len(params)
-
-    def launch():
-        with device_guard(device):
-            if tables.n_programs > 0:
-                _sgd_kernel[(tables.n_programs,)](
-                    rows["params"],
-                    rows["grads"],
-                    rows["masters"],
-                    rows["momentum_buffers"],
-                    rows["steps"],
-                    *args,
-                    float(momentum),
-                    1.0 - float(dampening),
-                    float(weight_decay),
-                    HAS_MOMENTUM=has_momentum,
-                    NESTEROV=bool(nesterov),
-                    **flags,
-                )
-            if has_momentum:
-                increment_steps(rows["steps"], n_tensors, found_inf)
-
-    return launch
 
 
 def sgd_step(*args, **kwargs) -> None:
