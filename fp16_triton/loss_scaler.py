@@ -500,20 +500,20 @@ class DynamicLossScaler(LossScaler):
         else:
             self._update_on_host(bool(overflow), record)
 
-    def _read_state(self) -> tuple[float, int, int, int, float]:
-        # One stacked copy, hence one sync on CUDA instead of five. int64 -> float64 is exact
-        # below 2**53 iterations.
-        values = torch.stack(
-            [
-                self._scale.double(),
-                self._cur_hysteresis.double(),
-                self._cur_iter.double(),
-                self._last_overflow_iter.double(),
-                self._error_flag.double(),
-            ]
-        ).tolist()
-        scale, hyst, it, last, err = values
-        return scale, int(hyst), int(it), int(last), err
+    def _read_state(self, *extra: torch.Tensor) -> tuple:
+        """``(scale, hysteresis, iteration, last overflow, error flag)`` and the values of
+        ``extra``, read in one stacked copy: one sync on CUDA. int64 -> float64 is exact below
+        2**53 iterations."""
+        state = (
+            self._scale,
+            self._cur_hysteresis,
+            self._cur_iter,
+            self._last_overflow_iter,
+            self._error_flag,
+        )
+        values = torch.cat([t.double().reshape(-1) for t in (*state, *extra)]).tolist()
+        scale, hyst, it, last, err = values[:5]
+        return (scale, int(hyst), int(it), int(last), err, *values[5:])
 
     def _update_on_host(self, overflow: bool, record: torch.Tensor | None) -> None:
         """The bool path: the device update (the one rule: ``kernels/loss_scale.py`` or its
@@ -521,18 +521,7 @@ class DynamicLossScaler(LossScaler):
         if record is None:
             record = torch.empty(4, dtype=torch.float32, device=self.device)
         self._update_on_device(torch.tensor(float(overflow)), record)
-        scale, hyst, new_scale, new_hyst, err, it, last = torch.cat(
-            [
-                record.double(),
-                torch.stack(
-                    [
-                        self._error_flag.double(),
-                        self._cur_iter.double(),
-                        self._last_overflow_iter.double(),
-                    ]
-                ),
-            ]
-        ).tolist()  # one sync on CUDA
+        _, _, it, last, err, scale, hyst, new_scale, new_hyst = self._read_state(record)
         if err != 0.0:
             # Either this overflow hit the minimum or a tensor-path update already had (nothing
             # has been applied since): the update left the state as it was; surface it now.
