@@ -1,6 +1,6 @@
 """Pieces shared by the step kernels and their launchers: dtypes, widening and rounding, a
-program's chunk, typed pointers from the address tables, the unscale/clip factors, the
-step-count increment, and the host-side first half of every step launcher (``prepare_step``)."""
+program's chunk, typed pointers from the address tables, the unscale/clip factors, the weight
+store, the step-count increment, and the launchers' shared body (``prepare_step``)."""
 
 from __future__ import annotations
 
