@@ -60,8 +60,8 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 @functools.cache
 def kernels(name: str):
     """The module ``fp16_triton.kernels.<name>``, imported at first use (so Triton is imported
-    only where kernels launch); later calls cost one cache lookup, where an ``import``
-    statement in a step would cost ~1 us of host time each time."""
+    only where kernels launch); later calls cost one cache lookup, less than an ``import``
+    statement in a step would cost each time."""
     return importlib.import_module(f"{__package__}.kernels.{name}")
 
 

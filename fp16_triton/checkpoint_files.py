@@ -6,10 +6,10 @@ manifest written last, verified before any byte of them is read (what goes in th
 {"size", "sha256"}}, "version", "config"}``.
 
 Why a manifest: ``torch.load`` does not check the CRCs its zip records carry, so flipped bytes
-inside a stored tensor (a disk, copy or network fault) load without error as wrong numbers.
-sha256 (``hashlib``) is the fastest strong hash on the dev machine (1.2 GB/s, against 0.7 for
-blake2b); files are hashed as they are written, so a save reads nothing back, and verified in
-one streamed read at load.
+inside a stored tensor (a disk, copy or network fault) load without error as wrong numbers. The
+hash is sha256 (``hashlib``), the faster of its strong hashes where we measured (sha256 and
+blake2b: ``bench/results/``); files are hashed as they are written, so a save reads nothing
+back, and verified in one streamed read at load.
 
 Client state travels in the states file, read back with ``torch.load(weights_only=True)``: only
 tensors, numbers, strings, containers of them and the RNG states people save (Python's

@@ -48,6 +48,7 @@ __all__ = [
     "ConfigError",
     "FP16Config",
     "BF16Config",
+    "parse_fp16",
     "OptimizerConfig",
     "SchedulerConfig",
     "EngineConfig",
@@ -437,20 +438,29 @@ def _check_value(key: str, kind: str, value: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_fp16(value: Any) -> FP16Config:
+def parse_fp16(value: Any, extra_keys: Iterable[str] = ()) -> FP16Config:
+    """Validate a DeepSpeed ``fp16`` section: the one place its keys and bounds are checked
+    (``load_config`` and ``loss_scaler.get_loss_scaler`` both call it). ``extra_keys`` are
+    accepted besides DeepSpeed's and left to the caller.
+
+    The bounds are those of a float32 loss scale, the storage the scaler computes in:
+    ``2 ** initial_scale_power`` must be a positive finite float32, so the power runs from -149
+    (the smallest subnormal) to 127 (DeepSpeed takes any int, and a power outside that range
+    would make the scale 0 or inf); ``loss_scale`` (when static) and ``min_loss_scale`` must be
+    positive finite float32 values; a dynamic scale cannot start below its minimum.
+    """
     section = _as_section("fp16", value)
-    _check_keys(section, "fp16", _FP16_KEYS)
+    _check_keys(section, "fp16", (*_FP16_KEYS, *extra_keys))
     d = FP16Config()
     get = section.get
-    return FP16Config(
+    cfg = FP16Config(
         enabled=_as_bool("fp16.enabled", get("enabled", d.enabled)),
         # DeepSpeed's own validator: a finite number >= 0, 0 meaning dynamic.
         loss_scale=_as_float("fp16.loss_scale", get("loss_scale", d.loss_scale), minimum=0.0),
-        # Bounded so that 2**power is a finite, normal fp32 loss scale.
         initial_scale_power=_as_int(
             "fp16.initial_scale_power",
             get("initial_scale_power", d.initial_scale_power),
-            minimum=-126,
+            minimum=-149,
             maximum=127,
         ),
         loss_scale_window=_as_int(
@@ -466,6 +476,21 @@ def _parse_fp16(value: Any) -> FP16Config:
         ),
         auto_cast=_as_bool("fp16.auto_cast", get("auto_cast", d.auto_cast)),
     )
+    stored = {}
+    for key in ("loss_scale", "min_loss_scale"):
+        number = getattr(cfg, key)
+        stored[key] = float(torch.tensor(number, dtype=torch.float32))
+        if number > 0 and not 0.0 < stored[key] < math.inf:
+            raise ConfigError(
+                f"config key 'fp16.{key}' = {number!r} is not a positive finite float32 "
+                "(about 1.4e-45 to 3.4e38): the loss scale is stored in float32"
+            )
+    if cfg.dynamic_loss_scale and stored["min_loss_scale"] > cfg.initial_loss_scale:
+        raise ConfigError(
+            f"config key 'fp16.min_loss_scale' ({cfg.min_loss_scale:g}) must not be above "
+            f"2**initial_scale_power ({cfg.initial_loss_scale:g})"
+        )
+    return cfg
 
 
 def _parse_bf16(value: Any, name: str) -> BF16Config:
@@ -743,7 +768,7 @@ def load_config(config: ConfigSource = None, world_size: int = 1) -> EngineConfi
         raise ConfigError("give only one of 'bf16' and its older alias 'bfloat16'")
     bf16_name = "bfloat16" if "bfloat16" in raw else "bf16"
 
-    fp16 = _parse_fp16(raw.get("fp16", {}))
+    fp16 = parse_fp16(raw.get("fp16", {}))
     bf16 = _parse_bf16(raw.get(bf16_name, {}), bf16_name)
     if fp16.enabled and bf16.enabled:
         # DeepSpeed asserts the same: 'bfloat16 and fp16 modes cannot be simultaneously enabled'.

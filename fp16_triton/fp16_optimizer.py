@@ -36,9 +36,10 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from .backend import kernels, resolve_backend
 from .buckets import DTensor, local
+from .flat_buffers import zero_grads
 from .kernels.multi_tensor import TableCache
 from .loss_scaler import LossScaler, get_loss_scaler
-from .optimizer import FusedOptimizer, zero_grads
+from .optimizer import FusedOptimizer
 from .param_state import LOW_PRECISION
 from .skip_log import SkipLog
 
@@ -221,8 +222,8 @@ class FP16Optimizer(Optimizer):
 
         Step hooks (global and this optimizer's) run around it, and the profiler sees it as
         ``Optimizer.step#FP16Optimizer.step``, as with torch's optimizers. torch wraps its
-        optimizers' ``step`` for that (``profile_hook_step``), at a cost of ~30 us of host time
-        per step even with no hook and no profiler; here it costs nothing then.
+        optimizers' ``step`` for that (``profile_hook_step``), at a cost in host time at every
+        step even with no hook and no profiler (``bench/results/``); here it costs nothing then.
         """
         if not (
             self._optimizer_step_pre_hooks
@@ -509,12 +510,12 @@ class FP16Optimizer(Optimizer):
         self._skip_log.reported, self._skip_log.last_step = skipped_steps, step_calls
 
     def refresh_fp32_params(self) -> None:
-        """Copy the model's params into the fp32 masters (DeepSpeed's name). Not needed: a step
-        starts from any param written since the last one (see ``FusedOptimizer.
-        refresh_master_weights``); kept for code written for DeepSpeed."""
+        """Copy the model's params into the fp32 masters (DeepSpeed's name). Rarely needed: a
+        step starts from any param written since the last one (see ``FusedOptimizer.
+        refresh_fp32_params``); kept for code written for DeepSpeed."""
         with torch.no_grad():
             if self.fused:
-                self.optimizer.refresh_master_weights()
+                self.optimizer.refresh_fp32_params()
             else:
                 for model_param, master in self._masters:
                     if master is not model_param:

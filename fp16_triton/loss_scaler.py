@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .backend import resolve_backend
+from .config import parse_fp16
 
 __all__ = ["LossScaler", "DynamicLossScaler", "MinLossScaleError", "get_loss_scaler"]
 
@@ -329,22 +330,22 @@ class DynamicLossScaler(LossScaler):
     iterations, counted from the last overflow.
 
     **Arithmetic.** The scale is float32, as is every value it is combined with (``min_scale``,
-    ``scale_factor``, ``init_scale`` are rounded to float32 at construction and reported
-    rounded). Both paths compute the identical float32 results; with ``scale_factor=2`` this is
-    exactly DeepSpeed's float64 sequence. One deliberate difference from DeepSpeed, forced by
-    float32 storage: a growth whose result would be infinite (above ~3.4e38) keeps the scale
-    (hysteresis is still refilled), as ``torch.amp.GradScaler`` does; DeepSpeed's float64 scale
-    would grow, overflow the fp32 loss, and come back down, while an infinite float32 scale
-    could never come back (inf / 2 is inf). The counters are int64 tensors: exact for any run
-    length, whereas float32 counters would stop counting exactly after 2**24 (16.7M)
-    iterations and silently break the ``stable % scale_window`` test.
+    ``scale_factor``, ``init_scale`` are rounded to float32 at construction and reported rounded).
+    Both paths run one rule, the Triton kernel or its torch reference, with identical float32
+    results; with ``scale_factor=2`` this is exactly DeepSpeed's float64 sequence. One deliberate
+    difference from DeepSpeed, forced by float32 storage: a growth whose result would be infinite
+    (above ~3.4e38) keeps the scale (hysteresis is still refilled), as ``torch.amp.GradScaler``
+    does; DeepSpeed's float64 scale would grow, overflow the fp32 loss, and come back down, while an
+    infinite float32 scale could never come back (inf / 2 is inf). The counters are int64 tensors:
+    exact for any run length, whereas float32 counters would stop counting exactly after 2**24
+    (16.7M) iterations and silently break the ``stable % scale_window`` test.
 
     **Two update paths.**
 
-    * ``update_scale(True/False)`` (Python bool, e.g. after ``found_inf.item()``): reads the
-      state (one sync on CUDA), branches in Python, logs every scale or hysteresis change at
-      INFO, raises :class:`MinLossScaleError` immediately, before changing any state, and
-      writes the new state back.
+    * ``update_scale(True/False)`` (Python bool, e.g. after ``found_inf.item()``): the tensor
+      path's update, then one read of its result (one sync on CUDA): it logs every scale or
+      hysteresis change at INFO and raises :class:`MinLossScaleError` at once, the state left
+      as it was before the update.
     * ``update_scale(flag_tensor)`` (any one-element float/bool/int tensor; overflow means
       ``flag != 0``, so torch's summed ``found_inf`` of 2.0 counts): one Triton launch on a GPU
       (``kernels/loss_scale.py``), torch ops (``torch.where``) elsewhere; no ``.item()`` and no
@@ -497,78 +498,59 @@ class DynamicLossScaler(LossScaler):
         if isinstance(overflow, torch.Tensor):
             self._update_on_device(overflow, record)
         else:
-            before = (
-                [self._scale.clone(), self._cur_hysteresis.float()] if record is not None else None
-            )
-            self._update_on_host(bool(overflow))
-            if record is not None:
-                torch.stack([*before, self._scale, self._cur_hysteresis.float()], out=record)
+            self._update_on_host(bool(overflow), record)
 
-    def _read_state(self) -> tuple[float, int, int, int, float]:
-        # One stacked copy, hence one sync on CUDA instead of five. int64 -> float64 is exact
-        # below 2**53 iterations.
-        values = torch.stack(
-            [
-                self._scale.double(),
-                self._cur_hysteresis.double(),
-                self._cur_iter.double(),
-                self._last_overflow_iter.double(),
-                self._error_flag.double(),
-            ]
-        ).tolist()
-        scale, hyst, it, last, err = values
-        return scale, int(hyst), int(it), int(last), err
+    def _read_state(self, *extra: torch.Tensor) -> tuple:
+        """``(scale, hysteresis, iteration, last overflow, error flag)`` and the values of
+        ``extra``, read in one stacked copy: one sync on CUDA. int64 -> float64 is exact below
+        2**53 iterations."""
+        state = (
+            self._scale,
+            self._cur_hysteresis,
+            self._cur_iter,
+            self._last_overflow_iter,
+            self._error_flag,
+        )
+        values = torch.cat([t.double().reshape(-1) for t in (*state, *extra)]).tolist()
+        scale, hyst, it, last, err = values[:5]
+        return (scale, int(hyst), int(it), int(last), err, *values[5:])
 
-    def _update_on_host(self, overflow: bool) -> None:
-        scale, hyst, it, last, err = self._read_state()
+    def _update_on_host(self, overflow: bool, record: torch.Tensor | None) -> None:
+        """The bool path: the device update (the one rule: ``kernels/loss_scale.py`` or its
+        reference), then one read of what it did, to raise now and to log the change."""
+        if record is None:
+            record = torch.empty(4, dtype=torch.float32, device=self.device)
+        self._update_on_device(torch.tensor(float(overflow)), record)
+        _, _, it, last, err, scale, hyst, new_scale, new_hyst = self._read_state(record)
         if err != 0.0:
-            # A tensor-path update already hit the minimum and nothing has been applied since:
-            # surface that error now rather than advancing past it.
+            # Either this overflow hit the minimum or a tensor-path update already had (nothing
+            # has been applied since): the update left the state as it was; surface it now.
             self._clear_error()
-            raise MinLossScaleError(_min_scale_message(self._min_scale, it))
-        ds = self._hysteresis
-        if overflow:
-            if ds == 1 or hyst == 1:
-                if scale == self._min_scale and self._raise_at_min:
-                    raise MinLossScaleError(_min_scale_message(self._min_scale, it))
-                new_scale = max(_f32(scale / self._scale_factor), self._min_scale)
-                logger.info(
-                    "Gradient overflow at iteration %d: skipping step, loss scale %g -> %g",
-                    it,
-                    scale,
-                    new_scale,
-                )
-                scale = new_scale
-            else:
-                logger.info(
-                    "Gradient overflow at iteration %d: skipping step, loss scale kept at %g, "
-                    "hysteresis %d -> %d",
-                    it,
-                    scale,
-                    hyst,
-                    hyst - 1,
-                )
-                hyst -= 1
-            last = it
-        else:
-            if self._consecutive:
-                hyst = ds
-            stable = it - last - 1
-            if stable > 0 and stable % self._scale_window == 0:
-                if not self._consecutive:
-                    hyst = ds
-                grown = _f32(scale * self._scale_factor)
-                if math.isfinite(grown):
-                    logger.info(
-                        "No overflow for %d iterations: loss scale %g -> %g", stable, scale, grown
-                    )
-                    scale = grown
-                else:
-                    logger.info("Loss scale %g kept: growing it would overflow float32", scale)
-        self._scale.fill_(scale)
-        self._cur_hysteresis.fill_(hyst)
-        self._last_overflow_iter.fill_(last)
-        self._cur_iter.fill_(it + 1)
+            raise MinLossScaleError(_min_scale_message(self._min_scale, int(it)))
+        it -= 1  # the iteration just counted
+        stable = it - last - 1
+        if overflow and new_hyst == hyst:
+            logger.info(
+                "Gradient overflow at iteration %d: skipping step, loss scale %g -> %g",
+                it,
+                scale,
+                new_scale,
+            )
+        elif overflow:
+            logger.info(
+                "Gradient overflow at iteration %d: skipping step, loss scale kept at %g, "
+                "hysteresis %d -> %d",
+                it,
+                scale,
+                hyst,
+                new_hyst,
+            )
+        elif new_scale != scale:
+            logger.info(
+                "No overflow for %d iterations: loss scale %g -> %g", stable, scale, new_scale
+            )
+        elif stable > 0 and stable % self._scale_window == 0:
+            logger.info("Loss scale %g kept: growing it would overflow float32", scale)
 
     def _update_on_device(self, overflow: torch.Tensor, record: torch.Tensor | None) -> None:
         device = self._scale.device
@@ -806,19 +788,8 @@ def _validate_state_dict(state_dict: Mapping[str, Any], *, dynamic: bool) -> dic
 # Construction from a DeepSpeed-style fp16 config.
 # --------------------------------------------------------------------------------------------
 
-_CONFIG_DEFAULTS: dict[str, Any] = {
-    "loss_scale": 0,
-    "initial_scale_power": 16,
-    "loss_scale_window": 1000,
-    "hysteresis": 2,
-    "consecutive_hysteresis": False,
-    "min_loss_scale": 1,
-    # Our extension (DeepSpeed sets it in code, not in the config).
-    "raise_error_at_min_scale": True,
-}
-# Accepted for compatibility with DeepSpeed configs, but they do not affect the scaler: the
-# dtype argument decides whether to scale, and autocast is the model's business.
-_CONFIG_IGNORED = ("enabled", "auto_cast")
+# Our extension of DeepSpeed's fp16 section (DeepSpeed sets it in code, not in the config).
+_EXTENSION_KEYS = ("raise_error_at_min_scale",)
 
 
 def get_loss_scaler(
@@ -832,8 +803,9 @@ def get_loss_scaler(
             static scale), ``initial_scale_power`` (16: init_scale = 2**16),
             ``loss_scale_window`` (1000), ``hysteresis`` (2), ``consecutive_hysteresis``
             (False), ``min_loss_scale`` (1); ``raise_error_at_min_scale`` (True) is an
-            extension; ``enabled`` and ``auto_cast`` are accepted and ignored. An unknown key
-            raises ``ValueError`` naming the closest valid key.
+            extension; ``enabled`` and ``auto_cast`` are checked and ignored. Keys and bounds
+            are those of ``config.parse_fp16``, the one fp16 validator: a bad or unknown key
+            raises its ``ConfigError`` (a ``ValueError``) naming the key.
         dtype: the low-precision dtype of the parameters. Only ``torch.float16`` is scaled;
             bf16 and fp32 (any other floating dtype) get ``LossScaler(1.0)``, which scales by 1.
 
@@ -846,52 +818,27 @@ def get_loss_scaler(
         config = {}
     if not isinstance(config, Mapping):
         raise ValueError(f"config must be a mapping (the fp16 section), got {type(config)!r}")
-    valid = list(_CONFIG_DEFAULTS) + list(_CONFIG_IGNORED)
-    for key in config:
-        if key not in valid:
-            if key in ("fp16", "bf16"):
-                raise ValueError(
-                    f"config has a {key!r} key: pass the fp16 section, config['fp16'], "
-                    "not the whole DeepSpeed config"
-                )
-            raise _unknown_key_error(str(key), valid, "fp16 config")
-    cfg = {**_CONFIG_DEFAULTS, **{k: v for k, v in config.items() if k not in _CONFIG_IGNORED}}
-
-    # Validate every key, even for bf16 where it is unused: a typo should fail on any run.
-    loss_scale = cfg["loss_scale"]
-    if not _is_real(loss_scale) or not math.isfinite(loss_scale) or loss_scale < 0:
-        raise ValueError(
-            f"fp16.loss_scale must be 0 (dynamic) or a positive number, got {loss_scale!r}"
-        )
-    power = _check_int("fp16.initial_scale_power", cfg["initial_scale_power"], -(2**31))
-    window = _check_int("fp16.loss_scale_window", cfg["loss_scale_window"], 1)
-    hysteresis = _check_int("fp16.hysteresis", cfg["hysteresis"], 1)
-    consecutive = _check_bool("fp16.consecutive_hysteresis", cfg["consecutive_hysteresis"])
-    min_scale = _check_scale("fp16.min_loss_scale", cfg["min_loss_scale"])
-    raise_at_min = _check_bool("fp16.raise_error_at_min_scale", cfg["raise_error_at_min_scale"])
-    # 2**power must be a positive finite float32: float32 exponents run from -149 to 127.
-    if not -149 <= power <= 127:
-        raise ValueError(
-            f"fp16.initial_scale_power must be in [-149, 127] (2**power in float32), got {power}"
-        )
-    init_scale = math.ldexp(1.0, power)
-    if loss_scale == 0 and min_scale > init_scale:
-        raise ValueError(
-            f"fp16.min_loss_scale ({min_scale:g}) must not be above 2**initial_scale_power "
-            f"({init_scale:g})"
-        )
-    if loss_scale > 0:
-        _check_scale("fp16.loss_scale", loss_scale)
-
+    for key in ("fp16", "bf16"):
+        if key in config:
+            raise ValueError(
+                f"config has a {key!r} key: pass the fp16 section, config['fp16'], "
+                "not the whole DeepSpeed config"
+            )
+    # Every key validated (config.parse_fp16, the one fp16 validator), even for bf16 where the
+    # values are unused: a typo should fail on any run.
+    cfg = parse_fp16(config, extra_keys=_EXTENSION_KEYS)
+    raise_at_min = _check_bool(
+        "fp16.raise_error_at_min_scale", config.get("raise_error_at_min_scale", True)
+    )
     if dtype != torch.float16:
         return LossScaler(1.0)
-    if loss_scale > 0:
-        return LossScaler(float(loss_scale))
+    if not cfg.dynamic_loss_scale:
+        return LossScaler(cfg.loss_scale)
     return DynamicLossScaler(
-        init_scale=init_scale,
-        scale_window=window,
-        min_scale=min_scale,
-        hysteresis=hysteresis,
-        consecutive_hysteresis=consecutive,
+        init_scale=cfg.initial_loss_scale,
+        scale_window=cfg.loss_scale_window,
+        min_scale=cfg.min_loss_scale,
+        hysteresis=cfg.hysteresis,
+        consecutive_hysteresis=cfg.consecutive_hysteresis,
         raise_error_at_min_scale=raise_at_min,
     )

@@ -24,8 +24,8 @@ fp16/bf16 gets an fp32 master from its current value; one that becomes fp32 drop
 from __future__ import annotations
 
 import itertools
-import logging
 import operator
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,12 +36,21 @@ from torch.optim import Optimizer
 
 from .backend import BACKENDS, resolve_backend
 from .buckets import Bucket, DTensor, local
-from .flat_buffers import FlatBuffers
-from .kernels.multi_tensor import is_dense
+from .flat_buffers import (
+    FlatBuffers,
+    adopted_params,
+    check_adoption,
+    check_left_out,
+    log_readopted,
+    regroup,
+    steady_step,
+    warn_foreign_views,
+    zero_flat_grads,
+    zero_grads,
+)
+from .kernels.multi_tensor import TableCache, is_aligned, is_dense
 from .param_state import SUPPORTED_DTYPES, ParamStateRules, check_unshared
 from .tracked import OptimizerState, ParamList
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["FusedOptimizer"]
 
@@ -251,17 +260,27 @@ class FusedOptimizer(ParamStateRules, Optimizer):
                 self._ensure_state(p, group)
 
     @torch.no_grad()
-    def refresh_master_weights(self) -> None:
-        """Copy the params into their fp32 masters (Apex's and DeepSpeed's call after loading
-        model weights alone). A step already starts from any param whose bits are no longer its
-        master's rounding (``kernels.common.load_grad_and_weight``); call it after writes that
-        may leave the bits as they were (clamping to a bound the param already rounds to: see
-        docs/changing-things-between-steps.md). It drops the masters' extra precision."""
+    def refresh_fp32_params(self) -> None:
+        """Copy the params into their fp32 masters (DeepSpeed's name for the call Apex and
+        DeepSpeed make after loading model weights alone). A step already starts from any param
+        whose bits are no longer its master's rounding (``kernels.common.load_grad_and_weight``);
+        call it after writes that may leave the bits as they were (clamping to a bound the param
+        already rounds to: see docs/changing-things-between-steps.md). It drops the masters'
+        extra precision."""
         for group in self.param_groups:
             for p in group["params"]:
                 master = self.state.get(p, {}).get("master_param")
                 if master is not None:
                     master.copy_(p)
+
+    def refresh_master_weights(self) -> None:
+        """Deprecated name of :meth:`refresh_fp32_params`."""
+        warnings.warn(
+            "refresh_master_weights() is deprecated; call refresh_fp32_params() (DeepSpeed's name)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self.refresh_fp32_params()
 
     # ------------------------------------------------------------------------------ steps
     def _plan(self, group: dict[str, Any]) -> _Work | _Rebuild:
@@ -273,7 +292,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         cache = self._group_cache(group)
         params = group["params"]
         grads = [p.grad for p in params]
-        # Not `None in grads` (it calls Tensor.__eq__) nor a generator (1.7x slower at 10k).
+        # Not `None in grads` (it calls Tensor.__eq__) nor a generator (slower at 10k params).
         if all(map(operator.is_not, grads, itertools.repeat(None))):
             key, active = _ALL, params
         else:
@@ -295,20 +314,10 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         one ``requires_grad`` read per param of the group that was left out as frozen)."""
         cache = self._group_cache(group)
         plan = cache.plans.get(_FLAT)
-        if plan is not None and any(p.requires_grad for p in plan.others):
-            raise ValueError(
-                "flat_buffers=True: a param that did not require grad when the optimizer adopted "
-                "its group's params now does; the params of a flat buffer share one step count, "
-                "so a param cannot join it mid-run. Leave the params you will unfreeze out of "
-                "this optimizer's groups and add them as a group of their own when you unfreeze "
-                "them (optimizer.add_param_group), or use flat_buffers=False"
-            )
+        if plan is not None:
+            check_left_out(plan.others)
         if plan is not None and plan.state_version == self._state.version:
-            unsteady = {id(b) for b in plan.buckets if not b.flat.steady()}
-            # O(n), now and then: only for buckets whose O(1) check disagreed.
-            if all(b.flat.all_in_place() for b in plan.buckets if id(b) in unsteady):
-                for bucket in plan.buckets:
-                    bucket.flat.start_step(verified=id(bucket) in unsteady)
+            if steady_step([bucket.flat for bucket in plan.buckets]):
                 self._step_plans.append(plan)
                 return [(bucket, bucket.grads(None)) for bucket in plan.buckets]
         return _Rebuild(group, cache, plan=plan)
@@ -319,7 +328,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         grad, and the group's one step count)."""
         group = rebuild.group
         if self.flat_buffers:
-            adopted = [p for p in group["params"] if p.requires_grad]
+            adopted = adopted_params(group["params"])
             rebuild.active = adopted
             if rebuild.plan is None and all(p.grad is None for p in adopted):
                 return  # no grad yet: nothing to adopt
@@ -334,24 +343,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         if not self.flat_buffers:
             check_unshared(self.state, adopted)
             return
-        elsewhere = {id(q) for g in self.param_groups if g is not group for q in g["params"]}
-        if any(id(p) in elsewhere for p in adopted):
-            raise ValueError(
-                "flat_buffers=True: a param of this group is in another param group too; a "
-                "param lives in one flat buffer, so it can be in one group only (torch.optim "
-                "would step it once per group)"
-            )
-        FlatBuffers.check_steps(adopted, self.state)
-        counted = ["step" in (self.state.get(p) or {}) for p in adopted]
-        if any(counted) and not all(counted):
-            newcomer = adopted[counted.index(False)]
-            raise ValueError(
-                f"flat_buffers=True: {self._describe(newcomer)} has no step count while other "
-                "params of its group have taken steps (it was added to the group's params "
-                "list, its state was deleted, or a loaded state dict had none for it); the "
-                "params of a flat buffer share one step count. Add new params as a group of "
-                "their own (optimizer.add_param_group), or use flat_buffers=False"
-            )
+        check_adoption(adopted, group, self.param_groups, self.state, self._describe)
 
     def _rebuild(self, rebuild: _Rebuild) -> _Work:
         """Rebuild a group's buckets (checked by ``_check_rebuild``): complete the state, and
@@ -379,18 +371,14 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         by_key: dict[tuple, list[int]] = {}
         for i, (p, g) in enumerate(zip(active, grads)):
             shard = local(p)
-            by_key.setdefault((shard.device, p.dtype, g.dtype, _aligned(shard)), []).append(i)
+            by_key.setdefault((shard.device, p.dtype, g.dtype, is_aligned(shard)), []).append(i)
         buckets = []
         for (device, _, _, _), indices in by_key.items():
             params = [active[i] for i in indices]
             backend = resolve_backend(self.backend, device)
             for p in params:
                 self._ensure_state(p, group)
-            cache = None
-            if backend == "triton":
-                from .kernels.multi_tensor import TableCache
-
-                cache = TableCache()
+            cache = TableCache() if backend == "triton" else None
             whole = len(indices) == len(active)
             bucket = Bucket.per_tensor(
                 params, [grads[i] for i in indices], backend, cache, None if whole else indices
@@ -406,53 +394,23 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         group, plan, adopted = rebuild.group, rebuild.plan, rebuild.active
         if plan is None and all(p.grad is None for p in adopted):
             return []  # no grad yet: like torch, a step before any backward changes nothing
-        by_key: dict[tuple, list[torch.Tensor]] = {}
-        for p in adopted:
-            by_key.setdefault((p.device, p.dtype), []).append(p)
-        old = {(b.flat.device, b.flat.dtype): b for b in plan.buckets} if plan else {}
         buckets = []
-        for (device, dtype), params in by_key.items():
-            bucket = old.get((device, dtype))
-            if bucket is None or not bucket.flat.fits(params):
+        for bucket, params in regroup(adopted, plan.buckets if plan else []):
+            if bucket is None:
                 flat = FlatBuffers(params)
-                backend = resolve_backend(self.backend, device)
-                table_cache = None
-                if backend == "triton":
-                    from .kernels.multi_tensor import TableCache
-
-                    table_cache = TableCache()
+                backend = resolve_backend(self.backend, flat.device)
+                cache = TableCache() if backend == "triton" else None
                 bucket = Bucket(
-                    params, flat.launch_params, {}, backend, dtype, table_cache, flat=flat
+                    params, flat.launch_params, {}, backend, flat.dtype, cache, flat=flat
                 )
             for p in params:
                 self._ensure_state(p, group)
             buckets.append(bucket)
-        foreign = sum(bucket.flat.foreign_views() for bucket in buckets)
-        if foreign:
-            logger.warning(
-                "flat_buffers: %d tensors besides the params themselves reference the params' "
-                "storage (views kept by a module, weights tied through a view such as .t(), a "
-                "retained autograd graph, or another owner such as "
-                "ZeroRedundancyOptimizer(parameters_as_bucket_view=True)); the params now move "
-                "into the optimizer's flat buffer and those tensors will not see their updates. "
-                "Tie weights by sharing the Parameter object, or use flat_buffers=False",
-                foreign,
-            )
-        moved = 0
-        for bucket in buckets:
-            moved += self._refresh_state_lists(bucket)
+        warn_foreign_views([bucket.flat for bucket in buckets])
+        moved = sum(self._refresh_state_lists(bucket) for bucket in buckets)
         if plan is not None and moved:
-            log = logger.debug if self._warned_readopt else logger.warning
+            log_readopted(moved, self._warned_readopt)
             self._warned_readopt = True
-            log(
-                "flat_buffers: re-adopted %d params whose grad or data had been replaced since "
-                "the last step, an O(n) pass (by model.zero_grad() or another zero_grad that "
-                "sets grads to None, such as ZeroRedundancyOptimizer's; by "
-                "DDP(gradient_as_bucket_view=True); by backward(create_graph=True)). If it "
-                "happens at every step, use optimizer.zero_grad() and keep the grads in place, "
-                "or flat_buffers=False",
-                moved,
-            )
         others = [p for p in group["params"] if not p.requires_grad]
         rebuild.cache.plans = {_FLAT: _GroupPlan(buckets, self.state.version, others)}
         return buckets
@@ -464,11 +422,8 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         moved = 0
         names = list(self._state_names) + ["master_param"]
         if bucket.flat is not None:
-            flat = bucket.flat
-            moved = flat.adopt(self.state)
-            bucket.state = {name: [flat.state[name]] if name in flat.state else None
-                            for name in names}  # fmt: skip
-            bucket.state["step"] = [flat.step] if flat.step is not None else None
+            moved = bucket.flat.adopt(self.state)
+            bucket.state = bucket.flat.launch_state(names)
         else:
             bucket.state = {name: self._state_list(bucket.params, name) for name in names}
             if bucket.cache is not None:
@@ -494,15 +449,9 @@ class FusedOptimizer(ParamStateRules, Optimizer):
                 plan = cache.plans.get(_FLAT)
             if plan is None:  # not adopted (yet, or any more): torch's semantics
                 zero_grads(group["params"], set_to_none)
-                continue
-            for bucket in plan.buckets:
-                bucket.flat.grad.zero_()
-            if all(b.flat.grads_in_place() for b in plan.buckets):
-                zero_grads(plan.others, set_to_none)
-            else:  # grads replaced from outside: zeroed in place too (the next step re-adopts)
-                adopted = [p for p in group["params"] if p.requires_grad]
-                zero_grads(adopted, set_to_none=False)
-                zero_grads(plan.others, set_to_none)
+            else:
+                flats = [bucket.flat for bucket in plan.buckets]
+                zero_flat_grads(flats, group["params"], plan.others, set_to_none)
 
     def _check_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         """Raise unless ``grad`` (``p``'s) is dense and has ``p``'s shape (before anything
@@ -699,27 +648,6 @@ class FusedOptimizer(ParamStateRules, Optimizer):
     def __repr__(self) -> str:
         text = super().__repr__()
         return text[:-1] + f"backend: {self.backend}\n)"
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    """The kernels' alignment condition (``kernels.multi_tensor.is_aligned``), without
-    importing the kernels (and so Triton) on the torch backend."""
-    return t.data_ptr() % 16 == 0 and t.numel() % 8 == 0
-
-
-def zero_grads(params: Iterable[torch.Tensor], set_to_none: bool) -> None:
-    """``torch.optim.Optimizer.zero_grad``'s treatment of ``params``' grads."""
-    for p in params:
-        if p.grad is None:
-            continue
-        if set_to_none:
-            p.grad = None
-        else:
-            if p.grad.grad_fn is not None:
-                p.grad.detach_()
-            else:
-                p.grad.requires_grad_(False)
-            p.grad.zero_()
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -22,13 +22,11 @@ from typing import Any
 import torch
 
 from .buckets import like_param, local
+from .kernels.multi_tensor import LOW_PRECISION, SUPPORTED_DTYPES
 
 logger = logging.getLogger("fp16_triton.optimizer")  # one logger for the optimizers' notes
 
 __all__ = ["LOW_PRECISION", "SUPPORTED_DTYPES", "ParamStateRules", "check_unshared"]
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class ParamStateRules:

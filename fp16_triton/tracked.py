@@ -6,7 +6,7 @@ built from what these containers held. Users change them between steps as torch.
 (``optimizer.state[p]["exp_avg"] = zeros``, ``del optimizer.state[p]``,
 ``group["params"][0] = q``, ``optimizer.load_state_dict``). Each write advances a version, so
 a step notices any of them with one integer comparison and rebuilds what depends on them,
-instead of reading every entry again (10,000 params cost milliseconds of host time per pass).
+instead of reading every entry again (a host cost linear in the number of params).
 
 Every mutating method is counted, the C-level ones (``update``, ``pop``, ``setdefault``, ...)
 included, since ``dict``'s and ``list``'s C methods do not go through ``__setitem__``. What is

@@ -41,17 +41,17 @@ import triton
 import triton.language as tl
 
 from .common import (
-    LOW_PRECISION,
-    TORCH_TO_TRITON,
+    _increment_steps_kernel,  # noqa: F401 (compiled by this name in tests/gpu_compile.py)
     block_offsets,
+    increment_steps,
     load_grad_and_weight,
+    prepare_step,
     program_chunk,
-    round_to,
+    store_weight,
     tensor_ptr,
     unscale_and_clip_factors,
 )
-from .launch_config import launch_config
-from .multi_tensor import TableCache, check_scalar, device_guard, learning_rate, tables_for
+from .multi_tensor import TableCache
 
 __all__ = ["adam_step", "prepare_adam_step", "increment_steps"]
 
@@ -163,67 +163,7 @@ def _adam_kernel(
             tl.store(max_exp_avg_sq + offsets, v, mask=mask)
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         p = p - step_size * tl.div_rn(m, denom)
-        if HAS_MASTER:
-            tl.store(master + offsets, p, mask=mask)
-        tl.store(param + offsets, round_to(p, PARAM_DTYPE), mask=mask)
-
-
-@triton.jit
-def _increment_steps_kernel(
-    step_ptrs,  # int64 [T]: fp32 one-element step counts
-    n_tensors,  # T
-    found_inf_ptr,  # fp32 scalar: non-zero means the step was skipped (if HAS_FOUND_INF)
-    HAS_FOUND_INF: tl.constexpr,  # read the skip flag
-    BLOCK: tl.constexpr,  # tensors per program
-):
-    """Bytes: 8 per tensor (read and write its fp32 step). A separate launch because the step
-    kernel's programs of one tensor all read its count: none of them may write it."""
-    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    limit = n_tensors
-    if HAS_FOUND_INF:
-        # A skipped step advances nothing. (A limit rather than `mask & flag`: the interpreter
-        # cannot combine a block mask with a scalar boolean.)
-        limit = tl.where(tl.load(found_inf_ptr) == 0, n_tensors, 0)
-    mask = index < limit
-    steps = tl.load(step_ptrs + index, mask=mask, other=0).to(tl.pointer_type(tl.float32))
-    tl.store(steps, tl.load(steps, mask=mask) + 1.0, mask=mask)
-
-
-def increment_steps(
-    step_ptrs: torch.Tensor, n_tensors: int, found_inf: torch.Tensor | None
-) -> None:
-    """Add one to each step count in the address table ``step_ptrs`` unless ``found_inf``."""
-    block = 1024
-    _increment_steps_kernel[(triton.cdiv(n_tensors, block),)](
-        step_ptrs,
-        n_tensors,
-        found_inf if found_inf is not None else step_ptrs,
-        HAS_FOUND_INF=found_inf is not None,
-        BLOCK=block,
-    )
-
-
-def check_step_inputs(params, grads, masters, state_lists, grad_scale, found_inf, norm_sq):
-    """O(1) checks of the dtype combination shared by the step launchers (the per-tensor checks
-    run when tables are rebuilt)."""
-    if len(params) == 0 or len(grads) == 0:
-        raise ValueError("a fused step needs at least one param with a grad; got an empty list")
-    param_dtype, grad_dtype = params[0].dtype, grads[0].dtype
-    if param_dtype not in TORCH_TO_TRITON or grad_dtype not in TORCH_TO_TRITON:
-        raise TypeError(
-            f"params and grads must be float16, bfloat16 or float32, got {param_dtype} params "
-            f"with {grad_dtype} grads"
-        )
-    if masters is not None and param_dtype not in LOW_PRECISION:
-        raise ValueError(
-            f"masters must be None for {param_dtype} params: they are their own master"
-        )
-    for name, lst in state_lists.items():
-        if lst is not None and len(lst) and lst[0].dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {lst[0].dtype}")
-    device = params[0].device
-    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf), ("norm_sq", norm_sq)):
-        check_scalar(name, t, device)
+        store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
 
 
 def prepare_adam_step(
@@ -283,69 +223,15 @@ def prepare_adam_step(
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     state = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps, "masters": masters}
     state["max_exp_avg_sqs"] = max_exp_avg_sqs if amsgrad else None
-    check_step_inputs(params, grads, masters, state, grad_scale, found_inf, norm_sq)
-    device = params[0].device
-    config = launch_config("adam", device)
-    tables = tables_for(
-        ["params", "grads", *state],
-        [params, grads],
-        list(state.values()),
-        config["CHUNK"],
-        cache,
-    )
-    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, step_ptrs, master_ptrs, max_ptrs = (
-        tables.rows
-    )
-    has_clip = norm_sq is not None and max_norm > 0
-    scalar = tables.numels  # any tensor: stands in for absent optional pointers
-    param_dtype, grad_dtype = params[0].dtype, grads[0].dtype
-    n_tensors = len(params)
-    lr_value, lr_tensor = learning_rate(lr, device)
-
-    def launch():
-        with device_guard(device):
-            if tables.n_programs > 0:
-                _adam_kernel[(tables.n_programs,)](
-                    param_ptrs,
-                    grad_ptrs,
-                    master_ptrs,
-                    exp_avg_ptrs,
-                    exp_avg_sq_ptrs,
-                    max_ptrs,
-                    step_ptrs,
-                    tables.numels,
-                    tables.chunk_map,
-                    tables.n_programs,
-                    grad_scale if grad_scale is not None else scalar,
-                    found_inf if found_inf is not None else scalar,
-                    norm_sq if has_clip else scalar,
-                    lr_tensor if lr_tensor is not None else scalar,
-                    float(max_norm),
-                    lr_value,
-                    float(beta1),
-                    float(beta2),
-                    1.0 - float(beta1),
-                    1.0 - float(beta2),
-                    float(eps),
-                    float(weight_decay),
-                    PARAM_DTYPE=TORCH_TO_TRITON[param_dtype],
-                    GRAD_DTYPE=TORCH_TO_TRITON[grad_dtype],
-                    HAS_MASTER=masters is not None,
-                    DECOUPLED=bool(decoupled_weight_decay),
-                    AMSGRAD=bool(amsgrad),
-                    MAXIMIZE=bool(maximize),
-                    HAS_GRAD_SCALE=grad_scale is not None,
-                    HAS_FOUND_INF=found_inf is not None,
-                    HAS_CLIP=has_clip,
-                    LR_ON_DEVICE=lr_tensor is not None,
-                    ALIGNED=tables.aligned,
-                    BLOCK=config["BLOCK"],
-                    CHUNK=config["CHUNK"],
-                    num_warps=config["num_warps"],
-                )
-            increment_steps(step_ptrs, n_tensors, found_inf)
-
-    return launch
+    return prepare_step(
+        _adam_kernel, "adam", params, grads, masters, state,
+        rows=("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
+        hyperparameters=(float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
+                         float(eps), float(weight_decay)),
+        flags=dict(DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad)),
+        count_steps=True, lr=lr, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+        norm_sq=norm_sq, max_norm=max_norm, cache=cache,
+    )  # fmt: skip
 
 
 def adam_step(*args, **kwargs) -> None:

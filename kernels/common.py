@@ -1,16 +1,23 @@
-"""Device-side pieces shared by the kernels: dtypes, widening and rounding, a program's chunk,
-typed pointers from the address tables, and the unscale/clip factors."""
+"""Pieces shared by the step kernels and their launchers: dtypes, widening and rounding, a
+program's chunk, typed pointers from the address tables, the unscale/clip factors, the weight
+store, the step-count increment, and the launchers' shared body (``prepare_step``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch_config import launch_config
+from .multi_tensor import check_step_inputs, device_guard, learning_rate, tables_for
 
 TORCH_TO_TRITON = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
     torch.float32: tl.float32,
 }
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -134,3 +141,124 @@ def load_grad_and_weight(
     if MAXIMIZE:
         g = -g
     return g, p
+
+
+@triton.jit
+def store_weight(
+    param, master, offsets, mask, p, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr
+):
+    """The step kernels' last write: the fp32 weight into the master, if there is one, and
+    rounded to nearest-even into the param."""
+    if HAS_MASTER:
+        tl.store(master + offsets, p, mask=mask)
+    tl.store(param + offsets, round_to(p, PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
+def _increment_steps_kernel(
+    step_ptrs,  # int64 [T]: fp32 one-element step counts
+    n_tensors,  # T
+    found_inf_ptr,  # fp32 scalar: non-zero means the step was skipped (if HAS_FOUND_INF)
+    HAS_FOUND_INF: tl.constexpr,  # read the skip flag
+    BLOCK: tl.constexpr,  # tensors per program
+):
+    """Bytes: 8 per tensor (read and write its fp32 step). A separate launch because the step
+    kernel's programs of one tensor all read its count: none of them may write it."""
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    limit = n_tensors
+    if HAS_FOUND_INF:
+        # A skipped step advances nothing. (A limit rather than `mask & flag`: the interpreter
+        # cannot combine a block mask with a scalar boolean.)
+        limit = tl.where(tl.load(found_inf_ptr) == 0, n_tensors, 0)
+    mask = index < limit
+    steps = tl.load(step_ptrs + index, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    tl.store(steps, tl.load(steps, mask=mask) + 1.0, mask=mask)
+
+
+def increment_steps(
+    step_ptrs: torch.Tensor, n_tensors: int, found_inf: torch.Tensor | None
+) -> None:
+    """Add one to each step count in the address table ``step_ptrs`` unless ``found_inf``."""
+    block = 1024
+    _increment_steps_kernel[(triton.cdiv(n_tensors, block),)](
+        step_ptrs,
+        n_tensors,
+        found_inf if found_inf is not None else step_ptrs,
+        HAS_FOUND_INF=found_inf is not None,
+        BLOCK=block,
+    )
+
+
+def prepare_step(
+    kernel,
+    name: str,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    masters: Sequence[torch.Tensor] | None,
+    state: Mapping[str, Sequence[torch.Tensor] | None],
+    *,
+    rows: Sequence[str],
+    hyperparameters: Sequence[float],
+    flags: Mapping[str, bool],
+    count_steps: bool,
+    lr,
+    maximize: bool,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    norm_sq: torch.Tensor | None,
+    max_norm: float,
+    cache,
+) -> Callable[[], None]:
+    """The step launchers' shared body: check the inputs, build (or reuse) the tables of
+    params, grads and ``state``, and return the launch of ``kernel`` (then of the step-count
+    increment of ``state["steps"]`` if ``count_steps``), configured as ``name`` in
+    ``launch_config``.
+
+    Every step kernel takes the same arguments, but for its own: first the address rows, named
+    by ``rows`` ("params", "grads" or a key of ``state``); then the sizes, the chunk map, the
+    optional scalars, the clipping threshold and the learning rate; then ``hyperparameters``;
+    and the shared flags (dtypes, optional inputs, alignment, block sizes) with its own
+    ``flags``. Absent optional pointers are filled with any tensor: the kernels never read them.
+    """
+    check_step_inputs(params, grads, masters, state, grad_scale, found_inf, norm_sq)
+    device = params[0].device
+    config = launch_config(name, device)
+    names = ["params", "grads", *state]
+    tables = tables_for(names, [params, grads], list(state.values()), config["CHUNK"], cache)
+    by_name = dict(zip(names, tables.rows))
+    has_clip = norm_sq is not None and max_norm > 0
+    scalar = tables.numels
+    lr_value, lr_tensor = learning_rate(lr, device)
+    args = (
+        *(by_name[row] for row in rows),
+        *tables.chunk_args,
+        grad_scale if grad_scale is not None else scalar,
+        found_inf if found_inf is not None else scalar,
+        norm_sq if has_clip else scalar,
+        lr_tensor if lr_tensor is not None else scalar,
+        float(max_norm),
+        lr_value,
+        *hyperparameters,
+    )
+    kwargs = dict(
+        PARAM_DTYPE=TORCH_TO_TRITON[params[0].dtype],
+        GRAD_DTYPE=TORCH_TO_TRITON[grads[0].dtype],
+        HAS_MASTER=masters is not None,
+        MAXIMIZE=bool(maximize),
+        HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None,
+        HAS_CLIP=has_clip,
+        LR_ON_DEVICE=lr_tensor is not None,
+        **tables.options(config),
+        **flags,
+    )
+    n_tensors = len(params)
+
+    def launch():
+        with device_guard(device):
+            if tables.n_programs > 0:
+                kernel[(tables.n_programs,)](*args, **kwargs)
+            if count_steps:
+                increment_steps(by_name["steps"], n_tensors, found_inf)
+
+    return launch

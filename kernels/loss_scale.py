@@ -1,9 +1,9 @@
 """Dynamic loss-scale update in one launch (DeepSpeed's rule, see ``DynamicLossScaler``).
 
 Why a kernel for five scalars: written as torch ops, the device-side update is ~35 tiny kernels
-(one per ``where``, comparison and copy), each costing a few microseconds of host time to
-launch; at one update per step that alone is more host time than the whole flat-buffer
-optimizer step. One program reads the state, decides and writes it back.
+(one per ``where``, comparison and copy), each with its own launch cost in host time, paid at
+every step (figures in ``bench/results/``). One program reads the state, decides and writes it
+back.
 
 Bytes per update: 5 scalars read and written, 4 recorded (~76 bytes): launch-bound, not
 memory-bound.

@@ -14,11 +14,10 @@ number of tensors. torch's own ``multi_tensor_apply`` passes addresses in kernel
 
 Tables are rebuilt only when an address or a size changes. The caching allocator usually hands
 autograd the same addresses step after step, so the steady state costs Python passes over
-``data_ptr()``/``numel()`` of the lists that can move, and no upload. Measured on the 2-core
-dev machine, 10,000 tensors, launches stubbed: ~10 ms of host time per ``FP16Optimizer`` +
-AdamW step (about 0.1 us per attribute read). Optimizers with ``flat_buffers=True``
-(``fp16_triton/flat_buffers.py``) own their grads instead: their tables hold one tensor per
-bucket, and the same step costs ~70-115 us whatever the number of tensors.
+``data_ptr()``/``numel()`` of the lists that can move, and no upload: host time linear in the
+number of tensors. Optimizers with ``flat_buffers=True`` (``fp16_triton/flat_buffers.py``) own
+their grads instead: their tables hold one tensor per bucket, and the step's host time does not
+grow with the number of tensors. Figures for both: ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -30,10 +29,13 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
+    "LOW_PRECISION",
+    "SUPPORTED_DTYPES",
     "LaunchTables",
     "TableCache",
     "TensorList",
     "check_scalar",
+    "check_step_inputs",
     "check_tensor_lists",
     "device_guard",
     "is_aligned",
@@ -101,6 +103,35 @@ def check_scalar(name: str, t: torch.Tensor | None, device: torch.device) -> Non
         )
 
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""The dtypes of params and grads that the optimizers and the kernels accept."""
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+"""The dtypes whose params get an fp32 master."""
+
+
+def check_step_inputs(params, grads, masters, state_lists, grad_scale, found_inf, norm_sq):
+    """O(1) checks of the dtype combination shared by the step launchers (the per-tensor checks
+    run when tables are rebuilt)."""
+    if len(params) == 0 or len(grads) == 0:
+        raise ValueError("a fused step needs at least one param with a grad; got an empty list")
+    param_dtype, grad_dtype = params[0].dtype, grads[0].dtype
+    if param_dtype not in SUPPORTED_DTYPES or grad_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"params and grads must be float16, bfloat16 or float32, got {param_dtype} params "
+            f"with {grad_dtype} grads"
+        )
+    if masters is not None and param_dtype not in LOW_PRECISION:
+        raise ValueError(
+            f"masters must be None for {param_dtype} params: they are their own master"
+        )
+    for name, lst in state_lists.items():
+        if lst is not None and len(lst) and lst[0].dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {lst[0].dtype}")
+    device = params[0].device
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf), ("norm_sq", norm_sq)):
+        check_scalar(name, t, device)
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """Whether ``t``'s elements fill one range of memory, starting at ``data_ptr()``, without
     gaps or overlaps, in any order of dimensions (contiguous, channels_last, a transpose).
@@ -146,8 +177,8 @@ def learning_rate(lr, device: torch.device) -> tuple[float, torch.Tensor | None]
 class TensorList(list):
     """A list of tensors whose owner has read their addresses and sizes this step.
 
-    Reading ``data_ptr()`` or ``numel()`` of every tensor costs about 0.07 us each (0.7 ms at
-    10,000 tensors on the dev machine); an optimizer reads them once per step to check its
+    Reading ``data_ptr()`` or ``numel()`` of every tensor is a host cost linear in the number
+    of tensors (``bench/results/``); an optimizer reads them once per step to check its
     buckets, and the launches of that step (the check pass, the step) reuse them. The owner
     vouches that ``addresses`` and ``numels``, when set, are those of the tensors now.
     """
@@ -192,6 +223,20 @@ class LaunchTables:
 
     def __post_init__(self):
         self.rows = tuple(self.addresses.unbind(0))
+
+    @property
+    def chunk_args(self) -> tuple:
+        """``(numels, chunk_map, n_programs)``: what every table kernel takes after its rows."""
+        return (self.numels, self.chunk_map, self.n_programs)
+
+    def options(self, config: dict[str, int]) -> dict:
+        """The alignment flag, block sizes and warps of a launch over these tables."""
+        return dict(
+            ALIGNED=self.aligned,
+            BLOCK=config["BLOCK"],
+            CHUNK=config["CHUNK"],
+            num_warps=config["num_warps"],
+        )
 
     @staticmethod
     def build(

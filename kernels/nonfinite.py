@@ -35,6 +35,13 @@ __all__ = ["nonfinite_check_and_norm", "check_and_norm_grouped", "unscale_and_ch
 
 
 @triton.jit
+def load_and_flag(grad, offsets, mask, bad, GRAD_DTYPE: tl.constexpr):
+    """A block of grads in fp32, with ``bad`` raised to 1.0 where one is NaN or infinite."""
+    g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
+    return g, tl.maximum(bad, tl.where((g != g) | (tl.abs(g) == float("inf")), 1.0, 0.0))
+
+
+@triton.jit
 def _nonfinite_check_kernel(
     grad_ptrs,  # int64 [T]: address of each grad tensor
     numels,  # int64 [T]: elements in each tensor
@@ -64,8 +71,7 @@ def _nonfinite_check_kernel(
     for i in tl.static_range(0, CHUNK, BLOCK):
         offsets = block_offsets(start, i, BLOCK, ALIGNED)
         mask = offsets < numel
-        g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
-        bad = tl.maximum(bad, tl.where((g != g) | (tl.abs(g) == float("inf")), 1.0, 0.0))
+        g, bad = load_and_flag(grad, offsets, mask, bad, GRAD_DTYPE)
         if COMPUTE_NORM:
             g = g * inv_scale
             sum_sq += g * g
@@ -96,8 +102,7 @@ def _unscale_kernel(
     for i in tl.static_range(0, CHUNK, BLOCK):
         offsets = block_offsets(start, i, BLOCK, ALIGNED)
         mask = offsets < numel
-        g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
-        bad = tl.maximum(bad, tl.where((g != g) | (tl.abs(g) == float("inf")), 1.0, 0.0))
+        g, bad = load_and_flag(grad, offsets, mask, bad, GRAD_DTYPE)
         tl.store(grad + offsets, round_to(g * inv_scale, GRAD_DTYPE), mask=mask)
     if tl.max(bad, axis=0) > 0:
         # Every writer stores the same value, so concurrent stores need no atomics.
@@ -202,9 +207,7 @@ def check_and_norm_grouped(
                 continue
             _nonfinite_check_kernel[(tables.n_programs,)](
                 tables.rows[0],
-                tables.numels,
-                tables.chunk_map,
-                tables.n_programs,
+                *tables.chunk_args,
                 grad_scale if grad_scale is not None else partials,
                 partials,
                 total,
@@ -212,10 +215,7 @@ def check_and_norm_grouped(
                 GRAD_DTYPE=TORCH_TO_TRITON[dtype],
                 HAS_GRAD_SCALE=grad_scale is not None,
                 COMPUTE_NORM=compute_norm,
-                ALIGNED=tables.aligned,
-                BLOCK=config["BLOCK"],
-                CHUNK=config["CHUNK"],
-                num_warps=config["num_warps"],
+                **tables.options(config),
             )
     torch.sum(partials, dim=1, out=out)
     return out
@@ -252,16 +252,11 @@ def unscale_and_check_(
                 continue
             _unscale_kernel[(tables.n_programs,)](
                 tables.rows[0],
-                tables.numels,
-                tables.chunk_map,
-                tables.n_programs,
+                *tables.chunk_args,
                 inv_scale,
                 found_inf,
                 GRAD_DTYPE=TORCH_TO_TRITON[dtype],
-                ALIGNED=tables.aligned,
-                BLOCK=config["BLOCK"],
-                CHUNK=config["CHUNK"],
-                num_warps=config["num_warps"],
+                **tables.options(config),
             )
 
 

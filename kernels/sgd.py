@@ -28,18 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .adam import check_step_inputs, increment_steps
 from .common import (
-    TORCH_TO_TRITON,
     block_offsets,
     load_grad_and_weight,
+    prepare_step,
     program_chunk,
-    round_to,
+    store_weight,
     tensor_ptr,
     unscale_and_clip_factors,
 )
-from .launch_config import launch_config
-from .multi_tensor import TableCache, device_guard, learning_rate, tables_for
+from .multi_tensor import TableCache
 
 __all__ = ["sgd_step", "prepare_sgd_step"]
 
@@ -114,9 +112,7 @@ def _sgd_kernel(
             else:
                 g = buf
         p = p - lr * g
-        if HAS_MASTER:
-            tl.store(master + offsets, p, mask=mask)
-        tl.store(param + offsets, round_to(p, PARAM_DTYPE), mask=mask)
+        store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
 
 
 def prepare_sgd_step(
@@ -154,59 +150,14 @@ def prepare_sgd_step(
     state = {"masters": masters}
     state["momentum_buffers"] = momentum_buffers if has_momentum else None
     state["steps"] = steps if has_momentum else None
-    check_step_inputs(params, grads, masters, state, grad_scale, found_inf, norm_sq)
-    config = launch_config("sgd", params[0].device)
-    tables = tables_for(
-        ["params", "grads", *state], [params, grads], list(state.values()), config["CHUNK"], cache
-    )
-    param_ptrs, grad_ptrs, master_ptrs, buf_ptrs, step_ptrs = tables.rows
-    has_clip = norm_sq is not None and max_norm > 0
-    scalar = tables.numels  # any tensor: stands in for absent optional pointers
-    param_dtype, grad_dtype = params[0].dtype, grads[0].dtype
-    n_tensors = len(params)
-    device = params[0].device
-    lr_value, lr_tensor = learning_rate(lr, device)
-
-    def launch():
-        with device_guard(device):
-            if tables.n_programs > 0:
-                _sgd_kernel[(tables.n_programs,)](
-                    param_ptrs,
-                    grad_ptrs,
-                    master_ptrs,
-                    buf_ptrs,
-                    step_ptrs,
-                    tables.numels,
-                    tables.chunk_map,
-                    tables.n_programs,
-                    grad_scale if grad_scale is not None else scalar,
-                    found_inf if found_inf is not None else scalar,
-                    norm_sq if has_clip else scalar,
-                    lr_tensor if lr_tensor is not None else scalar,
-                    float(max_norm),
-                    lr_value,
-                    float(momentum),
-                    1.0 - float(dampening),
-                    float(weight_decay),
-                    PARAM_DTYPE=TORCH_TO_TRITON[param_dtype],
-                    GRAD_DTYPE=TORCH_TO_TRITON[grad_dtype],
-                    HAS_MASTER=masters is not None,
-                    HAS_MOMENTUM=has_momentum,
-                    NESTEROV=bool(nesterov),
-                    MAXIMIZE=bool(maximize),
-                    HAS_GRAD_SCALE=grad_scale is not None,
-                    HAS_FOUND_INF=found_inf is not None,
-                    HAS_CLIP=has_clip,
-                    LR_ON_DEVICE=lr_tensor is not None,
-                    ALIGNED=tables.aligned,
-                    BLOCK=config["BLOCK"],
-                    CHUNK=config["CHUNK"],
-                    num_warps=config["num_warps"],
-                )
-            if has_momentum:
-                increment_steps(step_ptrs, n_tensors, found_inf)
-
-    return launch
+    return prepare_step(
+        _sgd_kernel, "sgd", params, grads, masters, state,
+        rows=("params", "grads", "masters", "momentum_buffers", "steps"),
+        hyperparameters=(float(momentum), 1.0 - float(dampening), float(weight_decay)),
+        flags=dict(HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov)),
+        count_steps=has_momentum, lr=lr, maximize=maximize, grad_scale=grad_scale,
+        found_inf=found_inf, norm_sq=norm_sq, max_norm=max_norm, cache=cache,
+    )  # fmt: skip
 
 
 def sgd_step(*args, **kwargs) -> None:

@@ -1,5 +1,6 @@
 """Comparisons shared by the tests of what users change between steps (test_user_changes.py,
-test_stateful.py): hyperparameters and state compared by value, copies of hyperparameters."""
+test_stateful.py): hyperparameters and state compared by value, copies of hyperparameters, and
+snapshots of what a refused call must leave as it was."""
 
 from __future__ import annotations
 
@@ -36,3 +37,23 @@ def same_state_value(key, a, b) -> bool:
     if key != "step" and a.shape != b.shape:
         return False
     return a.numel() == b.numel() and torch.equal(a.double().reshape(-1), b.double().reshape(-1))
+
+
+def snapshot(opt, params):
+    """Everything a refused call must leave as it was (values, not tensor identities)."""
+
+    def tensors(d):
+        return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+    return {
+        "params": [p.detach().clone() for p in params],
+        "grads": [None if p.grad is None else p.grad.detach().clone() for p in params],
+        "state": [tensors(opt.state.get(p, {})) for p in params],
+        "groups": [
+            (
+                [id(p) for p in g["params"]],
+                {k: clone_value(v) for k, v in g.items() if k != "params"},
+            )
+            for g in opt.param_groups
+        ],
+    }

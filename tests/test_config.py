@@ -260,6 +260,27 @@ def test_out_of_range_values(raw, message):
         load_config(raw)
 
 
+def test_fp16_bounds_are_those_of_the_loss_scaler():
+    # One fp16 validator (config.parse_fp16) for load_config and get_loss_scaler: the float32
+    # range of the scale, and the same refusal, word for word, from either entry point.
+    from fp16_triton.loss_scaler import get_loss_scaler
+
+    lowest = {"initial_scale_power": -149, "min_loss_scale": 2.0**-149}  # smallest subnormal
+    assert load_config({"fp16": lowest}).fp16.initial_loss_scale == 2.0**-149
+    assert get_loss_scaler(lowest).loss_scale == 2.0**-149
+    for bad in (
+        {"initial_scale_power": -150},
+        {"min_loss_scale": 2.0**17},  # above the initial 2**16
+        {"loss_scale": 1e39},  # inf in float32
+        {"min_loss_scale": 1e-46},  # 0 in float32
+    ):
+        with pytest.raises(ConfigError) as from_config:
+            load_config({"fp16": bad})
+        with pytest.raises(ConfigError) as from_scaler:
+            get_loss_scaler(bad)
+        assert str(from_config.value) == str(from_scaler.value)
+
+
 def test_ints_are_accepted_for_floats():
     cfg = load_config({"fp16": {"loss_scale": 1024, "min_loss_scale": 2}})
     assert cfg.fp16.loss_scale == 1024.0 and isinstance(cfg.fp16.loss_scale, float)

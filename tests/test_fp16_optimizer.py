@@ -139,7 +139,8 @@ def assert_moments_close(actual, expected):
 
 def ds_scales(events, init_scale, scale_window, hysteresis, min_scale=1.0, factor=2.0):
     """DeepSpeed 0.19 ``DynamicLossScaler.update_scale`` in plain Python (see
-    /work/shared/reference-notes.md): the scale after each event (True = overflow)."""
+    deepspeedai/DeepSpeed: ``deepspeed/runtime/fp16/loss_scaler.py``): the scale after each event
+    (True = overflow)."""
     scale, hyst, it, last = init_scale, hysteresis, 0, -1
     out = []
     for overflow in events:

@@ -561,7 +561,7 @@ def test_load_uses_the_saved_hyperparameters(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_refresh_master_weights_after_loading_weights_alone(backend):
+def test_refresh_fp32_params_after_loading_weights_alone(backend):
     params = make_params(torch.float16)
     opt = fp16_triton.AdamW(params, lr=0.01, backend=backend)
     for p, g in zip(params, random_grads(params, 0)):
@@ -570,7 +570,14 @@ def test_refresh_master_weights_after_loading_weights_alone(backend):
     with torch.no_grad():
         for p in params:
             p.fill_(5.0)  # as model.load_state_dict would
-    opt.refresh_master_weights()
+    opt.refresh_fp32_params()
+    for p in params:
+        assert torch.equal(opt.state[p]["master_param"], p.detach().float())
+    with torch.no_grad():
+        for p in params:
+            p.fill_(3.0)
+    with pytest.warns(DeprecationWarning, match="refresh_fp32_params"):
+        opt.refresh_master_weights()  # the old name: still refreshes, and warns
     for p in params:
         assert torch.equal(opt.state[p]["master_param"], p.detach().float())
 

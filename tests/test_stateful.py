@@ -57,7 +57,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-from comparing import clone_value, same_state_value, same_value
+from comparing import clone_value, same_state_value, same_value, snapshot
 from hypothesis import HealthCheck, Phase, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -164,26 +164,6 @@ def fp32_copy(t: torch.Tensor) -> torch.Tensor:
 def index_of(tensors, t) -> int:
     """Position of ``t`` in ``tensors`` by identity (``list.index`` would compare values)."""
     return next(i for i, x in enumerate(tensors) if x is t)
-
-
-def snapshot(opt, params):
-    """What a refused call must leave as it was (values, not tensor identities)."""
-
-    def tensors(d):
-        return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
-
-    return {
-        "params": [p.detach().clone() for p in params],
-        "grads": [None if p.grad is None else p.grad.detach().clone() for p in params],
-        "state": [tensors(opt.state.get(p, {})) for p in params],
-        "groups": [
-            (
-                [id(p) for p in g["params"]],
-                {k: clone_value(v) for k, v in g.items() if k != "params"},
-            )
-            for g in opt.param_groups
-        ],
-    }
 
 
 def assert_unchanged(before, after, flat=False):

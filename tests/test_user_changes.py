@@ -41,7 +41,7 @@ import re
 
 import pytest
 import torch
-from comparing import clone_value, same_state_value, same_value
+from comparing import clone_value, same_state_value, same_value, snapshot
 from torch import nn
 
 import fp16_triton
@@ -188,26 +188,6 @@ class Pair:
                 if isinstance(value, torch.Tensor):
                     saved = ours[index][key].float().reshape(value.shape)  # (step: any shape)
                     assert_close(saved, value.float(), msg=f"{index}/{key}")
-
-
-def snapshot(opt, params):
-    """Everything a refused call must leave as it was (values, not tensor identities)."""
-
-    def tensors(d):
-        return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
-
-    return {
-        "params": [p.detach().clone() for p in params],
-        "grads": [None if p.grad is None else p.grad.detach().clone() for p in params],
-        "state": [tensors(opt.state.get(p, {})) for p in params],
-        "groups": [
-            (
-                [id(p) for p in g["params"]],
-                {k: clone_value(v) for k, v in g.items() if k != "params"},
-            )
-            for g in opt.param_groups
-        ],
-    }
 
 
 def assert_unchanged(before, after):
