@@ -105,13 +105,13 @@ _GUARD_BAD = (float("nan"), float("inf"))  # the read-only check kernel flags an
 
 def _check_sizes(config: dict[str, int]) -> tuple[list[int], list[int]]:
     """(aligned sizes, odd sizes) for a geometry: each set straddles its block and chunk
-    boundaries (one short of and one past each, two chunks and a part block) and holds small
-    tensors (a program each); the first in multiples of 8, for the ALIGNED variant. Few
-    tensors: in Triton's interpreter each program costs milliseconds."""
+    boundaries (one short of and one past each: a last block partly masked, a tail program)
+    and holds small tensors (a program each); the first in multiples of 8, for the ALIGNED
+    variant. Few tensors: in Triton's interpreter a program costs milliseconds per block."""
     block, chunk = int(config["BLOCK"]), int(config["CHUNK"])
-    aligned = {8, block - 8, block + 8, chunk - 8, chunk + 8, 2 * chunk + block - 8}
-    odd = {1, block - 1, block + 1, chunk - 1, chunk + 1, 2 * chunk + block + 3}
-    return sorted(n for n in aligned if n > 0) + [16, 24], sorted(odd) + [3, 5, 7]
+    aligned = {8, block - 8, block + 8, chunk - 8, chunk + 8}
+    odd = {1, block - 1, block + 1, chunk - 1, chunk + 1}
+    return sorted(n for n in aligned if n > 0) + [16], sorted(odd) + [3, 5]
 
 
 def _carve(sizes, dtype, device, values: torch.Tensor, guard=_GUARD_VALUE):
