@@ -154,7 +154,9 @@ def _step_buffers(kernel: str, sizes, device) -> dict:
         "params": _carve(sizes, torch.float16, device, params),
         "grads": _carve(sizes, torch.float16, device, randn()),
         "masters": _carve(sizes, torch.float32, device, masters),
-        "exp_avgs": _carve(sizes, torch.float32, device, randn()),
+        "exp_avgs" if kernel == "adam" else "momentum_buffers": _carve(
+            sizes, torch.float32, device, randn()
+        ),
     }
     if kernel == "adam":
         lists["exp_avg_sqs"] = _carve(sizes, torch.float32, device, randn())
@@ -180,7 +182,7 @@ def _run_step(kernel: str, module, lists: dict, device) -> None:
         )  # fmt: skip
     else:
         module.sgd_step(
-            b["params"], b["grads"], b["exp_avgs"], b["steps"], momentum=_MOMENTUM,
+            b["params"], b["grads"], b["momentum_buffers"], b["steps"], momentum=_MOMENTUM,
             dampening=_DAMPENING, nesterov=True, **kw,
         )  # fmt: skip
 
@@ -202,8 +204,9 @@ def _check_step(kernel: str, sizes, device) -> str | None:
 
 def _grad_groups(config, device, guard, bad_positions=()):
     """fp16 aligned and odd, bf16 odd and fp32 aligned grads (one launch per dtype and
-    alignment): (flat buffers, grads). Values k/64 for integers |k| <= 8 keep every square and
-    partial sum of squares exact in fp32; ``bad_positions`` (index into each tensor, from its
+    alignment): (flat buffers, grads). Values k/64 for integers |k| <= 4 keep every square and
+    partial sum of squares exact in fp32 (multiples of 2**-16 below 2**8 while the grads hold
+    under a million elements); ``bad_positions`` (index into each tensor, from its
     end when negative) hold inf and nan alternately."""
     aligned, odd = _check_sizes(config)
     groups = [(torch.float16, aligned), (torch.float16, odd)]
@@ -213,7 +216,7 @@ def _grad_groups(config, device, guard, bad_positions=()):
         total = sum(sizes) + _GUARD * (len(sizes) + 1)
         gen = torch.Generator().manual_seed(total)
         flat, views = _carve(
-            sizes, dtype, device, torch.randint(-8, 9, (total,), generator=gen) / 64.0, guard
+            sizes, dtype, device, torch.randint(-4, 5, (total,), generator=gen) / 64.0, guard
         )
         for j, (view, pos) in enumerate((v, p) for v in views for p in bad_positions):
             if -view.numel() <= pos < view.numel():
@@ -279,7 +282,7 @@ def check_candidate(kernel: str, config: dict, device) -> str | None:
     Why: a geometry that mis-masks (a block or chunk boundary handled wrongly, programs'
     chunks overlapping, a compiler fault at one block size) would otherwise be timed, picked
     if fast, and silently used for training. Inputs straddle the candidate's own block and
-    chunk boundaries, include many small tensors, run both kernel variants (all tensors
+    chunk boundaries, include small tensors (a program each), run both kernel variants (all tensors
     aligned, and not), and sit between guard elements that must come back untouched (nan and
     inf for the read-only check kernel, so an over-read raises its flag). Step outputs
     (params, masters, moments, step counts, grads) and unscaled grads are compared bit for
