@@ -12,10 +12,10 @@ very same ones, and the seed is printed (in the header with ``-v``, and in the s
 failure can be replayed anywhere with the line's ``FP16_TRITON_HYPOTHESIS_SEED`` and
 ``FP16_TRITON_EXAMPLES_SCALE`` (``print_blob`` also prints each failing example's blob). A forced
 seed makes Hypothesis skip its database, which a fresh clone lacks anyway. CI also runs
-``exploring.CI_SCALE`` times the examples each property asks for, which its time budget allows
-(the suite takes about 12 minutes on the 2-core CI machine). Local runs keep Hypothesis's random
-seed and its database (``.hypothesis/``, ignored by git), so they keep exploring and replay
-their own past failures first.
+``exploring.CI_SCALE`` times the examples each property asks for: one CI run of the whole
+suite has a fixed time budget, while developers rerun single files often and want them quick.
+Local runs keep Hypothesis's random seed and its database (``.hypothesis/``, ignored by git),
+so they keep exploring and replay their own past failures first.
 """
 
 import os
