@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 CI = bool(os.environ.get("CI"))
-CI_SCALE = 2.0
+CI_SCALE = 1.5
 """CI's multiple of the local example counts, sized to the CI run's time budget. Raise it only
 after timing the property-test files under ``CI=1``: examples drawn from a random seed cost
 more, on average, than the few a derandomized profile used to replay."""
