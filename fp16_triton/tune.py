@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -21,6 +22,8 @@ import torch
 from tqdm import tqdm
 
 from .kernels import launch_config as lc
+
+logger = logging.getLogger(__name__)
 
 Timer = Callable[[Callable[[], None]], float]
 """Runs a function repeatedly and returns its median time in ms."""
@@ -89,6 +92,220 @@ def _workloads(device: torch.device, sizes: Sequence[int]) -> dict[str, Callable
     return workloads
 
 
+# --------------------------------------------------------------------------- correctness check
+# Every multiplier is a power of two (or 1 - 2**-7, on values of at most 11 significant bits),
+# so every product the kernels and the reference form is exact, and beta2 = 0 with squared
+# fp16 values in the AMSGrad maxima makes every square root exact (torch's CPU sqrt is not
+# always correctly rounded). Each result is then a chain of single correctly rounded sums and
+# divisions and the rounding to fp16, which no fused multiply-add or division by a reciprocal
+# can change: kernel and reference agree bit for bit on any device, and an element that a
+# geometry misses, updates twice or misplaces shows.
+_LR, _WD, _EPS, _SCALE = 2.0**-4, 2.0**-3, 2.0**-10, 4.0
+_BETA1, _BETA2 = 0.5, 0.0  # step 1: bias corrections 1/2 and 1
+_MOMENTUM, _DAMPENING = 0.5, 0.5
+_GUARD = 8  # elements before each tensor: a multiple of 8 keeps aligned tensors aligned
+_GUARD_VALUE = (12345.0,)  # finite: a stray step or unscale changes it
+_GUARD_BAD = (float("nan"), float("inf"))  # the read-only check kernel flags an over-read
+
+
+def _check_sizes(config: dict[str, int]) -> tuple[list[int], list[int]]:
+    """(aligned sizes, odd sizes) for a geometry: each set straddles its block and chunk
+    boundaries (one short of and one past each: a last block partly masked, a tail program)
+    and holds small tensors (a program each); the first in multiples of 8, for the ALIGNED
+    variant. Few tensors: in Triton's interpreter a program costs milliseconds per block."""
+    block, chunk = int(config["BLOCK"]), int(config["CHUNK"])
+    aligned = {8, block - 8, block + 8, chunk - 8, chunk + 8}
+    odd = {1, block - 1, block + 1, chunk - 1, chunk + 1}
+    return sorted(n for n in aligned if n > 0) + [16], sorted(odd) + [3, 5]
+
+
+def _carve(sizes, dtype, device, values: torch.Tensor, guard=_GUARD_VALUE):
+    """(flat buffer, views of ``sizes`` in it, ``_GUARD`` guard elements before and after
+    each): the views hold ``values`` at their positions, the guards cycle through ``guard``."""
+    total = sum(sizes) + _GUARD * (len(sizes) + 1)
+    flat = torch.tensor(guard).repeat(total // len(guard) + 1)[:total].to(device, dtype)
+    views, offset = [], _GUARD
+    for n in sizes:
+        views.append(flat[offset : offset + n])
+        views[-1].copy_(values[offset : offset + n])
+        offset += n + _GUARD
+    return flat, views
+
+
+def _differs(name: str, got: torch.Tensor, want: torch.Tensor) -> str | None:
+    """None if ``got`` and ``want`` are equal bit for bit (NaNs with any payload equal)."""
+    ints = {2: torch.int16, 4: torch.int32}[got.element_size()]
+    differ = (got.view(ints) != want.view(ints)) & ~(torch.isnan(got) & torch.isnan(want))
+    if not differ.any():
+        return None
+    i = int(differ.nonzero()[0])
+    return (
+        f"{name}: {int(differ.sum())} of {got.numel()} elements (guards included) differ "
+        f"from the reference, first at {i}: {got[i].item()!r} vs {want[i].item()!r}"
+    )
+
+
+def _step_buffers(kernel: str, sizes, device) -> dict:
+    """A step kernel's scratch lists as guarded buffers. Params and masters hold at most 11
+    significant bits (fp16 values), so the decay's product stays exact, and the AMSGrad maxima
+    squares of such values; every 7th master is not its param's rounding (a param written
+    since the last step, from which the kernels then start)."""
+    total = sum(sizes) + _GUARD * (len(sizes) + 1)
+    gen = torch.Generator().manual_seed(total)
+    randn = lambda: torch.randn(total, generator=gen)  # noqa: E731
+    params = randn().half().float()
+    masters = torch.where(torch.arange(total) % 7 == 3, 2 * params, params)
+    lists = {
+        "params": _carve(sizes, torch.float16, device, params),
+        "grads": _carve(sizes, torch.float16, device, randn()),
+        "masters": _carve(sizes, torch.float32, device, masters),
+        "exp_avgs" if kernel == "adam" else "momentum_buffers": _carve(
+            sizes, torch.float32, device, randn()
+        ),
+    }
+    if kernel == "adam":
+        lists["exp_avg_sqs"] = _carve(sizes, torch.float32, device, randn())
+        squares = randn().half().float().square()
+        lists["max_exp_avg_sqs"] = _carve(sizes, torch.float32, device, squares)
+    # Adam at step 1 (bias corrections 1/2 and 1); SGD's first step and a later one alternate.
+    steps = [2.0 * (i % 2) if kernel == "sgd" else 0.0 for i in range(len(sizes))]
+    lists["steps"] = (None, [torch.full((), s, device=device) for s in steps])
+    return lists
+
+
+def _run_step(kernel: str, module, lists: dict, device) -> None:
+    b = {name: views for name, (_, views) in lists.items()}
+    scalar = lambda x: torch.full((), x, dtype=torch.float32, device=device)  # noqa: E731
+    # found_inf 0 and a clip coefficient of exactly 1 take FP16Optimizer's branches exactly.
+    kw = dict(masters=b["masters"], lr=_LR, weight_decay=_WD, grad_scale=scalar(_SCALE))
+    kw.update(found_inf=scalar(0.0), norm_sq=scalar(1.0), max_norm=1e30)
+    if kernel == "adam":
+        module.adam_step(
+            b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["steps"],
+            max_exp_avg_sqs=b["max_exp_avg_sqs"], beta1=_BETA1, beta2=_BETA2, eps=_EPS,
+            decoupled_weight_decay=True, amsgrad=True, **kw,
+        )  # fmt: skip
+    else:
+        module.sgd_step(
+            b["params"], b["grads"], b["momentum_buffers"], b["steps"], momentum=_MOMENTUM,
+            dampening=_DAMPENING, nesterov=True, **kw,
+        )  # fmt: skip
+
+
+def _check_step(kernel: str, sizes, device) -> str | None:
+    from .kernels import adam, reference, sgd
+
+    ours, theirs = _step_buffers(kernel, sizes, device), _step_buffers(kernel, sizes, device)
+    _run_step(kernel, adam if kernel == "adam" else sgd, ours, device)
+    _run_step(kernel, reference, theirs, device)
+    for name, (flat, views) in ours.items():
+        got = flat if flat is not None else torch.stack(views)
+        want = theirs[name][0] if flat is not None else torch.stack(theirs[name][1])
+        problem = _differs(name, got.cpu(), want.cpu())
+        if problem:
+            return problem
+    return None
+
+
+def _grad_groups(config, device, guard, bad_positions=()):
+    """fp16 aligned and odd, bf16 odd and fp32 aligned grads (one launch per dtype and
+    alignment): (flat buffers, grads). Values k/64 for integers |k| <= 4 keep every square and
+    partial sum of squares exact in fp32 (multiples of 2**-16 below 2**8 while the grads hold
+    under a million elements); ``bad_positions`` (index into each tensor, from its
+    end when negative) hold inf and nan alternately."""
+    aligned, odd = _check_sizes(config)
+    groups = [(torch.float16, aligned), (torch.float16, odd)]
+    groups += [(torch.bfloat16, odd), (torch.float32, aligned)]
+    flats, grads = [], []
+    for dtype, sizes in groups:
+        total = sum(sizes) + _GUARD * (len(sizes) + 1)
+        gen = torch.Generator().manual_seed(total)
+        flat, views = _carve(
+            sizes, dtype, device, torch.randint(-4, 5, (total,), generator=gen) / 64.0, guard
+        )
+        for j, (view, pos) in enumerate((v, p) for v in views for p in bad_positions):
+            if -view.numel() <= pos < view.numel():
+                view[pos] = _GUARD_BAD[j % 2]
+        flats.append(flat)
+        grads += views
+    return flats, grads
+
+
+def _check_grads(kernel: str, config, device) -> str | None:
+    from .kernels import nonfinite, reference
+
+    scale = torch.full((), _SCALE, device=device)
+    if kernel == "unscale":
+        for bad in ((), (-1,)):  # clean, then an inf or nan at every tensor's last element
+            runs = []
+            for module in (nonfinite, reference):
+                flats, grads = _grad_groups(config, device, _GUARD_VALUE, bad)
+                found = torch.zeros((), device=device)
+                module.unscale_and_check_(grads, found, 1.0 / scale)
+                runs.append((flats, found))
+            (ours, found), (theirs, ref_found) = runs
+            for flat, want in zip(ours, theirs):
+                problem = _differs(f"unscaled {flat.dtype} grads", flat.cpu(), want.cpu())
+                if problem:
+                    return problem
+            if found.item() != ref_found.item():
+                return f"found_inf {found.item()} where the reference has {ref_found.item()}"
+        return None
+    chunk = int(config["CHUNK"])
+    # Clean grads (over-reads of the nan/inf guards would raise the flag), then non-finite
+    # values at tails and at the first element of a tensor's second chunk.
+    for bad in ((), (-1, chunk)):
+        _, grads = _grad_groups(config, device, _GUARD_BAD, bad)
+        got = nonfinite.nonfinite_check_and_norm(grads, grad_scale=scale).cpu().double()
+        want = reference.nonfinite_check_and_norm(grads, grad_scale=scale).cpu().double()
+        holding = sum(  # (tensor, chunk) pairs holding a non-finite value: one flag each
+            len({int(i) // chunk for i in (~torch.isfinite(g.float())).nonzero()}) for g in grads
+        )
+        if got[1] != holding or (want[1] != 0) != (holding != 0):
+            return (
+                f"non-finite count {got[1].item()} where {holding} chunks hold one "
+                f"(reference flag {want[1].item()})"
+            )
+        if bad:
+            continue
+        exact = sum(((g.cpu().double() / _SCALE) ** 2).sum() for g in grads).item()
+        # The reference rounds each tensor's norm (sqrt) and its square, and sums the squares
+        # in fp32: within (len(grads) + 3) * 2**-24 of the exact sum of non-negative terms.
+        slack = (len(grads) + 3) * 2.0**-24 * exact
+        if got[0].item() != exact or abs(got[0].item() - want[0].item()) > slack:
+            return (
+                f"squared norm {got[0].item()!r}: the exact sum is {exact!r}, the reference "
+                f"{want[0].item()!r} (allowed {slack:.3g} from it)"
+            )
+    return None
+
+
+def check_candidate(kernel: str, config: dict, device) -> str | None:
+    """None if ``kernel`` under launch configuration ``config`` gives the pure-torch
+    reference's results (``kernels/reference.py``) on scratch tensors; else what differs.
+
+    Why: a geometry that mis-masks (a block or chunk boundary handled wrongly, programs'
+    chunks overlapping, a compiler fault at one block size) would otherwise be timed, picked
+    if fast, and silently used for training. Inputs straddle the candidate's own block and
+    chunk boundaries, include small tensors (a program each), run both kernel variants (all tensors
+    aligned, and not), and sit between guard elements that must come back untouched (nan and
+    inf for the read-only check kernel, so an over-read raises its flag). Step outputs
+    (params, masters, moments, step counts, grads) and unscaled grads are compared bit for
+    bit; the squared norm must be the exact sum (every partial sum is exact here) and within
+    the reference's own roundings of it; the non-finite count must be the number of
+    (tensor, chunk) pairs holding an inf or nan. A launch that raises is refused too.
+    """
+    device = torch.device(device)
+    try:
+        with lc.override(kernel, config):
+            if kernel in ("adam", "sgd"):
+                aligned, odd = _check_sizes(config)
+                return _check_step(kernel, aligned, device) or _check_step(kernel, odd, device)
+            return _check_grads(kernel, config, device)
+    except Exception as e:  # a candidate that cannot even launch is refused, not fatal
+        return f"launch failed: {type(e).__name__}: {e}"
+
+
 def tune(
     device: torch.device | str = "cuda",
     kernels: Sequence[str] | None = None,
@@ -97,8 +314,11 @@ def tune(
     timer: Timer | None = None,
     progress: bool = True,
 ) -> dict[str, dict]:
-    """Time every candidate configuration of every kernel; return
-    ``{kernel: {"config": best, "ms": its median, "trials": [(config, ms), ...]}}``."""
+    """Check, then time, every candidate configuration of every kernel; return
+    ``{kernel: {"config": best, "ms": its median, "trials": [(config, ms), ...],
+    "refused": [(config, why), ...]}}``. A candidate whose results differ from the pure-torch
+    reference (``check_candidate``) is never timed, so it can never be picked; a kernel whose
+    every candidate is refused is left out (it keeps the shipped or default configuration)."""
     from .kernels.multi_tensor import TableCache
 
     device = torch.device(device)
@@ -109,15 +329,24 @@ def tune(
     bar = tqdm(total=len(kernels) * len(candidates), desc="tune", disable=not progress)
     for kernel in kernels:
         prepare = workloads[kernel]()
-        trials = []
+        trials, refused = [], []
         for config in candidates:
+            problem = check_candidate(kernel, config, device)
+            if problem is not None:
+                logger.warning("refusing %s config %r: %s", kernel, dict(config), problem)
+                refused.append((dict(config), problem))
+                bar.update()
+                continue
             with lc.override(kernel, config):
                 launch = prepare(TableCache())  # tables built here, outside the timing
                 launch()
                 trials.append((dict(config), timer(launch)))
             bar.update()
+        if not trials:  # nothing usable: keep whatever launch_config resolves to now
+            logger.error("every %s candidate was refused; %s is left untuned", kernel, kernel)
+            continue
         best, best_ms = min(trials, key=lambda t: t[1])
-        results[kernel] = {"config": best, "ms": best_ms, "trials": trials}
+        results[kernel] = {"config": best, "ms": best_ms, "trials": trials, "refused": refused}
     bar.close()
     return results
 

@@ -32,6 +32,7 @@ import sys
 
 import pytest
 import torch
+from exploring import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -197,7 +198,7 @@ def test_flat_trajectory_is_bitwise_equal_to_per_tensor(backend, case, precision
     assert all(not torch.equal(p, s) for p, s in zip(runs[True]["params"], start))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(
     sizes=st.lists(st.integers(1, 150), min_size=1, max_size=6),
     dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),

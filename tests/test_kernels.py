@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from exploring import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -246,7 +247,7 @@ def grad_list_st(draw):
 # ----------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=examples(30), **SETTINGS)
 @given(
     spec=grad_list_st(),
     grad_scale=st.one_of(st.none(), scale_st),
@@ -351,7 +352,7 @@ def check_unscaled(out: torch.Tensor, g_in: torch.Tensor, inv_scale: torch.Tenso
     assert torch.equal(out[~finite & ~torch.isnan(g_in)], g_in[~finite & ~torch.isnan(g_in)]), what
 
 
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=examples(30), **SETTINGS)
 @given(
     spec=grad_list_st(),
     inv_scale=scale_st,
@@ -689,7 +690,7 @@ def run_adam(fn, params, grads, m, v, steps, masters, vmax, hp, case, extras, ca
     )
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=examples(25), **SETTINGS)
 @given(case=step_case_st(), hp=adam_hp_st)
 def test_adam_step(case, hp):
     gen = generator(case["seed"])
@@ -838,7 +839,7 @@ def run_sgd(fn, params, grads, bufs, steps, masters, hp, case, extras, cache=Non
     )
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=examples(25), **SETTINGS)
 @given(case=step_case_st(), hp=sgd_hp_st)
 def test_sgd_step(case, hp):
     gen = generator(case["seed"])
@@ -917,7 +918,7 @@ def test_sgd_first_step_takes_the_grad_and_a_skip_does_not_consume_it():
 # ----------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=15, **SETTINGS)
+@settings(max_examples=examples(15), **SETTINGS)
 @given(case=step_case_st(), hp=adam_hp_st, flag=st.sampled_from([1.0, 2.0]))
 def test_adam_skip_changes_nothing(case, hp, flag):
     gen = generator(case["seed"])
@@ -937,7 +938,7 @@ def test_adam_skip_changes_nothing(case, hp, flag):
     assert found_inf.item() == flag
 
 
-@settings(max_examples=15, **SETTINGS)
+@settings(max_examples=examples(15), **SETTINGS)
 @given(case=step_case_st(), hp=sgd_hp_st, flag=st.sampled_from([1.0, 2.0]))
 def test_sgd_skip_changes_nothing(case, hp, flag):
     gen = generator(case["seed"])

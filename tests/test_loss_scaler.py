@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+from exploring import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -156,7 +157,9 @@ def flag_tensor(overflow, kind):
     return torch.tensor([[int(overflow)]], dtype=torch.int32)
 
 
-PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @PROPERTY
@@ -201,7 +204,7 @@ def triton_backend():
 
 
 # Fewer examples: each update is one interpreted launch (~1 ms).
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configs(), seq=sequences())
 def test_tensor_path_on_the_triton_kernel_matches_model(cfg, seq):
     # The one-launch kernel (kernels/loss_scale.py) must follow the model exactly too: the

@@ -42,8 +42,8 @@ What "agree" means:
 
 Run time: 20 runs of at most 40 rules per TestCase (a run averages 4-8 optimizer steps): a
 passing Triton TestCase takes 4-5 s on the 2-core dev machine, the torch ones under 1 s, so the
-file takes about a minute when everything passes (imports included); under CI the runs are the
-derandomized "ci" profile's (conftest.py). FP16_TRITON_STATEFUL_EXAMPLES and
+file takes about a minute when everything passes (imports included); under CI the runs are
+``exploring.examples(20)`` on the commit's seed (conftest.py). FP16_TRITON_STATEFUL_EXAMPLES and
 FP16_TRITON_STATEFUL_STEPS explore more; FP16_TRITON_STATEFUL_SHRINK=1 shrinks a failing run
 to a minimal one (it replays the run hundreds of times: minutes with Triton steps), otherwise
 the failing run is reported as found.
@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 import torch
 from comparing import clone_value, same_state_value, same_value, snapshot
+from exploring import examples
 from hypothesis import HealthCheck, Phase, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -72,7 +73,7 @@ LOW = (torch.float16, torch.bfloat16)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CLEAR_ERRORS = (ValueError, RuntimeError, TypeError)
 
-EXAMPLES = int(os.environ.get("FP16_TRITON_STATEFUL_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("FP16_TRITON_STATEFUL_EXAMPLES", examples(20)))
 STEPS = int(os.environ.get("FP16_TRITON_STATEFUL_STEPS", "40"))
 SHRINK = os.environ.get("FP16_TRITON_STATEFUL_SHRINK", "0") != "0"  # see the module docstring
 SETTINGS = settings(

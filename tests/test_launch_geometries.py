@@ -1,0 +1,180 @@
+"""Every launch geometry the package can use gives the pure-torch reference's results.
+
+The geometries are the tuner's ``CANDIDATES`` and every configuration in the shipped
+``kernels/configs/*.json``, for every kernel in ``KERNELS``; each is run through
+``fp16_triton.tune.check_candidate``, the check ``fp16-triton tune`` applies before timing a
+candidate, against ``kernels/reference.py`` on tensors sized around the geometry's own block
+and chunk boundaries, separated by guard elements that must come back untouched.
+
+Tolerances (see ``check_candidate``): step outputs (params, masters, moments, step counts,
+grads) and unscaled grads bitwise, since the inputs keep every product exact, so each value is
+a chain of single correctly rounded operations in the same order on both sides; the squared
+norm exactly equal to the float64 sum (every partial sum of those inputs is exact in fp32, in
+any order), and within ``(tensors + 3) * 2**-24`` of it relative for the reference, which
+rounds each tensor's norm, its square and their fp32 sum.
+
+Without a GPU the kernels run in Triton's interpreter, which ignores ``num_warps``: candidates
+that differ only by it are one computation there and are checked once (the test below that
+lists the geometries says which); on a GPU every candidate is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from fp16_triton import tune
+from fp16_triton.kernels import adam, nonfinite, sgd
+from fp16_triton.kernels import launch_config as lc
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+# The interpreter computes with numpy, which warns on the inf/nan the check kernel is fed.
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+
+def shipped_configs() -> list[dict[str, int]]:
+    configs = []
+    for path in sorted(lc.SHIPPED_DIR.glob("*.json")):
+        configs += json.loads(path.read_text())["configs"].values()
+    return configs
+
+
+def geometry_key(config) -> tuple[int, ...]:
+    key = (int(config["BLOCK"]), int(config["CHUNK"]))
+    return key + ((int(config["num_warps"]),) if ON_GPU else ())
+
+
+def geometries() -> list[dict[str, int]]:
+    """Candidates and shipped configurations, one per distinct computation on this device."""
+    unique = {}
+    for config in [*lc.CANDIDATES, *shipped_configs(), *lc.DEFAULT_CONFIGS.values()]:
+        unique.setdefault(geometry_key(config), dict(config))
+    return list(unique.values())
+
+
+GEOMETRIES = geometries()
+# Deliberately wrong: CHUNK is not a multiple of BLOCK, so a program's blocks run past its
+# chunk into the next program's, and those elements are updated (or counted) twice.
+OVERLAPPING = [
+    {"BLOCK": 512, "CHUNK": 768, "num_warps": 4},
+    {"BLOCK": 1024, "CHUNK": 512, "num_warps": 4},
+]
+
+
+def test_every_candidate_and_shipped_config_is_checked():
+    checked = {geometry_key(c) for c in GEOMETRIES}
+    for config in [*lc.CANDIDATES, *shipped_configs()]:
+        assert geometry_key(config) in checked
+    assert len(lc.CANDIDATES) >= len(GEOMETRIES) >= 9  # 3 block sizes x 3 chunk multiples
+
+
+@pytest.mark.parametrize("kernel", lc.KERNELS)
+@pytest.mark.parametrize(
+    "config", GEOMETRIES, ids=lambda c: f"B{c['BLOCK']}-C{c['CHUNK']}-w{c['num_warps']}"
+)
+def test_geometry_gives_the_reference_results(kernel, config):
+    assert tune.check_candidate(kernel, config, DEVICE) is None
+
+
+@pytest.mark.parametrize("kernel", lc.KERNELS)
+@pytest.mark.parametrize("config", OVERLAPPING, ids=["chunk-not-multiple", "chunk-below-block"])
+def test_overlapping_chunks_are_refused(kernel, config):
+    problem = tune.check_candidate(kernel, config, DEVICE)
+    assert problem is not None
+    assert ("differ" in problem) or ("squared norm" in problem), problem
+
+
+def _hide_last_element(kernel, monkeypatch):
+    """Patch ``kernel``'s launcher so that the last element of its largest tensor is neither
+    read nor written: the symptom of a mask one element short at a tensor's end."""
+
+    def largest(tensors):
+        return max(tensors, key=torch.Tensor.numel)
+
+    if kernel == "nonfinite_check":
+        real = nonfinite.nonfinite_check_and_norm
+
+        def patched(grads, **kwargs):
+            t = largest(grads)
+            kept = t[-1].clone()
+            t[-1] = 0.0
+            try:
+                return real(grads, **kwargs)
+            finally:
+                t[-1] = kept
+
+        monkeypatch.setattr(nonfinite, "nonfinite_check_and_norm", patched)
+        return
+    module, name = {
+        "unscale": (nonfinite, "unscale_and_check_"),
+        "adam": (adam, "adam_step"),
+        "sgd": (sgd, "sgd_step"),
+    }[kernel]
+    real = getattr(module, name)
+
+    def patched(first, *args, **kwargs):
+        t = largest(first)
+        kept = t[-1].clone()
+        real(first, *args, **kwargs)
+        t[-1] = kept
+
+    monkeypatch.setattr(module, name, patched)
+
+
+@pytest.mark.parametrize("kernel", lc.KERNELS)
+def test_check_sees_one_missed_element(kernel, monkeypatch):
+    """The check is not vacuous: one element short at a tensor's end is enough to refuse."""
+    config = {"BLOCK": 512, "CHUNK": 1024, "num_warps": 4}
+    assert tune.check_candidate(kernel, config, DEVICE) is None
+    _hide_last_element(kernel, monkeypatch)
+    assert tune.check_candidate(kernel, config, DEVICE) is not None
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(lc.CACHE_ENV, str(tmp_path / "cache"))
+    lc.reload()
+    yield
+    lc.reload()
+
+
+GOOD = [{"BLOCK": 512, "CHUNK": 512, "num_warps": 4}, {"BLOCK": 512, "CHUNK": 1024, "num_warps": 4}]
+SIZES = (1500, 7)  # the tuner's own scratch sizes, kept small for the interpreter
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_tune_refuses_a_candidate_that_differs_and_never_times_it(caplog):
+    timed = []
+
+    def timer(fn):
+        """Fake timings: the wrong geometry would be the fastest by far."""
+        fn()
+        config = lc.launch_config("adam", DEVICE)
+        timed.append(config)
+        return 0.1 if config == OVERLAPPING[0] else 1.0 + len(timed)
+
+    candidates = [GOOD[0], OVERLAPPING[0], GOOD[1]]
+    with caplog.at_level(logging.WARNING, logger="fp16_triton.tune"):
+        results = tune.tune(DEVICE, ["adam"], SIZES, candidates, timer=timer, progress=False)
+    assert timed == GOOD  # the refused candidate was never timed
+    assert results["adam"]["config"] == GOOD[0]
+    [(refused, why)] = results["adam"]["refused"]
+    assert refused == OVERLAPPING[0] and "differ" in why
+    assert "refusing adam config" in caplog.text
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_tune_leaves_a_kernel_untuned_when_every_candidate_is_refused(caplog):
+    def timer(fn):
+        raise AssertionError("a refused candidate was timed")
+
+    results = tune.tune(DEVICE, ["sgd"], SIZES, OVERLAPPING, timer=timer, progress=False)
+    assert "sgd" not in results
+    assert "every sgd candidate was refused" in caplog.text
+    tune.save(results, DEVICE)
+    assert lc.launch_config("sgd", DEVICE) == lc.DEFAULT_CONFIGS["sgd"]
