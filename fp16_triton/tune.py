@@ -93,16 +93,7 @@ def _workloads(device: torch.device, sizes: Sequence[int]) -> dict[str, Callable
 
 
 # --------------------------------------------------------------------------- correctness check
-# Every multiplier is a power of two (or 1 - 2**-7, on values of at most 11 significant bits),
-# so every product the kernels and the reference form is exact, and beta2 = 0 with squared
-# fp16 values in the AMSGrad maxima makes every square root exact (torch's CPU sqrt is not
-# always correctly rounded). Each result is then a chain of single correctly rounded sums and
-# divisions and the rounding to fp16, which no fused multiply-add or division by a reciprocal
-# can change: kernel and reference agree bit for bit on any device, and an element that a
-# geometry misses, updates twice or misplaces shows.
-_LR, _WD, _EPS, _SCALE = 2.0**-4, 2.0**-3, 2.0**-10, 4.0
-_BETA1, _BETA2 = 0.5, 0.0  # step 1: bias corrections 1/2 and 1
-_MOMENTUM, _DAMPENING = 0.5, 0.5
+_SCALE = 4.0  # the loss scale of the grad checks (a power of two: unscaling is exact)
 _GUARD = 8  # elements before each tensor: a multiple of 8 keeps aligned tensors aligned
 _GUARD_VALUE = (12345.0,)  # finite: a stray step or unscale changes it
 _GUARD_BAD = (float("nan"), float("inf"))  # the read-only check kernel flags an over-read
@@ -145,65 +136,104 @@ def _differs(name: str, got: torch.Tensor, want: torch.Tensor) -> str | None:
     )
 
 
-def _step_buffers(kernel: str, sizes, device) -> dict:
-    """A step kernel's scratch lists as guarded buffers. Params and masters hold at most 11
-    significant bits (fp16 values), so the decay's product stays exact, and the AMSGrad maxima
-    squares of such values; every 7th master is not its param's rounding (a param written
-    since the last step, from which the kernels then start)."""
-    total = sum(sizes) + _GUARD * (len(sizes) + 1)
-    gen = torch.Generator().manual_seed(total)
-    randn = lambda: torch.randn(total, generator=gen)  # noqa: E731
-    params = randn().half().float()
-    masters = torch.where(torch.arange(total) % 7 == 3, 2 * params, params)
-    lists = {
-        "params": _carve(sizes, torch.float16, device, params),
-        "grads": _carve(sizes, torch.float16, device, randn()),
-        "masters": _carve(sizes, torch.float32, device, masters),
-        "exp_avgs" if kernel == "adam" else "momentum_buffers": _carve(
-            sizes, torch.float32, device, randn()
-        ),
-    }
-    if kernel == "adam":
-        lists["exp_avg_sqs"] = _carve(sizes, torch.float32, device, randn())
-        squares = randn().half().float().square()
-        lists["max_exp_avg_sqs"] = _carve(sizes, torch.float32, device, squares)
-    # Adam at step 1 (bias corrections 1/2 and 1); SGD's first step and a later one alternate.
-    steps = [2.0 * (i % 2) if kernel == "sgd" else 0.0 for i in range(len(sizes))]
-    lists["steps"] = (None, [torch.full((), s, device=device) for s in steps])
-    return lists
+def _tensors_of(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for y in x for t in _tensors_of(y)]
+    if isinstance(x, dict):
+        return [t for y in x.values() for t in _tensors_of(y)]
+    return []
 
 
-def _run_step(kernel: str, module, lists: dict, device) -> None:
-    b = {name: views for name, (_, views) in lists.items()}
-    scalar = lambda x: torch.full((), x, dtype=torch.float32, device=device)  # noqa: E731
-    # found_inf 0 and a clip coefficient of exactly 1 take FP16Optimizer's branches exactly.
-    kw = dict(masters=b["masters"], lr=_LR, weight_decay=_WD, grad_scale=scalar(_SCALE))
-    kw.update(found_inf=scalar(0.0), norm_sq=scalar(1.0), max_norm=1e30)
-    if kernel == "adam":
-        module.adam_step(
-            b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["steps"],
-            max_exp_avg_sqs=b["max_exp_avg_sqs"], beta1=_BETA1, beta2=_BETA2, eps=_EPS,
-            decoupled_weight_decay=True, amsgrad=True, **kw,
-        )  # fmt: skip
-    else:
-        module.sgd_step(
-            b["params"], b["grads"], b["momentum_buffers"], b["steps"], momentum=_MOMENTUM,
-            dampening=_DAMPENING, nesterov=True, **kw,
-        )  # fmt: skip
+def _guarded_example(algorithm, sizes, device):
+    """``(args, kwargs, buffers)``: the algorithm's example inputs (``Algorithm.example``, fp16
+    params, a fixed seed) with every per-element tensor list moved into views of one buffer,
+    ``_GUARD`` guard elements before and after each tensor, and lr 2**-4 (a visible step)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sum(sizes))
+        args, kwargs = algorithm.example(sizes, "cpu", torch.float16)
+    buffers = []
+
+    def place(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        if not (isinstance(x, list) and x and all(isinstance(t, torch.Tensor) for t in x)):
+            return x
+        if x[0].dim() == 0:  # step counts
+            return [t.to(device) for t in x]
+        total = sum(t.numel() for t in x) + _GUARD * (len(x) + 1)
+        flat = torch.full((total,), _GUARD_VALUE[0], dtype=x[0].dtype, device=device)
+        views, offset = [], _GUARD
+        for t in x:
+            views.append(flat[offset : offset + t.numel()].view(t.shape))
+            views[-1].copy_(t)
+            offset += t.numel() + _GUARD
+        buffers.append(flat)
+        return views
+
+    args = tuple(place(a) for a in args)
+    kwargs = {k: place(v) for k, v in kwargs.items()}
+    kwargs["lr"] = 2.0**-4
+    return args, kwargs, buffers
 
 
-def _check_step(kernel: str, sizes, device) -> str | None:
-    from .kernels import adam, reference, sgd
+def _check_algorithm(algorithm, config, device) -> str | None:
+    """A step kernel under ``config`` against the same kernel under ``DEFAULT_CONFIG`` (bit
+    for bit, guards included: every element's arithmetic is the same whatever the geometry,
+    so any difference is an element missed, updated twice or misplaced) and against the
+    algorithm's pure-torch reference (within ``rtol`` 2**-9: kernel and reference may differ
+    by an fp32 ulp where the kernel fuses a multiply-add, which can move a rounding to fp16 by
+    one fp16 ulp, 2**-10 relative; a missed or doubled step moves a value by lr x O(1))."""
+    for sizes in _check_sizes(config):
+        runs = []
+        for geometry in (config, lc.DEFAULT_CONFIG, None):
+            args, kwargs, buffers = _guarded_example(algorithm, sizes, device)
+            if geometry is None:
+                algorithm.run_reference(*args, **kwargs)
+            else:
+                with lc.override(algorithm.name, geometry):
+                    algorithm.prepare(*args, **kwargs)()
+            scalars = [t for t in _tensors_of((args, kwargs)) if t.dim() == 0]
+            runs.append([t.detach().cpu() for t in buffers + scalars])
+        candidate, default, reference = runs
+        for index, (got, want) in enumerate(zip(candidate, default)):
+            problem = _differs(f"{algorithm.name} list {index}", got, want)
+            if problem:
+                return problem.replace("the reference", "the default geometry")
+        for index, (got, want) in enumerate(zip(candidate, reference)):
+            close = torch.isclose(got.float(), want.float(), rtol=2.0**-9, atol=2.0**-20)
+            if not close.all():
+                at = int((~close).nonzero()[0])
+                return (
+                    f"{algorithm.name} list {index}: {int((~close).sum())} elements differ "
+                    f"from the reference beyond rtol 2**-9, first at {at}: "
+                    f"{got[at].item()!r} vs {want[at].item()!r}"
+                )
+    return None
 
-    ours, theirs = _step_buffers(kernel, sizes, device), _step_buffers(kernel, sizes, device)
-    _run_step(kernel, adam if kernel == "adam" else sgd, ours, device)
-    _run_step(kernel, reference, theirs, device)
-    for name, (flat, views) in ours.items():
-        got = flat if flat is not None else torch.stack(views)
-        want = theirs[name][0] if flat is not None else torch.stack(theirs[name][1])
-        problem = _differs(name, got.cpu(), want.cpu())
-        if problem:
-            return problem
+
+def _check_cast_copy(config, device) -> str | None:
+    """The cast-copy kernel under ``config`` against ``Tensor.copy_`` (the reference), bit for
+    bit, guards included: up-casts are exact and down-casts round to nearest-even on both."""
+    from .kernels import cast_copy, reference
+
+    pairs = ((torch.float16, torch.float32), (torch.float32, torch.float16))
+    pairs += ((torch.float32, torch.bfloat16),)
+    for sizes in _check_sizes(config):
+        total = sum(sizes) + _GUARD * (len(sizes) + 1)
+        gen = torch.Generator().manual_seed(total)
+        values = torch.randn(total, generator=gen)
+        for src_dtype, dst_dtype in pairs:
+            _, srcs = _carve(sizes, src_dtype, device, values)
+            outs = []
+            for module in (cast_copy, reference):
+                flat, dsts = _carve(sizes, dst_dtype, device, torch.zeros(total))
+                module.cast_copy_(dsts, srcs)
+                outs.append(flat.cpu())
+            problem = _differs(f"{src_dtype} -> {dst_dtype} copies", *outs)
+            if problem:
+                return problem
     return None
 
 
@@ -289,18 +319,23 @@ def check_candidate(kernel: str, config: dict, device) -> str | None:
     if fast, and silently used for training. Inputs straddle the candidate's own block and
     chunk boundaries, include small tensors (a program each), run both kernel variants (all tensors
     aligned, and not), and sit between guard elements that must come back untouched (nan and
-    inf for the read-only check kernel, so an over-read raises its flag). Step outputs
-    (params, masters, moments, step counts, grads) and unscaled grads are compared bit for
-    bit; the squared norm must be the exact sum (every partial sum is exact here) and within
-    the reference's own roundings of it; the non-finite count must be the number of
-    (tensor, chunk) pairs holding an inf or nan. A launch that raises is refused too.
+    inf for the read-only check kernel, so an over-read raises its flag). A registered
+    algorithm's step (its spec's example inputs) must equal the same kernel under the default
+    geometry bit for bit and its reference within a few roundings (``_check_algorithm``);
+    copies and unscaled grads must equal the reference bit for bit; the squared norm must be
+    the exact sum (every partial sum is exact here) and within the reference's own roundings
+    of it; the non-finite count must be the number of (tensor, chunk) pairs holding an inf or
+    nan. A launch that raises is refused too.
     """
+    from .spec import algorithms
+
     device = torch.device(device)
     try:
+        if kernel in algorithms():
+            return _check_algorithm(algorithms()[kernel], config, device)
         with lc.override(kernel, config):
-            if kernel in ("adam", "sgd"):
-                aligned, odd = _check_sizes(config)
-                return _check_step(kernel, aligned, device) or _check_step(kernel, odd, device)
+            if kernel == "cast_copy":
+                return _check_cast_copy(config, device)
             return _check_grads(kernel, config, device)
     except Exception as e:  # a candidate that cannot even launch is refused, not fatal
         return f"launch failed: {type(e).__name__}: {e}"
