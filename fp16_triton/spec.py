@@ -39,6 +39,7 @@ __all__ = [
     "elementwise_traffic",
     "check_pass_bytes",
     "scratch_inputs",
+    "tensors_of",
     "register",
     "algorithms",
     "algorithm_for_type",
@@ -97,6 +98,18 @@ def scratch_inputs(sizes, device, param_dtype: torch.dtype, state_tensors: int):
     steps = [torch.zeros((), device=device) for _ in sizes]
     masters = [p.float() for p in params] if param_dtype != torch.float32 else None
     return params, grads, states, steps, masters
+
+
+def tensors_of(x) -> list[torch.Tensor]:
+    """Every tensor in ``x`` (nested lists, tuples and dicts), in order: the tensors of an
+    example's ``(args, kwargs)``."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for y in x for t in tensors_of(y)]
+    if isinstance(x, dict):
+        return [t for y in x.values() for t in tensors_of(y)]
+    return []
 
 
 def check_pass_bytes(grad_dtype: torch.dtype) -> int:

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .kernels import launch_config as lc
+from .spec import tensors_of
 
 logger = logging.getLogger(__name__)
 
@@ -136,16 +137,6 @@ def _differs(name: str, got: torch.Tensor, want: torch.Tensor) -> str | None:
     )
 
 
-def _tensors_of(x) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for y in x for t in _tensors_of(y)]
-    if isinstance(x, dict):
-        return [t for y in x.values() for t in _tensors_of(y)]
-    return []
-
-
 def _guarded_example(algorithm, sizes, device):
     """``(args, kwargs, buffers)``: the algorithm's example inputs (``Algorithm.example``, fp16
     params, a fixed seed) with every per-element tensor list moved into views of one buffer,
@@ -194,7 +185,7 @@ def _check_algorithm(algorithm, config, device) -> str | None:
             else:
                 with lc.override(algorithm.name, geometry):
                     algorithm.prepare(*args, **kwargs)()
-            scalars = [t for t in _tensors_of((args, kwargs)) if t.dim() == 0]
+            scalars = [t for t in tensors_of((args, kwargs)) if t.dim() == 0]
             runs.append([t.detach().cpu() for t in buffers + scalars])
         candidate, default, reference = runs
         for index, (got, want) in enumerate(zip(candidate, default)):

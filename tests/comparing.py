@@ -1,10 +1,47 @@
-"""Comparisons shared by the tests of what users change between steps (test_user_changes.py,
-test_stateful.py): hyperparameters and state compared by value, copies of hyperparameters, and
-snapshots of what a refused call must leave as it was."""
+"""Comparisons shared by the tests: hyperparameters and state compared by value, copies of
+hyperparameters, snapshots of what a refused call must leave as it was (test_user_changes.py,
+test_stateful.py), and the recursive bitwise comparison of weights and states."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+
+def assert_bitwise(actual, expected, where: str = "value") -> None:
+    """Equal dtype, shape and bytes (so -0.0 != 0.0 and NaN == NaN), recursively through
+    dicts, lists and tuples; other values compared with ``==``."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), where
+        assert actual.dtype == expected.dtype, f"{where}: {actual.dtype} != {expected.dtype}"
+        assert actual.shape == expected.shape, f"{where}: {actual.shape} != {expected.shape}"
+        a = actual.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        e = expected.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        if not torch.equal(a, e):
+            diff = (actual.detach().double() - expected.detach().double()).abs().max().item()
+            raise AssertionError(f"{where}: not bitwise equal (max abs diff {diff})")
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and set(actual) == set(expected), (
+            f"{where}: keys {sorted(actual, key=str)} != {sorted(expected, key=str)}"
+        )
+        for key in expected:
+            assert_bitwise(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_bitwise(a, e, f"{where}[{i}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread for every test of a module that imports this fixture (it is autouse):
+    reductions and timings do not depend on the machine's core count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def clone_value(v):

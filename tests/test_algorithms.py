@@ -16,21 +16,11 @@ import pytest
 import torch
 
 import fp16_triton
-from fp16_triton.spec import algorithms, elementwise_traffic
+from fp16_triton.spec import algorithms, elementwise_traffic, tensors_of
 
 ALGORITHMS = sorted(algorithms())
 LOW_AND_FP32 = (torch.float16, torch.bfloat16, torch.float32)
 SIZES = [24, 1100, 3]  # a transposable 4 x 6 tensor, one across a 1024-element block, a tiny one
-
-
-def tensors_of(x) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for y in x for t in tensors_of(y)]
-    if isinstance(x, dict):
-        return [t for y in x.values() for t in tensors_of(y)]
-    return []
 
 
 def example(name, dtype, seed=0):

@@ -36,6 +36,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from comparing import assert_bitwise as assert_identical
+from comparing import one_thread as one_thread  # noqa: F401  (autouse: one CPU thread)
 from torch import nn
 
 import fp16_triton
@@ -52,14 +54,6 @@ LR = 1e-2
 ADAMW = {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RTOL32, ATOL32 = 1.3e-6, 1e-5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -138,28 +132,6 @@ def state_of(engine) -> dict:
             "skipped_steps": engine.skipped_steps,
         }
     )
-
-
-def assert_identical(actual, expected, where: str = "state") -> None:
-    """Recursive exact comparison: tensors bitwise (dtype and shape included)."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), where
-        assert actual.dtype == expected.dtype, f"{where}: {actual.dtype} != {expected.dtype}"
-        assert actual.shape == expected.shape, f"{where}: {actual.shape} != {expected.shape}"
-        assert torch.equal(actual, expected), f"{where}: max diff " + str(
-            (actual.double() - expected.double()).abs().max().item()
-        )
-    elif isinstance(expected, dict):
-        assert isinstance(actual, dict), where
-        assert set(actual) == set(expected), f"{where}: keys {set(actual) ^ set(expected)}"
-        for key in expected:
-            assert_identical(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), where
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_identical(a, e, f"{where}[{i}]")
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
 
 
 def masters(engine) -> list[torch.Tensor]:

@@ -32,6 +32,7 @@ import sys
 
 import pytest
 import torch
+from comparing import assert_bitwise
 from exploring import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -92,31 +93,6 @@ def train(model, opt, steps, start=0):
         opt.zero_grad()
         loss_of(model, step).backward()
         opt.step()
-
-
-def assert_bitwise(actual, expected, where="value"):
-    """Equal dtype, shape and bytes (so -0.0 != 0.0 and NaN == NaN), recursively."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), where
-        assert actual.dtype == expected.dtype, f"{where}: {actual.dtype} != {expected.dtype}"
-        assert actual.shape == expected.shape, f"{where}: {actual.shape} != {expected.shape}"
-        a = actual.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        e = expected.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        if not torch.equal(a, e):
-            diff = (actual.detach().double() - expected.detach().double()).abs().max().item()
-            raise AssertionError(f"{where}: not bitwise equal (max abs diff {diff})")
-    elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and set(actual) == set(expected), (
-            f"{where}: keys {sorted(actual)} != {sorted(expected)}"
-        )
-        for key in expected:
-            assert_bitwise(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), where
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_bitwise(a, e, f"{where}[{i}]")
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
 
 
 def snapshot(params, opt):

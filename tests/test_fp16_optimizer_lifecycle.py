@@ -18,6 +18,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from comparing import assert_bitwise as assert_identical
 from torch import nn
 
 import fp16_triton
@@ -80,25 +81,6 @@ def snapshot(model, opt):
     """Everything a continued run depends on: weights, wrapped state and masters, the scaler,
     the counters."""
     return copy.deepcopy((model.state_dict(), opt.state_dict()))
-
-
-def assert_identical(actual, expected, where="state"):
-    """Recursive exact comparison: tensors bitwise (dtype and shape included)."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), where
-        assert (actual.dtype, actual.shape) == (expected.dtype, expected.shape), where
-        a, e = actual.detach().cpu().reshape(-1), expected.detach().cpu().reshape(-1)
-        assert torch.equal(a.view(torch.uint8), e.view(torch.uint8)), where
-    elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and set(actual) == set(expected), where
-        for key in expected:
-            assert_identical(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), where
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_identical(a, e, f"{where}[{i}]")
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
 
 
 def clone(obj, how):

@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from comparing import one_thread as one_thread  # noqa: F401  (autouse: one CPU thread)
 
 from fp16_triton.__main__ import main
 from fp16_triton.config import ConfigError
@@ -43,14 +43,6 @@ SUMMARY_LINE = re.compile(
     r"(\d+) steps in [\d.]+s \((\w+), (\w+)\): loss ([\d.]+) -> ([\d.]+) "
     r"\(best possible ([\d.]+), uniform ([\d.]+)\); skipped steps (\d+), final loss scale (\S+)"
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def read_outputs(out, steps: int) -> dict:
