@@ -9,6 +9,9 @@ floats (fp64) from the step counts.
 Differences that are allowed: these functions read flags and step counts with ``.item()``,
 which syncs a GPU (the Triton path never does); they are meant for CPU tensors and for
 checking the kernels. ``cache`` arguments are accepted and ignored.
+
+The pieces every step's reference shares (``prepared_grads``, ``fp32_weights``, ``write_back``,
+``skipped``) are public: a new algorithm's reference, in its host file, is built from them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ __all__ = [
     "sgd_step",
     "update_loss_scale",
     "cast_copy_",
+    "prepared_grads",
+    "fp32_weights",
+    "write_back",
+    "skipped",
 ]
 
 
@@ -74,7 +81,7 @@ def unscale_and_check_(
     torch._foreach_mul_(list(grads), inv_scale.reshape(()))
 
 
-def _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize):
+def prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize):
     """fp32 grads with the unscale, clip and sign applied, in the kernels' order.
 
     fp32 grads are used as they are when nothing applies; every op below is out of place, so
@@ -91,9 +98,9 @@ def _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize):
     return g
 
 
-def _fp32_weights(params, masters) -> list[torch.Tensor]:
+def fp32_weights(params, masters) -> list[torch.Tensor]:
     """The fp32 weights the update runs on: the masters, else the params (fp32 copies of
-    low-precision params without a master, written back rounded by ``_write_back``). A master
+    low-precision params without a master, written back rounded by ``write_back``). A master
     whose rounding is no longer its param's bits (the param was written since the last step)
     takes the param's value there first, as the kernels do."""
     if masters is None:
@@ -105,13 +112,13 @@ def _fp32_weights(params, masters) -> list[torch.Tensor]:
     return masters
 
 
-def _write_back(params, weights) -> None:
+def write_back(params, weights) -> None:
     low = [(p, w) for p, w in zip(params, weights) if p.dtype != torch.float32]
     if low:
         torch._foreach_copy_([p for p, _ in low], [w for _, w in low])
 
 
-def _skipped(found_inf: torch.Tensor | None) -> bool:
+def skipped(found_inf: torch.Tensor | None) -> bool:
     return found_inf is not None and found_inf.item() != 0
 
 
@@ -141,12 +148,12 @@ def adam_step(
     """Reference of ``kernels.adam.adam_step`` (same arguments and semantics)."""
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
-    if len(params) == 0 or _skipped(found_inf):
+    if len(params) == 0 or skipped(found_inf):
         return
     lr, weight_decay = float(lr), float(weight_decay)
-    weights = _fp32_weights(params, masters)
+    weights = fp32_weights(params, masters)
     exp_avgs, exp_avg_sqs = list(exp_avgs), list(exp_avg_sqs)
-    g = _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize)
+    g = prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize)
     if weight_decay != 0:
         if decoupled_weight_decay:
             torch._foreach_mul_(weights, 1.0 - lr * weight_decay)
@@ -166,7 +173,7 @@ def adam_step(
     torch._foreach_div_(denom, bc2_sqrts)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(weights, exp_avgs, denom, step_sizes)
-    _write_back(params, weights)
+    write_back(params, weights)
     torch._foreach_add_(list(steps), 1.0)
 
 
@@ -192,11 +199,11 @@ def sgd_step(
     """Reference of ``kernels.sgd.sgd_step`` (same arguments and semantics)."""
     if momentum != 0 and (momentum_buffers is None or steps is None):
         raise ValueError("momentum != 0 needs momentum_buffers and steps")
-    if len(params) == 0 or _skipped(found_inf):
+    if len(params) == 0 or skipped(found_inf):
         return
     lr = float(lr)  # a tensor lr is read on the host: the reference may sync
-    weights = _fp32_weights(params, masters)
-    g = _prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize)
+    weights = fp32_weights(params, masters)
+    g = prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize)
     if weight_decay != 0:
         g = torch._foreach_add(g, weights, alpha=weight_decay)
     if momentum != 0:
@@ -216,7 +223,7 @@ def sgd_step(
             g = bufs
         torch._foreach_add_(list(steps), 1.0)
     torch._foreach_add_(weights, g, alpha=-lr)
-    _write_back(params, weights)
+    write_back(params, weights)
 
 
 def update_loss_scale(
