@@ -1,0 +1,165 @@
+"""Fused mixed-precision Lion step: one launch per tensor group, fp32 math throughout.
+
+Per element, with ``g`` the grad in fp32 and ``p`` the fp32 master (the param itself when the
+param is fp32); Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms",
+Algorithm 2) with decoupled weight decay, the loss-scale division and the clip coefficient
+folded in as in ``adam``::
+
+    g = g / grad_scale ; g = g * clip_coef ; g = -g if maximize
+    c = beta1 * m + (1 - beta1) * g
+    p = p * (1 - lr * weight_decay) - lr * sign(c)      # sign(0) = 0
+    m = beta2 * m + (1 - beta2) * g
+    param = round_to_nearest_even(p)        # when a low-precision param has an fp32 master
+
+``sign(0) = 0`` as in the paper and in ``torch.sign``: an element whose interpolation is
+exactly zero does not move (DeepSpeed's FusedLion moves it by ``+lr``). There is no step
+count: Lion has no bias correction. If ``found_inf`` is non-zero nothing is written.
+
+Bytes per element: ``fp16_triton/lion.py``'s spec (``Algorithm.traffic``): fp16 param and
+grad with an fp32 master and ``exp_avg``: read 2 + 2 + 4 + 4, write 2 + 4 + 4 = 22.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    block_offsets,
+    load_grad_and_weight,
+    prepare_step,
+    program_chunk,
+    store_weight,
+    tensor_ptr,
+    unscale_and_clip_factors,
+)
+from .multi_tensor import TableCache
+
+__all__ = ["lion_step", "prepare_lion_step"]
+
+
+@triton.jit
+def _lion_kernel(
+    param_ptrs,  # int64 [T]: params, written (rounded from the master when there is one)
+    grad_ptrs,  # int64 [T]: grads, read only
+    master_ptrs,  # int64 [T]: fp32 master weights (read if HAS_MASTER)
+    exp_avg_ptrs,  # int64 [T]: fp32 momenta
+    numels,  # int64 [T]: elements in each tensor
+    chunk_map,  # int64 [2, P]: tensor index and first element of each program's chunk
+    n_programs,  # P, the row stride of chunk_map
+    grad_scale_ptr,  # fp32 scalar: grads are divided by it (if HAS_GRAD_SCALE)
+    found_inf_ptr,  # fp32 scalar: non-zero means skip, write nothing (if HAS_FOUND_INF)
+    norm_sq_ptr,  # fp32 scalar: squared global norm of the unscaled grads (if HAS_CLIP)
+    lr_ptr,  # fp32 scalar: the learning rate, when it is a device tensor (if LR_ON_DEVICE)
+    max_norm,  # fp32: clipping threshold (if HAS_CLIP)
+    lr,  # fp32: learning rate (runtime), unless LR_ON_DEVICE
+    beta1,  # fp32: interpolation weight of the momentum in the update direction
+    beta2,  # fp32: momentum decay
+    one_minus_beta1,  # fp32: 1 - beta1, computed on the host
+    one_minus_beta2,  # fp32: 1 - beta2, computed on the host
+    weight_decay,  # fp32: decoupled weight decay
+    PARAM_DTYPE: tl.constexpr,  # element type of the params
+    GRAD_DTYPE: tl.constexpr,  # element type of the grads
+    HAS_MASTER: tl.constexpr,  # low-precision params with an fp32 master (else updated in place)
+    MAXIMIZE: tl.constexpr,  # ascend rather than descend
+    HAS_GRAD_SCALE: tl.constexpr,  # divide grads by *grad_scale_ptr
+    HAS_FOUND_INF: tl.constexpr,  # skip everything when *found_inf_ptr != 0
+    HAS_CLIP: tl.constexpr,  # clip by the global norm in *norm_sq_ptr
+    LR_ON_DEVICE: tl.constexpr,  # read the learning rate from *lr_ptr (no host sync)
+    ALIGNED: tl.constexpr,  # every address 16-byte aligned and every size a multiple of 8
+    BLOCK: tl.constexpr,  # elements per vector operation
+    CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
+):
+    """One Lion update of one chunk of one tensor (see the module docstring)."""
+    tensor, start, numel = program_chunk(
+        chunk_map, n_programs, numels, found_inf_ptr, HAS_FOUND_INF, ALIGNED, CHUNK
+    )
+    param = tensor_ptr(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
+    grad = tensor_ptr(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
+    master = tensor_ptr(master_ptrs, tensor, tl.float32, ALIGNED)
+    exp_avg = tensor_ptr(exp_avg_ptrs, tensor, tl.float32, ALIGNED)
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr)
+    decay = (1.0 - tl.cast(lr, tl.float64) * tl.cast(weight_decay, tl.float64)).to(tl.float32)
+    inv_scale, clip_coef = unscale_and_clip_factors(
+        grad_scale_ptr, norm_sq_ptr, max_norm, HAS_GRAD_SCALE, HAS_CLIP
+    )
+
+    for i in tl.static_range(0, CHUNK, BLOCK):
+        offsets = block_offsets(start, i, BLOCK, ALIGNED)
+        mask = offsets < numel
+        g, p = load_grad_and_weight(
+            grad, param, master, offsets, mask, inv_scale, clip_coef, GRAD_DTYPE, PARAM_DTYPE,
+            HAS_MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE,
+        )  # fmt: skip
+        m = tl.load(exp_avg + offsets, mask=mask, other=0.0)
+        c = beta1 * m + one_minus_beta1 * g
+        direction = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
+        p = p * decay - lr * direction
+        tl.store(exp_avg + offsets, beta2 * m + one_minus_beta2 * g, mask=mask)
+        store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
+
+
+def prepare_lion_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    *,
+    masters: Sequence[torch.Tensor] | None = None,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    norm_sq: torch.Tensor | None = None,
+    max_norm: float = 0.0,
+    cache: TableCache | None = None,
+) -> Callable[[], None]:
+    """Check the inputs and build the tables of a fused Lion step (in place, no host sync,
+    every tensor of a group in one launch); return the launch. Arguments as in
+    ``kernels.adam.prepare_adam_step``; ``exp_avgs`` are the fp32 momenta.
+
+    Launches: one, whatever the number of tensors (Lion keeps no step count).
+    """
+    state = {"exp_avgs": exp_avgs, "masters": masters}
+    return prepare_step(
+        _lion_kernel, "lion", params, grads, masters, state,
+        rows=("params", "grads", "masters", "exp_avgs"),
+        hyperparameters=(float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
+                         float(weight_decay)),
+        flags={}, count_steps=False, lr=lr, maximize=maximize, grad_scale=grad_scale,
+        found_inf=found_inf, norm_sq=norm_sq, max_norm=max_norm, cache=cache,
+    )  # fmt: skip
+
+
+def lion_step(*args, **kwargs) -> None:
+    """One fused Lion step, in place, with no host sync: ``prepare_lion_step``'s arguments,
+    checked and launched at once."""
+    prepare_lion_step(*args, **kwargs)()
+
+
+def compile_variants(compile) -> dict[str, dict]:
+    """The variants ``tests/gpu_compile.py`` compiles for sm_90: fp16 and bf16 with masters,
+    loss scale, skip and clipping, both alignments; fp32 plain."""
+    common = dict(BLOCK=1024, CHUNK=4096)
+    flags = dict(MAXIMIZE=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True)
+    results = {}
+    for dtype_name, dtype in (("fp16", tl.float16), ("bf16", tl.bfloat16)):
+        for aligned in (False, True):
+            results[f"lion-{dtype_name}-master-aligned{aligned}"] = compile(
+                _lion_kernel,
+                dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=True, LR_ON_DEVICE=True,
+                     ALIGNED=aligned, **flags, **common),
+            )  # fmt: skip
+    results["lion-fp32-plain"] = compile(
+        _lion_kernel,
+        dict(PARAM_DTYPE=tl.float32, GRAD_DTYPE=tl.float32, HAS_MASTER=False, MAXIMIZE=True,
+             HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_CLIP=False, LR_ON_DEVICE=False,
+             ALIGNED=False, **common),
+    )  # fmt: skip
+    return results
