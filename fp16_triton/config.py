@@ -17,8 +17,9 @@ Accepted keys (DeepSpeed's names and defaults):
 - ``gradient_clipping`` (0.0 = off), ``steps_per_print`` (10), ``gradient_accumulation_steps``,
   ``train_batch_size``, ``train_micro_batch_size_per_gpu`` (see :func:`load_config` for the
   batch arithmetic).
-- ``optimizer``: ``type`` one of Adam, AdamW, SGD and ``params``. **DeepSpeed's "Adam" is AdamW
-  by default**; see :class:`OptimizerConfig`.
+- ``optimizer``: ``type``, a registered algorithm's class name (Adam, AdamW, SGD, Lion: see
+  ``fp16_triton/spec.py``), and ``params``, its constructor's arguments. **DeepSpeed's "Adam" is
+  AdamW by default**; see :class:`OptimizerConfig`.
 - ``scheduler``: ``type`` WarmupLR or WarmupDecayLR and ``params`` (see
   :mod:`fp16_triton.lr_schedules`).
 - The DeepSpeed keys in :data:`IGNORED_DEEPSPEED_KEYS` are accepted and ignored.
@@ -36,6 +37,7 @@ import difflib
 import functools
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -363,16 +365,23 @@ def _type_error(key: str, expected: str, value: Any) -> ConfigError:
     return ConfigError(message)
 
 
+def _is_bool(value: Any) -> bool:
+    """Python and numpy bools (``numpy.bool_`` is not a subclass of ``bool``)."""
+    return isinstance(value, bool) or type(value).__name__ in ("bool_", "bool")
+
+
 def _as_bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
+    if not _is_bool(value):
         raise _type_error(key, "a bool (true/false)", value)
-    return value
+    return bool(value)
 
 
 def _as_int(key: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     # bool is a subclass of int in Python; `true` for a step count is a mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, int):
+    # numpy integers are integers (numbers.Integral), as they were for get_loss_scaler.
+    if _is_bool(value) or not isinstance(value, numbers.Integral):
         raise _type_error(key, "an int", value)
+    value = int(value)
     if minimum is not None and value < minimum:
         raise ConfigError(f"config key '{key}' must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
@@ -381,8 +390,8 @@ def _as_int(key: str, value: Any, minimum: int | None = None, maximum: int | Non
 
 
 def _as_float(key: str, value: Any, minimum: float | None = None, positive: bool = False) -> float:
-    # ints are fine for floats (JSON writes 1 for 1.0); bools are not.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # ints are fine for floats (JSON writes 1 for 1.0), numpy numbers too; bools are not.
+    if _is_bool(value) or not isinstance(value, numbers.Real):
         raise _type_error(key, "a number", value)
     value = float(value)
     if not math.isfinite(value):
@@ -400,14 +409,18 @@ def _as_section(key: str, value: Any) -> Mapping[Any, Any]:
     return value
 
 
-def _check_value(key: str, kind: str, value: Any) -> Any:
+def _check_value(key: str, kind, value: Any) -> Any:
     """Validate one optimizer/scheduler parameter by its kind."""
     if kind == "bool":
         return _as_bool(key, value)
     if kind == "nonneg":
         return _as_float(key, value, minimum=0.0)
+    if callable(kind):  # an algorithm's own check (Algorithm.config_kinds)
+        return kind(key, value)
     if kind == "pos_int":
         return _as_int(key, value, minimum=1)
+    if kind == "int":
+        return _as_int(key, value)
     if kind == "iteration":
         return _as_int(key, value, minimum=-1)
     if kind == "betas":
@@ -438,10 +451,14 @@ def _check_value(key: str, kind: str, value: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_fp16(value: Any, extra_keys: Iterable[str] = ()) -> FP16Config:
+def parse_fp16(
+    value: Any, extra_keys: Iterable[str] = (), in_use: bool | None = None
+) -> FP16Config:
     """Validate a DeepSpeed ``fp16`` section: the one place its keys and bounds are checked
     (``load_config`` and ``loss_scaler.get_loss_scaler`` both call it). ``extra_keys`` are
-    accepted besides DeepSpeed's and left to the caller.
+    accepted besides DeepSpeed's and left to the caller. Keys and types are always checked;
+    the loss-scale values only when the section is ``in_use`` (default: ``enabled``), so a bf16
+    or fp32 run may carry a leftover fp16 section, as with DeepSpeed.
 
     The bounds are those of a float32 loss scale, the storage the scaler computes in:
     ``2 ** initial_scale_power`` must be a positive finite float32, so the power runs from -149
@@ -476,6 +493,8 @@ def parse_fp16(value: Any, extra_keys: Iterable[str] = ()) -> FP16Config:
         ),
         auto_cast=_as_bool("fp16.auto_cast", get("auto_cast", d.auto_cast)),
     )
+    if not (cfg.enabled if in_use is None else in_use):
+        return cfg
     stored = {}
     for key in ("loss_scale", "min_loss_scale"):
         number = getattr(cfg, key)

@@ -59,7 +59,7 @@ ALIGN_ELEMENTS = 64
 fp32 one, so each param, grad and state view is as aligned as a fresh allocation needs to be for
 vectorized (128-bit) and cuBLAS access, and the kernels' ALIGNED variant applies to the whole
 buffer. Padding is zero in every buffer, and a zero param with a zero grad and zero state stays
-zero under Adam, AdamW and SGD, so it never changes the norm or the non-finite check."""
+zero under Adam, AdamW, SGD and Lion, so it never changes the norm or the non-finite check."""
 
 
 # How many tensors reference a storage, O(1) (a private torch function: without it every step

@@ -106,9 +106,12 @@ def clip_grad_norm_(
     grads: a CPU ``tensor(0.)``, and a warning when ``parameters`` was an empty generator.
 
     Where the result differs from torch's: the sum of squares is accumulated in fp32 over all
-    elements (torch rounds each grad's norm to the grad's dtype first, and accumulates in
-    fp64 on CPU), so the norm may differ by a few ulps of its dtype; a norm above
-    sqrt(fp32 max), about 1.8e19, is inf here (as on CUDA with torch).
+    elements, while torch rounds each grad's norm to the grad's dtype first (and accumulates
+    in fp64 on CPU). With fp16 or bf16 grads the two norms may therefore differ by up to about
+    an ulp of the lowest-precision grad dtype, 2**-11 relative for fp16 and 2**-8 for bf16,
+    even when the returned norm is fp32 (mixed dtypes); ours is the one nearer the exact norm.
+    The clipped grads then differ by at most an ulp of their own dtype. A norm above sqrt(fp32
+    max), about 1.8e19, is inf here (as on CUDA with torch).
 
     Delegated to torch unchanged (and said so here rather than approximated): ``norm_type``
     other than 2, the torch backend, grads on several devices, and grads the kernels do not

@@ -81,8 +81,8 @@ class Lion(FusedOptimizer):
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
-        for index, beta in enumerate(group["betas"]):
-            if not 0.0 <= beta <= 1.0:
+        for index, beta in enumerate(group["betas"]):  # [0, 1), as torch's Adam and the config
+            if not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
         if not 0.0 <= group["weight_decay"]:
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")

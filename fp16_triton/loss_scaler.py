@@ -826,7 +826,7 @@ def get_loss_scaler(
             )
     # Every key validated (config.parse_fp16, the one fp16 validator), even for bf16 where the
     # values are unused: a typo should fail on any run.
-    cfg = parse_fp16(config, extra_keys=_EXTENSION_KEYS)
+    cfg = parse_fp16(config, extra_keys=_EXTENSION_KEYS, in_use=dtype == torch.float16)
     raise_at_min = _check_bool(
         "fp16.raise_error_at_min_scale", config.get("raise_error_at_min_scale", True)
     )

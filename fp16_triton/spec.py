@@ -147,6 +147,10 @@ class Algorithm:
         configure: ``configure(type_name, params, options) -> class name``: the DeepSpeed quirks
             (which class runs, combinations to refuse with ``ConfigError``); the default runs
             the class named by the type.
+        config_kinds: the config check of arguments whose default does not say it: a kind
+            of ``config._check_value`` or a function ``check(dotted_key, value) -> value``
+            that raises ``ConfigError`` (e.g. a tuple of coefficients, an optional string).
+        config_exclude: constructor arguments the config does not take (e.g. a callable).
         functional: the algorithm's public functions on tensor lists (``{"adam_": adam_}``),
             exported by ``fp16_triton.functional``.
     """
@@ -161,6 +165,8 @@ class Algorithm:
     config_defaults: Mapping[str, Any] = field(default_factory=dict)
     config_options: Mapping[str, tuple[str, Any]] = field(default_factory=dict)
     configure: Callable[[str, dict, dict], str] | None = None
+    config_kinds: Mapping[str, str | Callable[[str, Any], Any]] = field(default_factory=dict)
+    config_exclude: frozenset[str] = frozenset()
     functional: Mapping[str, Callable[..., None]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------- device side
@@ -206,12 +212,14 @@ class Algorithm:
         params: dict[str, tuple[str, Any]] = {}
         for cls in self.classes:
             for arg in inspect.signature(cls.__init__).parameters.values():
-                if arg.name in _NOT_CONFIG_PARAMS or arg.name in params or arg.name == "self":
+                skip = _NOT_CONFIG_PARAMS | self.config_exclude
+                if arg.name in skip or arg.name in params or arg.name == "self":
                     continue
                 if arg.kind not in (arg.POSITIONAL_OR_KEYWORD, arg.KEYWORD_ONLY):
                     continue
                 default = self.config_defaults.get(arg.name, arg.default)
-                params[arg.name] = (_kind_of(cls, arg.name, default), default)
+                kind = self.config_kinds.get(arg.name) or _kind_of(cls, arg.name, default)
+                params[arg.name] = (kind, default)
         params.update(self.config_options)
         return MappingProxyType(params)
 
@@ -220,13 +228,15 @@ def _kind_of(cls: type, name: str, default: Any) -> str:
     """The config checker's kind of a constructor argument, from its default."""
     if isinstance(default, bool):
         return "bool"
-    if isinstance(default, (int, float)):
+    if isinstance(default, int):
+        return "pos_int" if default > 0 else "int"
+    if isinstance(default, float):
         return "nonneg"
     if isinstance(default, tuple) and len(default) == 2 and name == "betas":
         return "betas"
     raise TypeError(
         f"{cls.__name__}({name}={default!r}): no config kind for this default; give the "
-        "argument a config kind in fp16_triton/spec.py or leave it out of the config"
+        "argument one in its Algorithm's config_kinds, or list it in config_exclude"
     )
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fp16_triton
-from fp16_triton.spec import algorithms, elementwise_traffic, tensors_of
+from fp16_triton.spec import Algorithm, algorithms, elementwise_traffic, tensors_of
 
 ALGORITHMS = sorted(algorithms())
 LOW_AND_FP32 = (torch.float16, torch.bfloat16, torch.float32)
@@ -120,3 +120,30 @@ def test_the_engine_builds_every_type_with_the_config_defaults(name):
         engine.backward(loss)
         engine.step()
         assert engine.global_steps == 1
+
+
+def test_a_spec_states_the_config_check_of_what_defaults_cannot_say():
+    """torch.optim.Muon's signature: a tuple of coefficients (one negative) and an optional
+    callable have no kind their default implies; the spec names the check or leaves the
+    argument out, and everything else is read off the signature (an int default: an int)."""
+
+    class Muon:
+        def __init__(
+            self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+            ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None,
+        ):  # fmt: skip
+            pass
+
+    def coefficients(key, value):
+        return tuple(float(v) for v in value)
+
+    base = dict(name="muon", classes=(Muon,), kernel="muon", state={}, traffic=None, example=None)
+    with pytest.raises(TypeError, match="config_kinds"):
+        Algorithm(**base).config_params()
+    spec = Algorithm(
+        **base, config_kinds={"ns_coefficients": coefficients}, config_exclude={"adjust_lr_fn"}
+    )
+    params = spec.config_params()
+    assert params["ns_coefficients"] == (coefficients, (3.4445, -4.775, 2.0315))
+    assert params["ns_steps"] == ("pos_int", 5) and params["nesterov"] == ("bool", True)
+    assert "adjust_lr_fn" not in params

@@ -275,10 +275,15 @@ def test_fp16_bounds_are_those_of_the_loss_scaler():
         {"min_loss_scale": 1e-46},  # 0 in float32
     ):
         with pytest.raises(ConfigError) as from_config:
-            load_config({"fp16": bad})
+            load_config({"fp16": {"enabled": True, **bad}})
         with pytest.raises(ConfigError) as from_scaler:
             get_loss_scaler(bad)
         assert str(from_config.value) == str(from_scaler.value)
+    # A section that is not used (fp16 off; a bf16 scaler) is checked for keys and types only,
+    # so a bf16 or fp32 run may carry a leftover fp16 section, as with DeepSpeed.
+    leftover = {"enabled": False, "min_loss_scale": 2.0**17}
+    assert load_config({"fp16": leftover, "bf16": {"enabled": True}}).dtype == torch.bfloat16
+    assert get_loss_scaler({"min_loss_scale": 2.0**17}, torch.bfloat16).loss_scale == 1.0
 
 
 def test_ints_are_accepted_for_floats():
@@ -450,11 +455,14 @@ def test_deepspeed_adam_means_adamw():
 
 
 def test_optimizer_validation_errors():
+    from fp16_triton.config import SUPPORTED_OPTIMIZERS
+
+    assert {"Adam", "AdamW", "SGD"} <= set(SUPPORTED_OPTIMIZERS)  # and every registered class
     with raises(
-        "unsupported optimizer type 'Lamb' at 'optimizer.type'; supported "
-        "(case-insensitive): Adam, AdamW, SGD"
+        "unsupported optimizer type 'Adagrad' at 'optimizer.type'; supported "
+        f"(case-insensitive): {', '.join(SUPPORTED_OPTIMIZERS)}"
     ):
-        load_config({"optimizer": {"type": "Lamb"}})
+        load_config({"optimizer": {"type": "Adagrad"}})
     with raises("did you mean 'AdamW'?"):
         load_config({"optimizer": {"type": "AdamWW"}})
     with raises("'optimizer.type' is required"):
@@ -590,3 +598,20 @@ def test_no_warnings_for_a_typical_deepspeed_config(tmp_path):
         cfg = load_config(path)
     assert cfg.train_micro_batch_size_per_gpu == 16
     assert cfg.optimizer.effective_type == "AdamW"
+
+
+def test_numpy_scalars_are_numbers_and_bools_stay_bools():
+    """numpy numbers (a config built with numpy) are accepted as get_loss_scaler always took
+    them; bools, Python's or numpy's, are never numbers."""
+    import numpy as np
+
+    from fp16_triton.loss_scaler import get_loss_scaler
+
+    scaler = get_loss_scaler(
+        {"initial_scale_power": np.int64(8), "min_loss_scale": np.float32(0.5),
+         "consecutive_hysteresis": np.True_}
+    )  # fmt: skip
+    assert (scaler.loss_scale, scaler.min_scale) == (256.0, 0.5)
+    assert load_config({"fp16": {"initial_scale_power": np.int32(4)}}).fp16.initial_scale_power == 4
+    with raises("'fp16.hysteresis' expects an int"):
+        load_config({"fp16": {"hysteresis": np.True_}})
