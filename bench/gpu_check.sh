@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks a session with a GPU runs, in one call (see README "Performance"): the kernel,
+# The checks a session with a GPU runs, in one call (see docs/performance.md): the kernel,
 # optimizer and FP16Optimizer tests on the GPU, tuning, and the quick benchmark. Logs and
 # results go to $OUT (the device tool's output folder) or ./gpu_check_out.
 # Budget: under 10 minutes on an H200 (timeouts 270 + 80 + 230 s); each step has its own
@@ -15,6 +15,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # Offline install: the machine has torch, triton, numpy, tqdm, matplotlib, pytest, hypothesis.
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 timeout 270 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+    tests/test_algorithms.py tests/test_lion.py \
+    tests/test_functional.py tests/test_fp16_utils.py \
     tests/test_optimizers.py tests/test_fp16_optimizer.py tests/test_loss_scaler.py \
     tests/test_flat_buffers.py tests/test_stale_caches.py tests/test_compile.py \
     2>&1 | tee "$OUT/pytest.log" | tail -25
