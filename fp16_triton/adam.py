@@ -93,14 +93,8 @@ class Adam(FusedOptimizer):
             decoupled_weight_decay=bool(decoupled_weight_decay),
             **torch_compat_options(foreach, capturable, differentiable, fused),
         )
-        self._check_hyperparameters(defaults)
-        super().__init__(
-            params,
-            defaults,
-            master_weights=master_weights,
-            backend=backend,
-            flat_buffers=flat_buffers,
-        )
+        options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
+        super().__init__(params, defaults, **options)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])

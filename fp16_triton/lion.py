@@ -31,8 +31,7 @@ class Lion(FusedOptimizer):
     update``, ``m = beta2 * m + (1 - beta2) * g`` (see ``kernels/lion.py``; ``sign(0) = 0``).
 
     Args:
-        params: iterable of parameters or dicts defining parameter groups.
-        lr: learning rate, a float or a one-element tensor (default 1e-3; Lion wants one 3-10x
+        params, lr: as in ``fp16_triton.Adam`` (default lr 1e-3; Lion wants one 3-10x
             smaller than AdamW's, with a weight decay as many times larger).
         betas: ``(beta1, beta2)``, the update's interpolation weight and the momentum decay
             (default (0.9, 0.999), DeepSpeed FusedLion's).
@@ -70,14 +69,8 @@ class Lion(FusedOptimizer):
             maximize=maximize,
             **torch_compat_options(foreach, None, differentiable, fused),
         )
-        self._check_hyperparameters(defaults)
-        super().__init__(
-            params,
-            defaults,
-            master_weights=master_weights,
-            backend=backend,
-            flat_buffers=flat_buffers,
-        )
+        options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
+        super().__init__(params, defaults, **options)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -130,12 +123,13 @@ def lion_step(
     """Reference of ``kernels.lion.lion_step`` (same arguments and semantics), in torch's
     foreach ops in the kernel's order: the CPU fallback and the tests' second oracle."""
     reference = kernels("reference")
-    if len(params) == 0 or reference.skipped(found_inf):
+    start = reference.step_inputs(
+        params, grads, masters, grad_scale, found_inf, norm_sq, max_norm, maximize
+    )
+    if start is None:
         return
-    lr, weight_decay = float(lr), float(weight_decay)
-    weights = reference.fp32_weights(params, masters)
-    exp_avgs = list(exp_avgs)
-    g = reference.prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize)
+    weights, g = start
+    lr, weight_decay, exp_avgs = float(lr), float(weight_decay), list(exp_avgs)
     c = torch._foreach_mul(exp_avgs, beta1)
     torch._foreach_add_(c, torch._foreach_mul(g, 1.0 - beta1))
     if weight_decay != 0:
@@ -147,31 +141,15 @@ def lion_step(
 
 
 # ------------------------------------------------------------------------------ functional
-def lion_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    *,
-    masters: Sequence[torch.Tensor] | None = None,
-    lr: float | torch.Tensor,
-    beta1: float,
-    beta2: float,
-    weight_decay: float = 0.0,
-    maximize: bool = False,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    backend: str = "auto",
-    cache=None,
-) -> None:
-    """One Lion step over tensor lists, in place (``fp16_triton.functional.lion_``); arguments
-    as in ``fp16_triton.adam.adam_`` (``exp_avgs``: the fp32 momenta)."""
+def lion_(params, grads, exp_avgs, *, backend: str = "auto", **kwargs) -> None:
+    """One Lion step over tensor lists, in place (``fp16_triton.functional.lion_``).
+
+    ``exp_avgs`` are the fp32 momenta; the keywords are ``kernels.lion.prepare_lion_step``'s
+    (``masters``, ``lr``, ``beta1``, ``beta2``, ``weight_decay``, ``maximize``, ``grad_scale``,
+    ``found_inf``, ...), as in ``fp16_triton.adam.adam_``."""
     if len(params) == 0:
         return
-    ALGORITHM.launch(
-        backend_for(backend, params), params, grads, exp_avgs, masters=masters, lr=lr,
-        beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
-        grad_scale=grad_scale, found_inf=found_inf, cache=cache,
-    )()  # fmt: skip
+    ALGORITHM.launch(backend_for(backend, params), params, grads, exp_avgs, **kwargs)()
 
 
 # ------------------------------------------------------------------------------------ spec

@@ -125,6 +125,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         backend: str = "auto",
         flat_buffers: bool = False,
     ):
+        self._check_hyperparameters(defaults)  # the subclass's checks, before anything is kept
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend

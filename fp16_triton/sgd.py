@@ -27,8 +27,7 @@ class SGD(FusedOptimizer):
     """SGD with momentum (``torch.optim.SGD``'s arguments, defaults, math and state names).
 
     Args:
-        params: iterable of parameters or dicts defining parameter groups.
-        lr: learning rate, a float or a one-element tensor (default 1e-3).
+        params, lr: as in ``fp16_triton.Adam`` (default lr 1e-3).
         momentum: momentum factor (default 0).
         dampening: dampening for momentum (default 0).
         weight_decay: L2 penalty added to the grad (default 0).
@@ -71,14 +70,8 @@ class SGD(FusedOptimizer):
             maximize=maximize,
             **torch_compat_options(foreach, None, differentiable, fused),
         )
-        self._check_hyperparameters(defaults)
-        super().__init__(
-            params,
-            defaults,
-            master_weights=master_weights,
-            backend=backend,
-            flat_buffers=flat_buffers,
-        )
+        options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
+        super().__init__(params, defaults, **options)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])

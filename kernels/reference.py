@@ -10,8 +10,9 @@ Differences that are allowed: these functions read flags and step counts with ``
 which syncs a GPU (the Triton path never does); they are meant for CPU tensors and for
 checking the kernels. ``cache`` arguments are accepted and ignored.
 
-The pieces every step's reference shares (``prepared_grads``, ``fp32_weights``, ``write_back``,
-``skipped``) are public: a new algorithm's reference, in its host file, is built from them.
+The pieces every step's reference shares (``step_inputs``, ``prepared_grads``,
+``fp32_weights``, ``write_back``, ``skipped``) are public: a new algorithm's reference, in its
+host file, is built from them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "sgd_step",
     "update_loss_scale",
     "cast_copy_",
+    "step_inputs",
     "prepared_grads",
     "fp32_weights",
     "write_back",
@@ -122,6 +124,16 @@ def skipped(found_inf: torch.Tensor | None) -> bool:
     return found_inf is not None and found_inf.item() != 0
 
 
+def step_inputs(params, grads, masters, grad_scale, found_inf, norm_sq, max_norm, maximize):
+    """What every step's reference starts from: ``(fp32 weights, prepared fp32 grads)``, or
+    None when there is nothing to do (no params, or ``found_inf`` set: the step is skipped)."""
+    if len(params) == 0 or skipped(found_inf):
+        return None
+    return fp32_weights(params, masters), prepared_grads(
+        grads, grad_scale, norm_sq, max_norm, maximize
+    )
+
+
 def adam_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -148,12 +160,12 @@ def adam_step(
     """Reference of ``kernels.adam.adam_step`` (same arguments and semantics)."""
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
-    if len(params) == 0 or skipped(found_inf):
+    start = step_inputs(params, grads, masters, grad_scale, found_inf, norm_sq, max_norm, maximize)
+    if start is None:
         return
+    weights, g = start
     lr, weight_decay = float(lr), float(weight_decay)
-    weights = fp32_weights(params, masters)
     exp_avgs, exp_avg_sqs = list(exp_avgs), list(exp_avg_sqs)
-    g = prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize)
     if weight_decay != 0:
         if decoupled_weight_decay:
             torch._foreach_mul_(weights, 1.0 - lr * weight_decay)
@@ -199,11 +211,11 @@ def sgd_step(
     """Reference of ``kernels.sgd.sgd_step`` (same arguments and semantics)."""
     if momentum != 0 and (momentum_buffers is None or steps is None):
         raise ValueError("momentum != 0 needs momentum_buffers and steps")
-    if len(params) == 0 or skipped(found_inf):
+    start = step_inputs(params, grads, masters, grad_scale, found_inf, norm_sq, max_norm, maximize)
+    if start is None:
         return
+    weights, g = start
     lr = float(lr)  # a tensor lr is read on the host: the reference may sync
-    weights = fp32_weights(params, masters)
-    g = prepared_grads(grads, grad_scale, norm_sq, max_norm, maximize)
     if weight_decay != 0:
         g = torch._foreach_add(g, weights, alpha=weight_decay)
     if momentum != 0:
