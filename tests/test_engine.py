@@ -595,14 +595,7 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatc
         ["global_step2", "global_step3", LATEST_FILE],
         ["global_step2", LATEST_FILE],
     )
-    assert sorted(p.name for p in (tmp_path / "global_step2").iterdir()) == [
-        CHECKPOINT_FILE,
-        MANIFEST_FILE,
-    ]
-
-    fresh = make_engine(RESUME_CONFIG, seed=1)
-    fresh.load_checkpoint(tmp_path)
-    assert_identical(state_of(fresh), saved)
+    assert_only_the_old_checkpoint_loads(tmp_path, "global_step2", saved)
 
 
 def test_interrupted_save_over_the_same_tag_keeps_the_old_file(tmp_path, monkeypatch):
@@ -614,12 +607,15 @@ def test_interrupted_save_over_the_same_tag_keeps_the_old_file(tmp_path, monkeyp
         _half_written_save(m)
         with pytest.raises(OSError, match="simulated"):
             engine.save_checkpoint(tmp_path, tag="rolling")
-    assert sorted(p.name for p in (tmp_path / "rolling").iterdir()) == [
-        CHECKPOINT_FILE,
-        MANIFEST_FILE,
-    ]
+    assert_only_the_old_checkpoint_loads(tmp_path, "rolling", saved)
+
+
+def assert_only_the_old_checkpoint_loads(directory, tag, saved):
+    """After an interrupted save: ``tag`` holds its states file and manifest only (no partial
+    or temporary file), and a fresh engine loads exactly ``saved``."""
+    assert sorted(p.name for p in (directory / tag).iterdir()) == [CHECKPOINT_FILE, MANIFEST_FILE]
     fresh = make_engine(RESUME_CONFIG, seed=1)
-    fresh.load_checkpoint(tmp_path)
+    fresh.load_checkpoint(directory)
     assert_identical(state_of(fresh), saved)
 
 

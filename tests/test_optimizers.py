@@ -72,19 +72,25 @@ def assert_close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=lambda x: str(x))
-def test_fp32_trajectory_matches_torch(backend, name, kwargs):
-    ours_p, ref_p = make_params(), make_params()
-    ours = getattr(fp16_triton, name)(ours_p, backend=backend, **clone_kwargs(kwargs))
-    ref = PAIRS[name](ref_p, **clone_kwargs(kwargs))
-    for step in range(STEPS):
+def step_side_by_side(steps, ours_p, ours, ref_p, ref):
+    """Both optimizers through the same grads (``random_grads`` of each step in ``steps``),
+    then ours compared with the reference, param by param."""
+    for step in steps:
         for params, opt in ((ours_p, ours), (ref_p, ref)):
             for p, g in zip(params, random_grads(params, step)):
                 p.grad = g
             opt.step()
     for a, b in zip(ours_p, ref_p):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=lambda x: str(x))
+def test_fp32_trajectory_matches_torch(backend, name, kwargs):
+    ours_p, ref_p = make_params(), make_params()
+    ours = getattr(fp16_triton, name)(ours_p, backend=backend, **clone_kwargs(kwargs))
+    ref = PAIRS[name](ref_p, **clone_kwargs(kwargs))
+    step_side_by_side(range(STEPS), ours_p, ours, ref_p, ref)
     for p, q in zip(ours_p, ref_p):
         for key, value in ref.state[q].items():
             if isinstance(value, torch.Tensor):
@@ -309,13 +315,7 @@ def test_torch_state_dict_interop(backend):
         for a, b in zip(ours_p, ref_p):
             a.copy_(b)
     ours.load_state_dict(ref.state_dict())
-    for step in range(1, 6):
-        for params, opt in ((ours_p, ours), (ref_p, ref)):
-            for p, g in zip(params, random_grads(params, step)):
-                p.grad = g
-            opt.step()
-    for a, b in zip(ours_p, ref_p):
-        assert_close(a, b)
+    step_side_by_side(range(1, 6), ours_p, ours, ref_p, ref)
     back_p = [p.detach().clone().requires_grad_() for p in ours_p]
     back = torch.optim.AdamW(back_p, lr=0.01)
     back.load_state_dict(ours.state_dict())
@@ -507,13 +507,7 @@ def test_adam_decoupled_weight_decay_is_adamw(backend):
     ours = fp16_triton.Adam(ours_p, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True,
                             backend=backend)  # fmt: skip
     ref = torch.optim.AdamW(ref_p, lr=0.01, weight_decay=0.1)
-    for step in range(5):
-        for params, opt in ((ours_p, ours), (ref_p, ref)):
-            for p, g in zip(params, random_grads(params, step)):
-                p.grad = g
-            opt.step()
-    for a, b in zip(ours_p, ref_p):
-        assert_close(a, b)
+    step_side_by_side(range(5), ours_p, ours, ref_p, ref)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -551,13 +545,7 @@ def test_load_uses_the_saved_hyperparameters(backend):
             a.copy_(b)
     ours.load_state_dict(ref.state_dict())
     assert ours.param_groups[0]["momentum"] == 0.9
-    for step in range(1, 4):
-        for params, opt in ((ours_p, ours), (ref_p, ref)):
-            for p, g in zip(params, random_grads(params, step)):
-                p.grad = g
-            opt.step()
-    for a, b in zip(ours_p, ref_p):
-        assert_close(a, b)
+    step_side_by_side(range(1, 4), ours_p, ours, ref_p, ref)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
