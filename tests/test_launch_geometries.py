@@ -2,10 +2,10 @@
 
 The geometries are the tuner's ``CANDIDATES`` and every configuration in the shipped
 ``kernels/configs/*.json``, for every kernel (``tune.kernel_names()``: the device layer's and
-every registered algorithm's); each is run through ``fp16_triton.tune.check_candidate``, the
-check ``fp16-triton tune`` applies before timing a candidate, on tensors sized around the
-geometry's own block and chunk boundaries, separated by guard elements that must come back
-untouched.
+every registered algorithm's); each is run through
+``fp16_triton.geometry_check.check_candidate``, the check ``fp16-triton tune`` applies before
+timing a candidate, on tensors sized around the geometry's own block and chunk boundaries,
+separated by guard elements that must come back untouched.
 
 Tolerances (see ``check_candidate``): a step kernel's outputs bitwise equal to the same kernel
 under the default geometry (every element's arithmetic is the same in any geometry) and
