@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from .backend import kernels
+
 __all__ = [
     "Algorithm",
     "Traffic",
@@ -171,9 +173,7 @@ class Algorithm:
 
     # ------------------------------------------------------------------------- device side
     def kernel_module(self):
-        from .backend import kernels
-
-        return kernels(self.kernel)
+        return kernels(self.kernel)  # imported once (Triton with it), then a cache look-up
 
     def prepare(self, *args, cache=None, **kwargs) -> Callable[[], None]:
         """The Triton launcher: check everything, return the launch."""
@@ -190,8 +190,6 @@ class Algorithm:
         return lambda: self.run_reference(*args, **kwargs)
 
     def run_reference(self, *args, **kwargs) -> None:
-        from .backend import kernels
-
         reference = self.reference
         if isinstance(reference, str):
             reference = getattr(kernels(reference), f"{self.name}_step")

@@ -40,9 +40,9 @@ What "agree" means:
   one step count: a step may refuse (clearly, changing nothing) when the step counts of a
   group's params differ or a param was cast since the last step; nothing else.
 
-Run time: 20 runs of at most 40 rules per TestCase (a run averages 4-8 optimizer steps): a
-passing Triton TestCase takes 4-5 s on the 2-core dev machine, the torch ones under 1 s, so the
-file takes about a minute when everything passes (imports included); under CI the runs are
+Run time: 20 runs of at most 40 rules per TestCase (a run averages 4-8 optimizer steps), sized
+so that the file stays a small part of the suite's CI budget (the Triton TestCases dominate:
+their steps run through the interpreter); under CI the runs are
 ``exploring.examples(20)`` on the commit's seed (conftest.py). FP16_TRITON_STATEFUL_EXAMPLES and
 FP16_TRITON_STATEFUL_STEPS explore more; FP16_TRITON_STATEFUL_SHRINK=1 shrinks a failing run
 to a minimal one (it replays the run hundreds of times: minutes with Triton steps), otherwise
@@ -82,7 +82,7 @@ SETTINGS = settings(
     # not Phase.explain: it traces every line run, minutes here
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
     + ([Phase.shrink] if SHRINK else []),
-    deadline=None,  # a Triton step through the interpreter takes ~50 ms
+    deadline=None,  # Triton steps run through the interpreter: slow, and unevenly so
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
