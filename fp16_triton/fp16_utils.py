@@ -55,6 +55,7 @@ from . import loss_scaler as _loss_scaler
 from .backend import kernels, resolve_backend
 from .fp16_optimizer import FP16Optimizer
 from .functional import clip_grad_norm_
+from .kernels.multi_tensor import SUPPORTED_DTYPES
 
 __all__ = [
     "BN_convert_float",
@@ -156,8 +157,8 @@ def _cast_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     for d, s in zip(dsts, srcs):
         if (
             d.device == device == s.device
-            and d.dtype in _FLOATS
-            and s.dtype in _FLOATS
+            and d.dtype in SUPPORTED_DTYPES
+            and s.dtype in SUPPORTED_DTYPES
             and d.shape == s.shape
             and (d.stride() == s.stride() or d.numel() <= 1)
             and is_dense(d)
@@ -168,9 +169,6 @@ def _cast_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
         else:
             d.copy_(s)
     kernels("cast_copy").cast_copy_(fused_dsts, fused_srcs)
-
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _flat_views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

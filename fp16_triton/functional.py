@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from .backend import backend_for, kernels, resolve_backend
+from .kernels.multi_tensor import SUPPORTED_DTYPES
 
 _OWN = ["nonfinite_check_and_norm", "unscale_", "clip_grad_norm_"]
 
@@ -80,9 +81,6 @@ def unscale_(
     kernels(name).unscale_and_check_(grads, found_inf, inv_scale, cache=cache)
 
 
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 @torch.no_grad()
 def clip_grad_norm_(
     parameters: torch.Tensor | Iterable[torch.Tensor],
@@ -116,7 +114,7 @@ def clip_grad_norm_(
     Delegated to torch unchanged (and said so here rather than approximated): ``norm_type``
     other than 2, the torch backend, grads on several devices, and grads the kernels do not
     read (sparse, strided with gaps, float64). ``foreach`` is accepted for compatibility; the
-    fused path never loops over tensors.
+    fused path never launches per tensor.
     """
     is_generator = isinstance(parameters, types.GeneratorType)
     if isinstance(parameters, torch.Tensor):
@@ -160,7 +158,7 @@ def _fusable(grads: list[torch.Tensor], norm_type, backend: str) -> bool:
     device = grads[0].device
     multi_tensor = kernels("multi_tensor")
     return all(
-        g.device == device and g.dtype in _FUSED_DTYPES and not g.is_sparse
+        g.device == device and g.dtype in SUPPORTED_DTYPES and not g.is_sparse
         and multi_tensor.is_dense(g)
         for g in grads
     )  # fmt: skip

@@ -41,9 +41,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    _increment_steps_kernel,  # noqa: F401 (compiled by this name in tests/gpu_compile.py)
+    _increment_steps_kernel,
     block_offsets,
-    increment_steps,
     load_grad_and_weight,
     prepare_step,
     program_chunk,
@@ -53,7 +52,7 @@ from .common import (
 )
 from .multi_tensor import TableCache
 
-__all__ = ["adam_step", "prepare_adam_step", "increment_steps"]
+__all__ = ["adam_step", "prepare_adam_step"]
 
 
 @triton.jit

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .common import TORCH_TO_TRITON, block_offsets, program_chunk, round_to, tensor_ptr, widen
 from .launch_config import launch_config
-from .multi_tensor import TableCache, device_guard, is_aligned, tables_for
+from .multi_tensor import TableCache, device_guard, is_aligned, sub_cache, tables_for
 
 __all__ = ["cast_copy_", "prepare_cast_copy"]
 
@@ -94,13 +94,7 @@ def prepare_cast_copy(
     config = launch_config("cast_copy", device)
     launches = []
     for (src_dtype, dst_dtype, aligned), (d, s) in _groups(dsts, srcs).items():
-        sub = (
-            None
-            if cache is None
-            else cache.scratch.setdefault(
-                ("cast_copy", src_dtype, dst_dtype, aligned), TableCache()
-            )
-        )
+        sub = sub_cache(cache, ("cast_copy", src_dtype, dst_dtype, aligned))
         tables = tables_for(["dsts", "srcs"], [d, s], [], config["CHUNK"], sub)
         if d[0].device != device:  # within a group the table checks compare devices
             raise ValueError(f"cast_copy_ needs one device: {d[0].device} and {device}")
@@ -113,15 +107,10 @@ def prepare_cast_copy(
                 _cast_copy_kernel[(tables.n_programs,)](
                     tables.rows[1],
                     tables.rows[0],
-                    tables.numels,
-                    tables.chunk_map,
-                    tables.n_programs,
+                    *tables.chunk_args,
                     SRC_DTYPE=TORCH_TO_TRITON[src_dtype],
                     DST_DTYPE=TORCH_TO_TRITON[dst_dtype],
-                    ALIGNED=tables.aligned,
-                    BLOCK=config["BLOCK"],
-                    CHUNK=config["CHUNK"],
-                    num_warps=config["num_warps"],
+                    **tables.options(config),
                 )
 
     return launch

@@ -309,6 +309,14 @@ class TableCache:
         return self._tables
 
 
+def sub_cache(cache: TableCache | None, key) -> TableCache | None:
+    """The cache a launcher keeps under ``key`` inside its caller's ``cache`` (one per dtype
+    group of a multi-launch call), or None when the caller keeps none."""
+    if cache is None:
+        return None
+    return cache.scratch.setdefault(key, TableCache())
+
+
 def tables_for(
     names: Sequence[str],
     moving: Sequence[Sequence[torch.Tensor] | None],

@@ -29,7 +29,7 @@ from .common import (
     widen,
 )
 from .launch_config import launch_config
-from .multi_tensor import TableCache, check_scalar, device_guard, is_aligned, tables_for
+from .multi_tensor import TableCache, check_scalar, device_guard, is_aligned, sub_cache, tables_for
 
 __all__ = ["nonfinite_check_and_norm", "check_and_norm_grouped", "unscale_and_check_"]
 
@@ -126,12 +126,6 @@ def _group_by_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[torch.T
     return groups
 
 
-def _sub_cache(cache: TableCache | None, key) -> TableCache | None:
-    if cache is None:
-        return None
-    return cache.scratch.setdefault(key, TableCache())
-
-
 def nonfinite_check_and_norm(
     grads: Sequence[torch.Tensor],
     *,
@@ -153,7 +147,8 @@ def nonfinite_check_and_norm(
 
     Returns:
         fp32 tensor ``[sum of squares, non-finite count]`` on the grads' device. The count is
-        the number of blocks holding an inf or nan: non-zero iff any element is non-finite
+        the number of programs (CHUNK-element chunks) holding an inf or nan: non-zero iff any
+        element is non-finite
         (the same convention as ``GradScaler``'s summed ``found_inf``). Nothing is synced.
     """
     if len(grads) == 0:
@@ -194,7 +189,7 @@ def check_and_norm_grouped(
     launches = []
     total = 0
     for key, tensors in groups.items():
-        cache_ = _sub_cache(cache, ("check", *key) if isinstance(key, tuple) else ("check", key))
+        cache_ = sub_cache(cache, ("check", *key) if isinstance(key, tuple) else ("check", key))
         tables = tables_for(["grads"], [tensors], [], config["CHUNK"], cache_)
         launches.append((tensors[0].dtype, tables, total))
         total += tables.n_programs
@@ -244,7 +239,7 @@ def unscale_and_check_(
     # later group must not leave an earlier group unscaled.
     launches = []
     for (dtype, aligned), tensors in _group_by_dtype(grads).items():
-        cache_ = _sub_cache(cache, ("unscale", dtype, aligned))
+        cache_ = sub_cache(cache, ("unscale", dtype, aligned))
         launches.append((dtype, tables_for(["grads"], [tensors], [], config["CHUNK"], cache_)))
     with device_guard(device):
         for dtype, tables in launches:
