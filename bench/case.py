@@ -47,15 +47,17 @@ def split_sizes(total: int, max_numel: int = 2**22, max_tensors: int = 32) -> li
 
 
 def make_params(
-    sizes: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int = 0
+    sizes: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int = 0, shape=None
 ) -> list[torch.nn.Parameter]:
     """Parameters of the given sizes with their grads set once (randn: finite, so no step
-    is skipped). Steps reuse the same grads: no allocation per iteration."""
+    is skipped). Steps reuse the same grads: no allocation per iteration. ``shape(n)``, if
+    given, shapes a param of ``n`` elements (an algorithm's ``param_shape``); else 1-D."""
     gen = torch.Generator(device=device).manual_seed(seed)
     params = []
     for n in sizes:
-        p = torch.nn.Parameter(0.02 * torch.randn(n, generator=gen, device=device, dtype=dtype))
-        p.grad = torch.randn(n, generator=gen, device=device, dtype=dtype)
+        size = shape(n) if shape is not None else (n,)
+        p = torch.nn.Parameter(0.02 * torch.randn(size, generator=gen, device=device, dtype=dtype))
+        p.grad = torch.randn(size, generator=gen, device=device, dtype=dtype)
         params.append(p)
     return params
 

@@ -77,7 +77,7 @@ def setup_algorithm(
     """``algorithm``'s optimizer on fp32 params with ``backend``: the same math and bytes as
     torch's fp32 optimizers, so the kernel (or the foreach reference) is compared alone."""
     cls, options = optimizer_of(algorithm)
-    params = make_params(sizes, torch.float32, device)
+    params = make_params(sizes, torch.float32, device, shape=algorithm.param_shape)
     return cls(params, lr=LR, backend=backend, **options).step
 
 

@@ -16,6 +16,7 @@ from .engine import Engine, initialize
 from .fp16_optimizer import FP16Optimizer
 from .lion import Lion  # noqa: F401
 from .loss_scaler import DynamicLossScaler, LossScaler, MinLossScaleError, get_loss_scaler
+from .muon import Muon  # noqa: F401
 from .optimizer import FusedOptimizer
 from .sgd import SGD  # noqa: F401
 from .spec import algorithms as _algorithms

@@ -569,9 +569,10 @@ def _parse_optimizer(value: Any) -> OptimizerConfig:
                 for name in other.type_names[:1]
             ]
             if owners:
+                owned = " and ".join(f"{owner}'s" for owner in owners)
                 raise ConfigError(
                     f"config key 'optimizer.params.{key}' is not a parameter of {canonical} "
-                    f"(it is one of {owners[0]}'s); {canonical} takes: {', '.join(spec)}"
+                    f"(it is one of {owned}); {canonical} takes: {', '.join(spec)}"
                 )
     _check_keys(params, "optimizer.params", spec)
     values = {

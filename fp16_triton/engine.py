@@ -180,7 +180,10 @@ class Engine(nn.Module):
                 "no optimizer: pass one to initialize(optimizer=...) or add an 'optimizer' "
                 'section to the config, e.g. {"type": "AdamW", "params": {"lr": 1e-3}}'
             )
-        cls = algorithm_for_type(spec.type).optimizer_class(spec.effective_type)
+        algorithm = algorithm_for_type(spec.type)
+        if algorithm.param_groups is not None:
+            params = algorithm.param_groups(self.module, params, spec.options)
+        cls = algorithm.optimizer_class(spec.effective_type)
         return cls(params, backend=backend, flat_buffers=spec.flat_buffers, **spec.params)
 
     # ------------------------------------------------------------------------- training

@@ -155,6 +155,11 @@ class Algorithm:
         config_exclude: constructor arguments the config does not take (e.g. a callable).
         functional: the algorithm's public functions on tensor lists (``{"adam_": adam_}``),
             exported by ``fp16_triton.functional``.
+        param_shape: ``param_shape(n) -> shape``: the shape the benchmark gives a param of
+            ``n`` elements (Muon's are matrices); None: 1-D.
+        param_groups: ``param_groups(model, params, options) -> groups``: how the engine
+            groups the params it hands to the class (e.g. Muon's split into Muon and AdamW
+            halves by name and shape); None hands them over as they are.
     """
 
     name: str
@@ -170,6 +175,8 @@ class Algorithm:
     config_kinds: Mapping[str, str | Callable[[str, Any], Any]] = field(default_factory=dict)
     config_exclude: frozenset[str] = frozenset()
     functional: Mapping[str, Callable[..., None]] = field(default_factory=dict)
+    param_shape: Callable[[int], tuple[int, ...]] | None = None
+    param_groups: Callable[[Any, list, Mapping[str, Any]], list[dict]] | None = None
 
     # ------------------------------------------------------------------------- device side
     def kernel_module(self):

@@ -467,9 +467,12 @@ def test_optimizer_validation_errors():
         load_config({"optimizer": {"type": "AdamWW"}})
     with raises("'optimizer.type' is required"):
         load_config({"optimizer": {"params": {"lr": 0.1}}})
-    with raises("'optimizer.params.momentum' is not a parameter of AdamW (it is one of SGD's)"):
+    # Every algorithm that takes the key is named (Muon and SGD take momentum).
+    with raises(
+        "'optimizer.params.momentum' is not a parameter of AdamW (it is one of Muon's and SGD's)"
+    ):
         load_config({"optimizer": {"type": "AdamW", "params": {"momentum": 0.9}}})
-    with raises("'optimizer.params.betas' is not a parameter of SGD (it is one of Adam's)"):
+    with raises("'optimizer.params.betas' is not a parameter of SGD (it is one of Adam's and "):
         load_config({"optimizer": {"type": "SGD", "params": {"betas": [0.9, 0.99]}}})
     with raises("use the top-level 'gradient_clipping'"):
         load_config({"optimizer": {"type": "Adam", "params": {"max_grad_norm": 1.0}}})
