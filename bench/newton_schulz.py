@@ -39,10 +39,10 @@ def main() -> None:
         batch = torch.randn(args.count, rows, cols, device=device).bfloat16()
         singles = [m[None].clone() for m in batch]
 
-        def batched():
+        def batched(batch=batch):
             muon.newton_schulz_(batch, COEFFICIENTS, 5, 1e-7)
 
-        def one_at_a_time():
+        def one_at_a_time(singles=singles):
             for m in singles:
                 muon.newton_schulz_(m, COEFFICIENTS, 5, 1e-7)
 
@@ -50,8 +50,7 @@ def main() -> None:
         sync(device)
         ratio = times["single"] / times["batched"]
         print(
-            f"| {text} | {times['batched'] * 1e3:.2f} | {times['single'] * 1e3:.2f} | "
-            f"{ratio:.2f} |"
+            f"| {text} | {times['batched'] * 1e3:.2f} | {times['single'] * 1e3:.2f} | {ratio:.2f} |"
         )
 
 

@@ -27,6 +27,12 @@ BYTES_ADAMW_FP16_NO_MASTER = 14
 # torch.optim.SGD(momentum > 0, fused or foreach) on fp32 params: read p, g, buf 4 x 3 = 12,
 # write p, buf 4 x 2 = 8.
 BYTES_SGD_MOMENTUM_FP32 = 20
+# torch.optim.Muon on fp32 params, per param, the elementwise ops only (its Newton–Schulz
+# matmuls are compute, as in ours): buf.lerp_(g) reads buf, g and writes buf (12); Nesterov's
+# g.lerp(buf) reads both and writes a new tensor (12); .bfloat16() reads it and writes 2 (6);
+# param.mul_ reads and writes p (8); param.add_(update) reads p and the bf16 update and writes
+# p (10).
+BYTES_MUON_FP32 = 12 + 12 + 6 + 8 + 10
 LR = 1e-4
 
 
@@ -53,14 +59,18 @@ def setup_torch_amp(sizes: Sequence[int], device: torch.device) -> Callable[[], 
 
 
 def setup_torch_optimizer(
-    cls: type, dtype: torch.dtype, **options
+    cls: type | str, dtype: torch.dtype, shape=None, **options
 ) -> Callable[[Sequence[int], torch.device], Callable[[], object]]:
     """A set-up of ``cls(params, lr, **options)`` on params of ``dtype`` (torch's fused and
-    foreach optimizers, timed as they are)."""
+    foreach optimizers, timed as they are), shaped by ``shape`` (``make_params``). A name is
+    looked up in ``torch.optim`` when the case runs (``Muon`` needs torch 2.9)."""
 
     def setup(sizes: Sequence[int], device: torch.device) -> Callable[[], object]:
-        params = make_params(sizes, dtype, device)
-        return cls(params, lr=LR, **options).step
+        optimizer = getattr(torch.optim, cls, None) if isinstance(cls, str) else cls
+        if optimizer is None:
+            raise Unavailable(f"torch.optim.{cls} is not in torch {torch.__version__}")
+        params = make_params(sizes, dtype, device, shape=shape)
+        return optimizer(params, lr=LR, **options).step
 
     return setup
 
@@ -159,9 +169,27 @@ VS_RECIPE = [
         fragile=True,
     ),
 ]
+
+
+def _torch_muon() -> Case:
+    """torch.optim.Muon (one matrix at a time: its only implementation) on fp32 matrices shaped
+    as ours are (the spec's ``param_shape``)."""
+    from fp16_triton.spec import algorithms
+
+    return Case(
+        "torch-muon",
+        "torch Muon (one matrix at a time), fp32 params",
+        "ours-muon",
+        BYTES_MUON_FP32,
+        12,
+        setup_torch_optimizer("Muon", torch.float32, shape=algorithms()["muon"].param_shape),
+    )
+
+
 # torch's counterparts of each algorithm's row of ours (ours.algorithm_case keys them
 # ``ours-<class>``), by algorithm name: on a GPU the fused optimizers, on the CPU foreach.
 GPU_COUNTERPARTS = {
+    "muon": [_torch_muon()],
     "sgd": [
         Case(
             "torch-sgd",
@@ -173,7 +201,9 @@ GPU_COUNTERPARTS = {
         )
     ],
 }
+
 CPU_COUNTERPARTS = {
+    "muon": [_torch_muon()],
     "adam": [
         Case(
             "torch-adamw",
