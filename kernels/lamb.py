@@ -19,16 +19,16 @@ two launches, whatever the number of tensors:
 1. ``_lamb_norms_kernel``: each program updates and stores ``m`` and ``v`` of its chunk, and
    writes its partial sums of ``p**2`` and ``update**2``. The program that arrives last for its
    tensor (an int32 arrival counter per tensor, ``tl.atomic_add``) sums that tensor's partials
-   in program order into the tensor's two squared norms, resets the counter for the next step
+   in a fixed order into the tensor's two squared norms, resets the counter for the next step
    and advances the step count. No float atomics: their order would change from run to run,
    and a resumed run must give the same bits as one that never stopped.
 2. ``_lamb_update_kernel``: each program reloads ``p``, ``m`` and ``v``, recomputes the update
-   (the same bits as launch 1: the same operations on the same inputs), reads its tensor's
+   (launch 1's operations on launch 1's inputs: its bits, unless a GPU compiler contracts a
+   multiply-add in one kernel and not the other), reads its tensor's
    norms and step count and writes the master and the param; the tensor's first program
    records the coefficient (``get_lamb_coeffs``).
 
-Recomputing the update costs the same bytes as storing it in launch 1 and reading it back (an
-fp32 scratch written 4 and read 4 per element, against ``m`` and ``v`` read again), and needs no
+Recomputing the update costs the bytes of storing it and reading it back, without a
 param-sized scratch. Zero-size tensors have no program: their step counts advance through
 ``common.increment_steps`` (one more launch, only when the group holds one).
 
@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .adam import bias_correction
+from .adam import bias_correction as one_minus_power
 from .common import (
     TORCH_TO_TRITON,
     _increment_steps_kernel,
@@ -235,12 +235,13 @@ def _lamb_update_kernel(
     step_size = lr
     if BIAS_CORRECTION:
         step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32)))
-        bc1 = bias_correction(one_minus_beta1, step)
-        bc2 = bias_correction(one_minus_beta2, step)
+        bc1 = one_minus_power(one_minus_beta1, step)
+        bc2 = one_minus_power(one_minus_beta2, step)
         step_size = (tl.cast(lr, tl.float64) * tl.sqrt(bc2) / bc1).to(tl.float32)
     w_norm = tl.sqrt_rn(tl.load(norms + tensor))
     u_norm = tl.sqrt_rn(tl.load(norms + n_tensors + tensor))
-    ratio = tl.maximum(tl.minimum(tl.div_rn(w_norm, u_norm), max_coeff), min_coeff)
+    ratio = tl.div_rn(w_norm, tl.where(u_norm != 0.0, u_norm, 1.0))  # 0/0: not taken below
+    ratio = tl.maximum(tl.minimum(ratio, max_coeff), min_coeff)
     coeff = tl.where((w_norm != 0.0) & (u_norm != 0.0), ratio, 1.0)
     scale = step_size * coeff
     if (start == 0) & (numel > 0):
@@ -256,20 +257,26 @@ def _lamb_update_kernel(
         store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
 
 
-def _scratch(cache: TableCache | None, tables, device) -> tuple[torch.Tensor, ...]:
-    """``(partials, counters, norms, coeffs)`` for ``tables``: kept in ``cache`` while its
-    tables stand (allocated, counters zeroed, once per rebuild), else made for this call. The
-    kernel leaves every counter at 0 after each launch, skipped steps included."""
+def _scratch(cache: TableCache | None, tables, params, steps, device) -> tuple:
+    """``(partials, counters, norms, coeffs, empty)`` for ``tables``: kept in ``cache`` while
+    its tables stand (made once per rebuild: the kernel leaves every counter at 0 after each
+    launch, skipped steps included), else made for this call. ``empty``: None, or the
+    positions and step-count address table of the tensors without elements."""
     if cache is not None:
         kept = cache.scratch.get("lamb")
         if kept is not None and kept[0] is tables:
             return kept[1:]
-    n_tensors = tables.numels.numel()
+    n_tensors, f32 = len(steps), torch.float32
+    empty = [i for i, p in enumerate(params) if p.numel() == 0]  # at rebuilds only
+    if empty:
+        addresses = torch.tensor([steps[i].data_ptr() for i in empty], dtype=torch.int64)
+        empty = (torch.tensor(empty, device=device), addresses.to(device))
     scratch = (
-        torch.empty((2, max(tables.n_programs, 1)), dtype=torch.float32, device=device),
+        torch.empty((2, max(tables.n_programs, 1)), dtype=f32, device=device),
         torch.zeros(n_tensors, dtype=torch.int32, device=device),
-        torch.empty((2, n_tensors), dtype=torch.float32, device=device),
-        torch.full((n_tensors,), float("nan"), dtype=torch.float32, device=device),
+        torch.empty((2, n_tensors), dtype=f32, device=device),
+        torch.full((n_tensors,), float("nan"), dtype=f32, device=device),
+        empty or None,
     )
     if cache is not None:
         cache.scratch["lamb"] = (tables, *scratch)
@@ -314,11 +321,9 @@ def prepare_lamb_step(
     state = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps, "masters": masters}
     check_step_inputs(params, grads, masters, state, grad_scale, found_inf, norm_sq)
     device = params[0].device
-    if coeffs is not None and (
-        coeffs.dtype != torch.float32
-        or coeffs.numel() != len(params)
-        or coeffs.device != device
-        or not coeffs.is_contiguous()
+    if coeffs is not None and not (
+        (coeffs.dtype, coeffs.numel(), coeffs.device) == (torch.float32, len(params), device)
+        and coeffs.is_contiguous()
     ):
         raise ValueError(
             f"coeffs must be a contiguous float32 tensor of {len(params)} elements on {device}"
@@ -327,7 +332,7 @@ def prepare_lamb_step(
     names = ["params", "grads", *state]
     tables = tables_for(names, [params, grads], list(state.values()), config["CHUNK"], cache)
     rows = dict(zip(names, tables.rows))
-    partials, counters, norms, own_coeffs = _scratch(cache, tables, device)
+    partials, counters, norms, own_coeffs, empty = _scratch(cache, tables, params, steps, device)
     coeffs = own_coeffs if coeffs is None else coeffs
     n_tensors = len(params)
     lr_value, lr_tensor = learning_rate(lr, device)
@@ -346,13 +351,8 @@ def prepare_lamb_step(
         partials, counters, norms, n_tensors, float(max_norm),
         float(beta1), float(beta2), *one_minus, float(eps), float(weight_decay),
     )  # fmt: skip
-    norms_flags = dict(
-        GRAD_DTYPE=TORCH_TO_TRITON[grads[0].dtype],
-        HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_CLIP=has_clip,
-        **common,
-        **options,
-    )
+    norms_flags = dict(GRAD_DTYPE=TORCH_TO_TRITON[grads[0].dtype], HAS_CLIP=has_clip, **common)
+    norms_flags.update(HAS_GRAD_SCALE=grad_scale is not None, **options)
     update_args = (
         rows["params"], rows["masters"], rows["exp_avgs"], rows["exp_avg_sqs"], rows["steps"],
         *tables.chunk_args,
@@ -361,26 +361,17 @@ def prepare_lamb_step(
         norms, coeffs, n_tensors, lr_value, *one_minus, float(eps), float(weight_decay),
         float(max_coeff), float(min_coeff),
     )  # fmt: skip
-    update_flags = dict(
-        BIAS_CORRECTION=bool(bias_correction),
-        LR_ON_DEVICE=lr_tensor is not None,
-        **common,
-        **options,
-    )
-    empty = [i for i, p in enumerate(params) if p.numel() == 0]
-    if empty:  # no program: their step counts advance apart; their coefficient is 1
-        empty_steps = torch.tensor([steps[i].data_ptr() for i in empty], dtype=torch.int64)
-        empty_steps = empty_steps.to(device)
-        empty_index = torch.tensor(empty, device=device)
+    update_flags = dict(BIAS_CORRECTION=bool(bias_correction), **common, **options)
+    update_flags.update(LR_ON_DEVICE=lr_tensor is not None)
 
     def launch():
         with device_guard(device):
             if tables.n_programs > 0:
                 _lamb_norms_kernel[(tables.n_programs,)](*norms_args, **norms_flags)
                 _lamb_update_kernel[(tables.n_programs,)](*update_args, **update_flags)
-            if empty:
-                increment_steps(empty_steps, len(empty), found_inf)
-                coeffs.index_fill_(0, empty_index, 1.0)
+            if empty is not None:  # no program: steps advance apart, the coefficient is 1
+                increment_steps(empty[1], empty[1].numel(), found_inf)
+                coeffs.index_fill_(0, empty[0], 1.0)
 
     return launch
 

@@ -185,6 +185,24 @@ def test_max_grad_norm_clips_each_group_by_its_own_norm_and_coeffs_follow_group_
         assert abs(c - w) <= (n + 16) * U * w
 
 
+def test_functional_lamb_is_the_class_step():
+    from fp16_triton.functional import lamb_
+
+    first, second = _two_group_model(torch.float32)
+    params = first + second
+    twin = [p.detach().clone() for p in params]
+    opt = fp16_triton.Lamb(params, lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
+    _set_grads(params, 6)
+    opt.step()
+    zeros = lambda: [torch.zeros_like(p) for p in twin]  # noqa: E731
+    steps = [torch.zeros(()) for _ in twin]
+    grads = [p.grad for p in params]
+    lamb_(twin, grads, zeros(), zeros(), steps, lr=1e-2, beta1=0.8, beta2=0.95, eps=1e-8,
+          weight_decay=0.1)  # fmt: skip
+    for p, t in zip(params, twin):
+        assert_bitwise(p.detach(), t, "class vs functional")
+
+
 def test_max_grad_norm_with_fp16_optimizer_clipping_is_refused_before_anything_is_written():
     first, second = _two_group_model()
     lamb = fp16_triton.Lamb(first + second, max_grad_norm=1.0, backend="triton")
