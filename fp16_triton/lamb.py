@@ -181,7 +181,9 @@ class Lamb(FusedOptimizer):
                 if backend == "triton":
                     cache = self._norm_caches.get((group_id, device)) or TableCache()
                     caches[(group_id, device)] = cache
-                    out = cache.scratch.setdefault("lamb_norm", torch.empty(2, device=device))
+                    out = cache.scratch.get("lamb_norm")
+                    if out is None:
+                        out = cache.scratch["lamb_norm"] = torch.empty(2, device=device)
                     total = kernels("nonfinite").check_and_norm_grouped(
                         grads, grad_scale=scale, out=out, cache=cache
                     )

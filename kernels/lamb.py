@@ -235,6 +235,7 @@ def _lamb_update_kernel(
     step_size = lr
     if BIAS_CORRECTION:
         step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32)))
+        step = tl.maximum(step, 1.0)  # 0 only in a skipped step, which writes nothing
         bc1 = one_minus_power(one_minus_beta1, step)
         bc2 = one_minus_power(one_minus_beta2, step)
         step_size = (tl.cast(lr, tl.float64) * tl.sqrt(bc2) / bc1).to(tl.float32)
