@@ -14,6 +14,7 @@ from .backend import BACKEND_ENV
 from .checkpoint_files import CheckpointError
 from .engine import Engine, initialize
 from .fp16_optimizer import FP16Optimizer
+from .lamb import Lamb  # noqa: F401
 from .lion import Lion  # noqa: F401
 from .loss_scaler import DynamicLossScaler, LossScaler, MinLossScaleError, get_loss_scaler
 from .muon import Muon  # noqa: F401
