@@ -164,6 +164,12 @@ class Muon(FusedOptimizer):
                 weight_decay=float(group["weight_decay"]), decoupled_weight_decay=True,
                 cache=bucket.cache, **scaling,
             )  # fmt: skip
+        if bucket.sharded:
+            raise ValueError(
+                "Muon cannot step DTensor (FSDP2) params in a Muon group: a rank holds a shard "
+                "of each matrix, and the Newton–Schulz iterations need whole matrices; put them "
+                "in a group with use_muon=False, or use DDP"
+            )
         return ALGORITHM.launch(
             bucket.backend, bucket.local_params, grads, state["momentum_buffer"],
             masters=masters, cache=bucket.cache, **_muon_options(group), **scaling,
