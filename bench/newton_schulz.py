@@ -1,6 +1,7 @@
-"""Muon's Newton–Schulz iterations batched per matrix shape (``kernels.muon.newton_schulz_``
-on one ``[k, A, B]`` batch) against one matrix at a time (as torch.optim.Muon runs them), on
-``--count`` bf16 matrices of each ``--shapes`` entry.
+"""Muon's Newton–Schulz iterations batched per matrix shape
+(``kernels.muon.batched_newton_schulz_`` on one ``[k, A, B]`` batch, what a GPU runs) against
+one matrix at a time in torch.optim.Muon's 2-D ops (``matrix_newton_schulz_``, what the CPU
+runs), on ``--count`` bf16 matrices of each ``--shapes`` entry.
 
     python -m bench.newton_schulz [--shapes 256x256,1024x256] [--count 16] [--device cuda]
 
@@ -37,14 +38,14 @@ def main() -> None:
     for text in args.shapes.split(","):
         rows, cols = map(int, text.split("x"))
         batch = torch.randn(args.count, rows, cols, device=device).bfloat16()
-        singles = [m[None].clone() for m in batch]
+        singles = [m.clone() for m in batch]
 
         def batched(batch=batch):
-            muon.newton_schulz_(batch, COEFFICIENTS, 5, 1e-7)
+            muon.batched_newton_schulz_(batch, COEFFICIENTS, 5, 1e-7)
 
         def one_at_a_time(singles=singles):
             for m in singles:
-                muon.newton_schulz_(m, COEFFICIENTS, 5, 1e-7)
+                muon.matrix_newton_schulz_(m, COEFFICIENTS, 5, 1e-7)
 
         times = interleaved({"batched": batched, "single": one_at_a_time}, timer, args.rounds)
         sync(device)

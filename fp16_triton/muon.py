@@ -18,7 +18,7 @@ import torch
 from .adam import ALGORITHM as ADAM
 from .backend import backend_for, kernels
 from .buckets import Bucket
-from .optimizer import FusedOptimizer, check_lr
+from .optimizer import FusedOptimizer
 from .spec import Algorithm, Traffic, elementwise_traffic, register
 
 __all__ = ["Muon", "muon_param_groups"]
@@ -117,7 +117,12 @@ class Muon(FusedOptimizer):
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         # torch.optim.Muon's checks and messages, then AdamW's for the AdamW groups.
-        check_lr(group["lr"])
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not isinstance(lr, torch.Tensor) or lr.device.type == "cpu":  # a GPU lr: no sync
+            if not 0.0 <= lr:
+                raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
         if not 0.0 <= group["momentum"]:
             raise ValueError(f"momentum should be >= 0 but is: {group['momentum']}")
         if not 0.0 <= group["weight_decay"]:
@@ -139,10 +144,35 @@ class Muon(FusedOptimizer):
     def _state_kind(self, group: dict[str, Any]) -> tuple:
         return bool(group["master_weights"]), bool(group["use_muon"])
 
+    def _group_cache(self, group: dict[str, Any]):
+        """The base's, plus torch.optim.Muon's rule whenever it checks a group's params again
+        (a new group, new params, ``use_muon`` switched on): the params of a Muon group are
+        matrices. Before any state is made."""
+        before = self._groups.get(id(group))
+        cache = super()._group_cache(group)
+        if cache is not before and group["use_muon"]:
+            try:
+                kernels("muon").check_matrices(group["params"])
+            except ValueError:
+                del self._groups[id(group)]  # checked again at the next step
+                raise
+        return cache
+
     def _check_state(self, p, group, state=None) -> None:
         # Which state a param needs depends on its group's half (``_required_state`` is read
-        # by the base check).
-        self._required_state = _REQUIRED[bool(group["use_muon"])]
+        # by the base check); state of the other half means the group's use_muon was switched.
+        use_muon = bool(group["use_muon"])
+        self._required_state = _REQUIRED[use_muon]
+        current = self.state.get(p) if state is None else state
+        if isinstance(current, dict) and any(
+            current.get(n) is not None for n in _REQUIRED[not use_muon]
+        ):
+            half = "Muon" if not use_muon else "AdamW"
+            raise ValueError(
+                f"{self._describe(p)} has {half} state, but its group now has "
+                f"use_muon={use_muon}; delete its state (del optimizer.state[p]) to restart it "
+                "in the new half, or switch the group back"
+            )
         super()._check_state(p, group, state)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -170,6 +200,17 @@ class Muon(FusedOptimizer):
                 "of each matrix, and the Newton–Schulz iterations need whole matrices; put them "
                 "in a group with use_muon=False, or use DDP"
             )
+        # The iterations depend on each matrix's shape, which a same-memory re-view
+        # (p.data = p.data.view(...)) changes without the buckets noticing (``buckets.py``):
+        # compared at every step, before anything is written, as torch's lerp_ would refuse.
+        for p, g, buf in zip(bucket.params, grads, state["momentum_buffer"]):
+            if not p.shape == g.shape == buf.shape:
+                raise ValueError(
+                    f"{self._describe(p)} has a grad of shape {tuple(g.shape)} and a "
+                    f"momentum_buffer of shape {tuple(buf.shape)} (torch.optim.Muon fails here "
+                    "too); if the param was reshaped on purpose, delete its state (del "
+                    "optimizer.state[p]) and its grad"
+                )
         return ALGORITHM.launch(
             bucket.backend, bucket.local_params, grads, state["momentum_buffer"],
             masters=masters, cache=bucket.cache, **_muon_options(group), **scaling,
@@ -250,9 +291,11 @@ def muon_param_groups(model: torch.nn.Module, params, options: dict[str, Any]) -
     AdamW groups for the engine's ``"type": "Muon"``.
 
     A param goes to Muon when its ``use_muon`` attribute says so, else (as DeepSpeed tags
-    them) when it has at least 2 dims and its name in ``model`` contains neither "embed" nor
-    "lm_head". ``options["muon_lr"]`` / ``options["adam_lr"]`` set the two halves' learning
-    rate (over the config's shared ``lr``) unless a given group has its own ``lr``.
+    them) when it is a matrix whose name in ``model`` contains neither "embed" nor "lm_head"
+    (DeepSpeed also tags params of more dims and flattens them; torch.optim.Muon refuses
+    them: here they go to AdamW). ``options["muon_lr"]`` / ``options["adam_lr"]`` set the two
+    halves' learning rate (over the config's shared ``lr``) unless a given group has its own
+    ``lr``.
     """
     names = {id(p): name for name, p in model.named_parameters()}
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
@@ -276,7 +319,9 @@ def _uses_muon(p: torch.Tensor, name: str) -> bool:
     tagged = getattr(p, "use_muon", None)
     if tagged is not None:
         return bool(tagged)
-    return p.ndim >= 2 and "embed" not in name and "lm_head" not in name
+    # DeepSpeed tags every param of >= 2 dims and flattens conv filters; torch.optim.Muon (and
+    # this class) takes matrices only, so params of more dims go to AdamW rather than fail.
+    return p.ndim == 2 and "embed" not in name and "lm_head" not in name
 
 
 # ------------------------------------------------------------------------------------ spec

@@ -56,7 +56,14 @@ from .multi_tensor import (
     tables_for,
 )
 
-__all__ = ["muon_step", "prepare_muon_step", "newton_schulz_", "lr_ratio"]
+__all__ = [
+    "muon_step",
+    "prepare_muon_step",
+    "newton_schulz_",
+    "batched_newton_schulz_",
+    "matrix_newton_schulz_",
+    "lr_ratio",
+]
 
 
 @triton.jit
@@ -71,8 +78,10 @@ def _muon_momentum_kernel(
     found_inf_ptr,  # fp32 scalar: non-zero means skip, write nothing (if HAS_FOUND_INF)
     norm_sq_ptr,  # fp32 scalar: squared global norm of the unscaled grads (if HAS_CLIP)
     max_norm,  # fp32: clipping threshold (if HAS_CLIP)
-    momentum,  # fp32: the momentum
-    one_minus_momentum,  # fp32: 1 - momentum, computed on the host
+    momentum,  # fp32: the momentum (Nesterov's lerp weight)
+    one_minus_momentum,  # fp32: 1 - momentum (the buffer's lerp weight), from the host
+    minus_momentum,  # fp32: (1 - momentum) - 1 as torch's lerp computes it, from the host
+    momentum_minus_one,  # fp32: momentum - 1 as torch's lerp computes it, from the host
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
     NESTEROV: tl.constexpr,  # Nesterov's look-ahead
     HAS_GRAD_SCALE: tl.constexpr,  # divide grads by *grad_scale_ptr
@@ -101,23 +110,25 @@ def _muon_momentum_kernel(
             g = g * inv_scale
         if HAS_CLIP:
             g = g * clip_coef
-        b = _lerp(tl.load(buf + offsets, mask=mask, other=0.0), g, one_minus_momentum)
+        b = tl.load(buf + offsets, mask=mask, other=0.0)
+        b = _lerp(b, g, one_minus_momentum, minus_momentum)
         tl.store(buf + offsets, b, mask=mask)
         u = b
         if NESTEROV:
-            u = _lerp(g, b, momentum)
+            u = _lerp(g, b, momentum, momentum_minus_one)
         tl.store(update + offsets, _round_to_bf16(u), mask=mask)
 
 
 @triton.jit
-def _lerp(start, end, weight):
+def _lerp(start, end, weight, weight_minus_one):
     """torch's ``lerp`` as its CPU (vectorized) and CUDA kernels compute it, one fused
     multiply-add: ``start + weight * (end - start)`` for a weight under 0.5, else
-    ``end + (weight - 1) * (end - start)`` (exact at weights 0 and 1). The same roundings as
-    torch matter here: the result is rounded to bf16 for the iterations, which spread a flipped
-    rounding over the whole matrix."""
+    ``end + (weight - 1) * (end - start)`` (exact at weights 0 and 1). ``weight - 1`` comes
+    from the host, computed in fp32 as torch's kernels do (the interpreter would compute it in
+    fp64). The same roundings as torch matter here: the result is rounded to bf16 for the
+    iterations, which spread a flipped rounding over the whole matrix."""
     diff = end - start
-    return tl.where(weight < 0.5, tl.fma(weight, diff, start), tl.fma(weight - 1.0, diff, end))
+    return tl.where(weight < 0.5, tl.fma(weight, diff, start), tl.fma(weight_minus_one, diff, end))
 
 
 @triton.jit
@@ -196,8 +207,35 @@ def newton_schulz_(
     """Orthogonalize each matrix of the bf16 batch ``x`` (``[k, A, B]``) in place, as
     torch.optim.Muon's ``_zeropower_via_newtonschulz`` does one matrix: scaled by its Frobenius
     norm (at least ``eps``), transposed so that the Gram matrix is the smaller one, then
-    ``steps`` quintic iterations ``X = a X + (b G + c G G) X`` with ``G = X X^T``. A batch of
-    ``k`` matrices takes the launches of one."""
+    ``steps`` quintic iterations ``X = a X + (b G + c G G) X`` with ``G = X X^T``.
+
+    On a GPU the batch runs as one (``baddbmm``): ``k`` matrices take the launches of one.
+    Elsewhere each matrix runs torch's own 2-D ops, bit for bit torch's: CPU bf16 ``baddbmm``
+    does not round as ``addmm`` does (one bf16 rounding apart now and then, which the
+    iterations spread over the matrix), and batching on a CPU saves little but for tiny
+    matrices (``python -m bench.newton_schulz``)."""
+    if x.device.type == "cuda":
+        batched_newton_schulz_(x, coefficients, steps, eps)
+    else:
+        for matrix in x:
+            matrix_newton_schulz_(matrix, coefficients, steps, eps)
+
+
+def matrix_newton_schulz_(matrix: torch.Tensor, coefficients, steps: int, eps: float) -> None:
+    """torch.optim.Muon's iterations on one bf16 matrix, its ops in its order, in place."""
+    a, b, c = coefficients
+    y = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T
+    wide = y
+    y.div_(y.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = y @ y.T
+        gram_update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        y = torch.addmm(y, gram_update, y, beta=a)
+    wide.copy_(y)
+
+
+def batched_newton_schulz_(x: torch.Tensor, coefficients, steps: int, eps: float) -> None:
+    """The iterations on every matrix of ``x`` at once (one launch per op for the batch)."""
     a, b, c = coefficients
     wide = x if x.shape[-2] <= x.shape[-1] else x.mT
     # On a contiguous copy of the wide orientation: the same matmuls whatever the params'
@@ -233,18 +271,18 @@ def _state_cache(cache: TableCache | None, name: str) -> TableCache | None:
 
 def _update_buffers(layouts: tuple, device: torch.device):
     """``(per-matrix views, per-layout batches)`` of bf16 update buffers for matrices of
-    ``layouts`` (``(shape, transposed)``): one ``[k, A, B]`` batch per distinct layout, so that
-    the iterations run batched, each view laid out as its param (the kernels pair elements by
-    memory position)."""
+    ``layouts`` (``(shape, strides)``): one ``[k, A, B]`` batch per distinct layout, so that
+    the iterations can run batched, each view with its param's strides (the kernels pair
+    elements by memory position)."""
     by_layout: dict[tuple, list[int]] = {}
     for i, layout in enumerate(layouts):
         by_layout.setdefault(layout, []).append(i)
     views: list[torch.Tensor] = [None] * len(layouts)  # type: ignore[list-item]
     batches = []
-    for ((rows, cols), transposed), indices in by_layout.items():
-        size = (len(indices), cols, rows) if transposed else (len(indices), rows, cols)
-        batch = torch.zeros(size, dtype=torch.bfloat16, device=device)
-        batch = batch.mT if transposed else batch
+    for ((rows, cols), (row_stride, col_stride)), indices in by_layout.items():
+        size = rows * cols
+        flat = torch.zeros(len(indices) * size, dtype=torch.bfloat16, device=device)
+        batch = flat.as_strided((len(indices), rows, cols), (size, row_stride, col_stride))
         batches.append(batch)
         for j, i in enumerate(indices):
             views[i] = batch[j]
@@ -305,7 +343,7 @@ def prepare_muon_step(
     device = params[0].device
     config = launch_config("muon", device)
     shapes = tuple(tuple(p.shape) for p in params)
-    layouts = tuple((s, p.stride(0) < p.stride(1)) for s, p in zip(shapes, params))
+    layouts = tuple((s, p.stride()) for s, p in zip(shapes, params))
     updates, batches = _kept(
         cache, "muon-updates", (layouts, device), lambda: _update_buffers(layouts, device)
     )
@@ -313,25 +351,31 @@ def prepare_muon_step(
         cache, "muon-ratios", (shapes, adjust_lr_fn, device),
         lambda: _lr_ratios(shapes, adjust_lr_fn, device),
     )  # fmt: skip
+    # The update buffers are compared address by address, as params and grads: a new layout
+    # replaces them, and the tables must follow.
     first = tables_for(
-        ["grads", "momentum_buffers", "updates"], [grads], [momentum_buffers, updates],
+        ["grads", "updates", "momentum_buffers"], [grads, updates], [momentum_buffers],
         config["CHUNK"], _state_cache(cache, "momentum"),
     )  # fmt: skip
     second = tables_for(
-        ["params", "masters", "updates"], [params], [masters, updates],
+        ["params", "updates", "masters"], [params, updates], [masters],
         config["CHUNK"], _state_cache(cache, "weights"),
     )  # fmt: skip
+    grad_row, update_row, buf_row = first.rows
+    param_row, update_row_2, master_row = second.rows
     has_clip = norm_sq is not None and max_norm > 0
     lr_value, lr_tensor = learning_rate(lr, device)
-    lr_high = struct.unpack("f", struct.pack("f", lr_value))[0]  # lr rounded to fp32
+    lr_high = _fp32(lr_value)
+    momentum_32, one_minus_momentum_32 = _fp32(momentum), _fp32(1.0 - float(momentum))
     scalar = first.numels
     flags = dict(HAS_FOUND_INF=found_inf is not None)
     momentum_args = (
-        *first.rows, *first.chunk_args,
+        grad_row, buf_row, update_row, *first.chunk_args,
         grad_scale if grad_scale is not None else scalar,
         found_inf if found_inf is not None else scalar,
         norm_sq if has_clip else scalar,
-        float(max_norm), float(momentum), 1.0 - float(momentum),
+        float(max_norm), momentum_32, one_minus_momentum_32,
+        _fp32(one_minus_momentum_32 - 1.0), _fp32(momentum_32 - 1.0),
     )  # fmt: skip
     momentum_kwargs = dict(
         GRAD_DTYPE=TORCH_TO_TRITON[grads[0].dtype], NESTEROV=bool(nesterov),
@@ -339,7 +383,7 @@ def prepare_muon_step(
         **first.options(config),
     )  # fmt: skip
     weight_args = (
-        *second.rows, ratios, *second.chunk_args,
+        param_row, master_row, update_row_2, ratios, *second.chunk_args,
         found_inf if found_inf is not None else scalar,
         lr_tensor if lr_tensor is not None else scalar,
         lr_high, lr_value - lr_high, float(weight_decay),
@@ -358,6 +402,11 @@ def prepare_muon_step(
             _muon_weight_kernel[(second.n_programs,)](*weight_args, **weight_kwargs)
 
     return launch
+
+
+def _fp32(x: float) -> float:
+    """``x`` rounded to fp32 (to nearest even), as a Python float."""
+    return struct.unpack("f", struct.pack("f", float(x)))[0]
 
 
 def muon_step(*args, **kwargs) -> None:

@@ -4,14 +4,14 @@ errors, loss scaling and clipping under ``FP16Optimizer``, state dicts, the engi
 split and config, the tiny GPT trained in fp16 against an fp32 torch baseline, launch counts.
 
 Tolerances:
-- The elementwise parts (momentum, Nesterov, decay, the master update) are torch's ops with
-  torch's roundings (its CPU lerp, mul_ and add_ are fused multiply-adds), so they are compared
-  bitwise. The Newton–Schulz iterations run in bf16: ours are batched (``baddbmm`` over
-  ``[k, A, B]``), torch's are ``addmm`` on one matrix, and on the CPU the two kernels may round
-  a near-tie the other way. Hence torch.optim.Muon is run twice as an oracle: with its own
-  iterations (``_zeropower_via_newtonschulz``, within ``ns_tolerance`` below), and with that one
-  function swapped for the same iterations written here with batched matmuls on a batch of one
-  (``batched_ns``), where every bit must agree.
+- Bitwise against torch.optim.Muon on the CPU: the elementwise parts are torch's ops with its
+  roundings (its CPU lerp, mul_ and add_(alpha=) are fused multiply-adds; ``momentum - 1`` and
+  the fp64 products of lr come from the host as torch computes them), and on the CPU the
+  Newton–Schulz iterations are torch's own 2-D ops. On another CPU build (no FMA in torch's
+  vectorized kernels) this would need ulps instead.
+- The GPU's batched iterations (``baddbmm`` on ``[k, A, B]``) are checked against the one-matrix
+  ones on the CPU within ``ns_tolerance``: CPU bf16 ``baddbmm`` and ``addmm`` may round a
+  near-tie differently, and the iterations spread that flipped ulp over the matrix.
 - A fp16/bf16 param with a master is exactly its master rounded to nearest-even.
 """
 
@@ -31,6 +31,7 @@ from comparing import one_thread as one_thread  # noqa: F401  (autouse: one CPU 
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fp16_triton
+from fp16_triton.kernels import muon as muon_kernels
 from fp16_triton.train import GPTConfig, MarkovTask, TinyGPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,6 @@ from bench.timing import count_triton_launches  # noqa: E402
 
 if not hasattr(torch.optim, "Muon"):
     pytest.skip("torch.optim.Muon (the oracle) needs torch >= 2.9", allow_module_level=True)
-import torch.optim._muon as torch_muon  # noqa: E402
 
 BACKENDS = ("triton", "torch")
 # Square, wide, tall (transposed inside the iterations), 1 x n, and sizes across a 1024-block.
@@ -52,39 +52,17 @@ CASES = [
     dict(lr=torch.tensor(0.02), momentum=0.5, nesterov=False),
     dict(lr=0.05, momentum=0.99, adjust_lr_fn="match_rms_adamw", ns_steps=3,
          ns_coefficients=(2.0, -1.5, 0.5), eps=1e-3),
+    dict(lr=0.02, weight_decay=0.05, momentum=0.9),  # a near-tie CPU baddbmm rounds otherwise
 ]  # fmt: skip
-
-
-def batched_ns(grad, ns_coefficients, ns_steps, eps):
-    """torch.optim.Muon's ``_zeropower_via_newtonschulz`` (its checks, bf16, the transpose of
-    tall matrices, the Frobenius scaling) with ``baddbmm`` on a batch of one for ``addmm``."""
-    if ns_steps >= 100:
-        raise ValueError("Number of steps must be less than 100 for computational efficiency")
-    if len(ns_coefficients) != 3:
-        raise ValueError("Coefficients must be a tuple of exactly 3 values")
-    a, b, c = ns_coefficients
-    tall = grad.size(0) > grad.size(1)
-    x = grad.bfloat16()
-    x = (x.T if tall else x).contiguous()[None]
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(ns_steps):
-        gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x[0].T if tall else x[0]
-
-
-@pytest.fixture
-def batched_torch(monkeypatch):
-    """torch.optim.Muon with ``batched_ns`` for its iterations (looked up at each step)."""
-    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", batched_ns)
+COEFFICIENTS = (3.4445, -4.775, 2.0315)
 
 
 def ns_tolerance(lr, shape, adjust_lr_fn, steps):
-    """Where torch's ``addmm`` and our ``baddbmm`` round a near-tie differently, the flipped
-    bf16 ulp spreads through the remaining iterations over the matrix. The iterations' outputs
-    have singular values below 1.5, so no entry exceeds 1.5; a bound of 1/16 of that per entry
-    and step (far above a few flipped ulps, far below a wrong update, whose entries are of
-    order 1) times the step size: ``lr * ratio``, summed over the steps."""
+    """Where two matmul kernels round a near-tie differently, the flipped bf16 ulp spreads
+    through the remaining iterations over the matrix. The iterations' outputs have singular
+    values below 1.5, so no entry exceeds 1.5; a bound of 1/16 of that per entry and step (far
+    above a few flipped ulps, far below a wrong update, whose entries are of order 1) times the
+    step size ``lr * ratio``, summed over the steps."""
     a, b = shape
     if adjust_lr_fn == "match_rms_adamw":
         ratio = 0.2 * math.sqrt(max(a, b))
@@ -100,12 +78,12 @@ def _twins(dtype, gen, shapes=SHAPES):
     return ours, theirs
 
 
-def _run_both(backend, dtype, kwargs, steps=3, seed=0):
+def _run_both(backend, dtype, kwargs, steps=3, seed=0, shapes=SHAPES):
     """``steps`` steps of ours (``dtype`` params) and of torch.optim.Muon (fp32 copies) on the
     same grads (ours in ``dtype``, torch's the same values widened); checks after every step
     that a low-precision param is its master rounded."""
     gen = torch.Generator().manual_seed(seed)
-    ours, theirs = _twins(dtype, gen)
+    ours, theirs = _twins(dtype, gen, shapes)
     opt = fp16_triton.Muon(ours, backend=backend, **kwargs)
     ref = torch.optim.Muon(
         theirs, **{k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
@@ -125,10 +103,12 @@ def _run_both(backend, dtype, kwargs, steps=3, seed=0):
 # ------------------------------------------------------------------- against torch.optim.Muon
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_fp32_is_torch_muon_bitwise_with_batched_iterations(batched_torch, backend, case):
-    # Bitwise: the kernels' lerp and decay-then-add are single fused multiply-adds, as torch's
-    # CPU (vectorized) kernels compute them; on another CPU build this may need ulps instead.
-    opt, ref, ours, theirs = _run_both(backend, torch.float32, CASES[case])
+def test_fp32_is_torch_muon_bitwise(backend, case):
+    seed = 7 if case == len(CASES) - 1 else 0
+    shapes = ((7, 40),) if case == len(CASES) - 1 else SHAPES
+    opt, ref, ours, theirs = _run_both(
+        backend, torch.float32, CASES[case], seed=seed, shapes=shapes
+    )
     for i, (p, q) in enumerate(zip(ours, theirs)):
         assert_bitwise(p.detach(), q.detach(), f"param {i} {tuple(p.shape)}")
         assert_bitwise(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"], f"buf {i}")
@@ -136,64 +116,30 @@ def test_fp32_is_torch_muon_bitwise_with_batched_iterations(batched_torch, backe
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_masters_track_torch_muon_on_fp32_copies(backend, dtype):
+def test_low_precision_masters_are_torch_muon_on_fp32_copies_bitwise(backend, dtype):
     # torch.optim.Muon on fp32 copies of the params, fed the same grads widened (exact): the
-    # fp32 master follows it within the iterations' tolerance; the param is the master rounded
-    # (checked after every step in _run_both); the momentum is fp32.
-    steps = 4
-    opt, ref, ours, theirs = _run_both(backend, dtype, CASES[0], steps=steps)
-    for i, (p, q) in enumerate(zip(ours, theirs)):
-        assert opt.state[p]["momentum_buffer"].dtype == torch.float32
-        tol = ns_tolerance(CASES[0]["lr"], p.shape, None, steps)
-        err = (opt.state[p]["master_param"] - q.detach()).abs().max().item()
-        assert err <= tol, (i, tuple(p.shape), err, tol)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_masters_are_torch_muon_bitwise_with_batched_iterations(
-    batched_torch, backend, dtype
-):
-    """Bitwise, as for fp32 params. Fails on "triton" under TRITON_INTERPRET: the Nesterov lerp
-    computes ``momentum - 1.0`` in the kernel, which the interpreter does in fp64 (a GPU in
-    fp32, as torch), and fp16/bf16 grads often put ``lerp(g, buf, momentum)`` one fp32 ulp
-    from a bf16 tie, where that ulp flips the update's rounding."""
+    # fp32 master is its param bit for bit; the param is the master rounded (checked after
+    # every step in _run_both); the momentum is fp32. fp16/bf16 grads often put Nesterov's lerp
+    # one fp32 ulp from a bf16 tie: this fails unless ``momentum - 1`` is rounded as torch's.
     opt, ref, ours, theirs = _run_both(backend, dtype, CASES[0], steps=4)
     for i, (p, q) in enumerate(zip(ours, theirs)):
+        assert opt.state[p]["momentum_buffer"].dtype == torch.float32
         assert_bitwise(opt.state[p]["master_param"], q.detach(), f"master {i}")
         assert_bitwise(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"], f"buf {i}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [0, 4])
-def test_fp32_tracks_torch_muon_with_its_own_iterations(backend, case):
-    steps, kwargs = 3, CASES[case]
-    opt, ref, ours, theirs = _run_both(backend, torch.float32, kwargs, steps=steps, seed=7)
-    for i, (p, q) in enumerate(zip(ours, theirs)):
-        # The momentum never sees the iterations' output: bitwise.
-        assert_bitwise(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"], f"buf {i}")
-        tol = ns_tolerance(kwargs["lr"], p.shape, kwargs.get("adjust_lr_fn"), steps)
-        err = (p.detach() - q.detach()).abs().max().item()
-        assert err <= tol, (i, tuple(p.shape), err, tol)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bitwise_with_torch_muon_as_claimed(backend):
-    """The implementation's claim, bitwise with torch.optim.Muon on CPU fp32. It fails here: one
-    7 x 40 matrix, one step; torch's ``addmm`` and the batched ``baddbmm`` round one gram-update
-    entry of the first iteration to neighbouring bf16 values (a near-tie), and the iterations
-    carry the difference to the whole update."""
+@pytest.mark.parametrize("shape", [(7, 40), (40, 7), (33, 40)])
+def test_batched_iterations_track_the_one_matrix_ones(shape):
+    """The GPU's path (``batched_newton_schulz_``, one ``[k, A, B]`` batch) against torch's
+    2-D ops one matrix at a time, on the CPU, for the same bf16 inputs."""
     gen = torch.Generator().manual_seed(7)
-    w = torch.randn(7, 40, generator=gen)
-    ours, theirs = w.clone().requires_grad_(), w.clone().requires_grad_()
-    kwargs = dict(lr=0.02, weight_decay=0.05, momentum=0.9)
-    opt = fp16_triton.Muon([ours], backend=backend, **kwargs)
-    ref = torch.optim.Muon([theirs], **kwargs)
-    ours.grad = torch.randn(7, 40, generator=gen)
-    theirs.grad = ours.grad.clone()
-    opt.step()
-    ref.step()
-    assert_bitwise(ours.detach(), theirs.detach(), "param")
+    batch = torch.randn((5, *shape), generator=gen).bfloat16()
+    singles = batch.clone()
+    muon_kernels.batched_newton_schulz_(batch, COEFFICIENTS, 5, 1e-7)
+    for matrix in singles:
+        muon_kernels.matrix_newton_schulz_(matrix, COEFFICIENTS, 5, 1e-7)
+    # ns_tolerance's per-entry bound (1/16 of the largest entry, 1.5) for one unit step.
+    assert (batch.float() - singles.float()).abs().max().item() <= 1.5 / 16
 
 
 # --------------------------------------------------------------------------------- errors
@@ -230,7 +176,7 @@ def test_flat_buffers_are_refused():
 
 # ------------------------------------------------------------------ scaling, clipping, skip
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp16_optimizer_skips_inf_and_unscales_and_clips(batched_torch, backend):
+def test_fp16_optimizer_skips_inf_and_unscales_and_clips(backend):
     gen = torch.Generator().manual_seed(3)
     ours, theirs = _twins(torch.float16, gen, SHAPES[:4])
     opt = fp16_triton.FP16Optimizer(
@@ -512,24 +458,33 @@ class _MatmulCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _step_counts(n, dtype):
+def _triton_launches_per_step(n, dtype):
     params = [torch.randn(16, 24).to(dtype).requires_grad_() for _ in range(n)]
     opt = fp16_triton.Muon(params, lr=0.02, backend="triton")
     counts = []
     for _ in range(2):  # the second step reuses the cached tables and buffers
         for p in params:
             p.grad = torch.randn(16, 24).to(dtype)
-        with count_triton_launches() as launches, _MatmulCount() as matmuls:
+        with count_triton_launches() as launches:
             opt.step()
-        counts.append((launches["launches"], matmuls.count))
+        counts.append(launches["launches"])
     return counts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_launches_and_matmuls_per_step_do_not_grow_with_same_shape_matrices(dtype):
-    one, eight = _step_counts(1, dtype), _step_counts(8, dtype)
-    assert one == eight, (one, eight)
-    assert one[-1] == (2, 3 * 5)  # two Triton passes; 3 matmuls per iteration, 5 iterations
+def test_triton_launches_per_step_do_not_grow_with_the_matrices(dtype):
+    assert _triton_launches_per_step(1, dtype) == _triton_launches_per_step(8, dtype) == [2, 2]
+
+
+def test_batched_iterations_take_the_matmuls_of_one_matrix():
+    # The GPU's path: 3 matmuls per iteration whatever the number of same-shape matrices.
+    counts = []
+    for k in (1, 8):
+        batch = torch.randn(k, 16, 24).bfloat16()
+        with _MatmulCount() as matmuls:
+            muon_kernels.batched_newton_schulz_(batch, COEFFICIENTS, 5, 1e-7)
+        counts.append(matmuls.count)
+    assert counts == [3 * 5, 3 * 5]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -552,3 +507,65 @@ def test_functional_muon_is_the_class_step(backend):
         assert_bitwise(p.detach(), t, "param")
         assert_bitwise(opt.state[p]["master_param"], m, "master")
         assert_bitwise(opt.state[p]["momentum_buffer"], b, "momentum")
+
+
+# ----------------------------------------------------------- what users do between steps
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_param_reviewed_in_place_is_refused_before_anything_is_written(backend):
+    # Same memory, same size, another shape (p.data = p.data.view(...)): the buckets do not
+    # see it, the iterations would; torch.optim.Muon fails in its lerp_. Both params unchanged.
+    a, b = (torch.nn.Parameter(torch.randn(4, 6)) for _ in range(2))
+    opt = fp16_triton.Muon([a, b], lr=0.1, backend=backend)
+    a.grad, b.grad = torch.randn(4, 6), torch.randn(4, 6)
+    opt.step()
+    b.data = b.data.view(6, 4)
+    b.grad = torch.randn(6, 4)
+
+    def tensors():
+        return (a, b, *(opt.state[p]["momentum_buffer"] for p in (a, b)))
+
+    before = [t.detach().clone() for t in tensors()]
+    with pytest.raises(ValueError, match="momentum_buffer of shape"):
+        opt.step()
+    for i, (x, y) in enumerate(zip(before, tensors())):
+        assert_bitwise(x, y.detach(), f"tensor {i} written by a refused step")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_one_row_param_with_any_strides_steps_as_torch(backend):
+    ours = torch.nn.Parameter(torch.randn(6, 1).t())  # (1, 6), strides (1, 1): dense
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    opt = fp16_triton.Muon([ours], lr=0.1, backend=backend)
+    ref = torch.optim.Muon([theirs], lr=0.1)
+    ours.grad = torch.randn(1, 6).t().contiguous().t()
+    theirs.grad = ours.grad.clone()
+    opt.step()
+    ref.step()
+    assert_bitwise(ours.detach().contiguous(), theirs.detach().contiguous(), "param")
+
+
+def test_switching_a_group_to_muon_is_refused_before_state_is_made():
+    w, v = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))
+    opt = fp16_triton.Muon([{"params": [w]}, {"params": [v], "use_muon": False}], backend="torch")
+    opt.param_groups[1]["use_muon"] = True  # a vector cannot be orthogonalized
+    w.grad, v.grad = torch.randn(4, 4), torch.randn(4)
+    with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+        opt.step()
+    assert v not in opt.state and w not in opt.state
+    opt.param_groups[1]["use_muon"] = False
+    opt.step()  # and the group steps again once switched back
+    opt.param_groups[1]["params"] = [torch.nn.Parameter(torch.randn(4, 4))]
+    opt.param_groups[0]["use_muon"] = False  # w has Muon state: say so
+    with pytest.raises(ValueError, match="has Muon state, but its group now has use_muon=False"):
+        opt.step()
+
+
+def test_the_engine_sends_conv_filters_to_adamw():
+    # DeepSpeed tags params of >= 2 dims and flattens conv filters; torch.optim.Muon refuses
+    # them: here they go to AdamW instead of failing.
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    engine, optimizer, *_ = fp16_triton.initialize(model=model, config={"optimizer": MUON_CONFIG})
+    muon = [p for g in optimizer.optimizer.param_groups if g["use_muon"] for p in g["params"]]
+    assert [tuple(p.shape) for p in muon] == [(2, 8)]
+    engine.backward(engine(torch.randn(3, 4, 4)).square().mean())
+    engine.step()
