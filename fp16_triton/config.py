@@ -17,9 +17,9 @@ Accepted keys (DeepSpeed's names and defaults):
 - ``gradient_clipping`` (0.0 = off), ``steps_per_print`` (10), ``gradient_accumulation_steps``,
   ``train_batch_size``, ``train_micro_batch_size_per_gpu`` (see :func:`load_config` for the
   batch arithmetic).
-- ``optimizer``: ``type``, a registered algorithm's class name (Adam, AdamW, SGD, Lion: see
-  ``fp16_triton/spec.py``), and ``params``, its constructor's arguments. **DeepSpeed's "Adam" is
-  AdamW by default**; see :class:`OptimizerConfig`.
+- ``optimizer``: ``type``, a registered algorithm's class name (Adam, AdamW, SGD, Lion, Lamb,
+  Muon: see ``fp16_triton/spec.py``), and ``params``, its constructor's arguments. **DeepSpeed's
+  "Adam" is AdamW by default**; see :class:`OptimizerConfig`.
 - ``scheduler``: ``type`` WarmupLR or WarmupDecayLR and ``params`` (see
   :mod:`fp16_triton.lr_schedules`).
 - The DeepSpeed keys in :data:`IGNORED_DEEPSPEED_KEYS` are accepted and ignored.
