@@ -6,13 +6,12 @@ numerics are ``tests/test_muon.py``'s."""
 from __future__ import annotations
 
 import pytest
+import tiny_gpt
 import torch
-import torch.nn.functional as F
-from comparing import assert_bitwise
 from comparing import one_thread as one_thread  # noqa: F401  (autouse: one CPU thread)
 
 import fp16_triton
-from fp16_triton.train import GPTConfig, MarkovTask, TinyGPT
+from fp16_triton.train import GPTConfig, TinyGPT
 
 if not hasattr(torch.optim, "Muon"):
     pytest.skip("torch.optim.Muon (the baseline) needs torch >= 2.9", allow_module_level=True)
@@ -83,17 +82,6 @@ STEPS = 150
 MUON = {"muon_lr": 0.02, "adam_lr": 3e-3, "weight_decay": 0.01}
 
 
-def _config():
-    return {
-        "train_micro_batch_size_per_gpu": 16,
-        "gradient_clipping": 1.0,
-        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 24,
-                 "loss_scale_window": 50, "hysteresis": 2, "min_loss_scale": 1},
-        "optimizer": {"type": "Muon", "params": MUON},
-        "steps_per_print": 10**6,
-    }  # fmt: skip
-
-
 def _gpt():
     """The tiny GPT with its embeddings (named tokens/positions: the name rule would give them
     to Muon) tagged for AdamW, so that Muon gets the hidden 2-D weights only."""
@@ -102,34 +90,12 @@ def _gpt():
     return model
 
 
-def _batches(steps):
-    task, data = MarkovTask(GPTConfig().vocab, 0), torch.Generator().manual_seed(1)
-    return [task.batch(16, GPTConfig().seq_len, data) for _ in range(steps)]
-
-
-def _loss(model, seq):
-    logits = model(seq[:, :-1])
-    return F.cross_entropy(logits.float().reshape(-1, GPTConfig().vocab), seq[:, 1:].reshape(-1))
-
-
 def _engine(backend):
-    return fp16_triton.initialize(model=_gpt(), config=_config(), backend=backend)[0]
+    config = tiny_gpt.fp16_config({"type": "Muon", "params": MUON})
+    return fp16_triton.initialize(model=_gpt(), config=config, backend=backend)[0]
 
 
-def _engine_run(batches, engine=None, start=0, backend="auto"):
-    if engine is None:
-        torch.manual_seed(0)
-        engine = _engine(backend)
-    losses = []
-    for seq in batches[start:]:
-        loss = _loss(engine, seq)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return engine, losses
-
-
-def _torch_fp32_muon_adamw(batches):
+def _torch_fp32_muon_adamw(data):
     """The baseline without this package: fp32 TinyGPT, torch.optim.Muon on the hidden 2-D
     weights, torch.optim.AdamW on the rest (the AdamW half's betas and eps as ours: Muon's
     defaults (0.9, 0.95) and 1e-7), ``clip_grad_norm_`` over all."""
@@ -144,8 +110,8 @@ def _torch_fp32_muon_adamw(batches):
         torch.optim.AdamW(rest, lr=MUON["adam_lr"], betas=(0.9, 0.95), eps=1e-7, weight_decay=wd),
     ]  # fmt: skip
     losses = []
-    for seq in batches:
-        loss = _loss(model, seq)
+    for seq in data:
+        loss = tiny_gpt.loss(model, seq)
         model.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -156,36 +122,18 @@ def _torch_fp32_muon_adamw(batches):
 
 
 def test_engine_trains_the_tiny_gpt_in_fp16_within_5_percent_of_fp32_torch():
-    """Muon in fp16 with dynamic loss scaling (2**24 at first: the first steps overflow and are
-    skipped) ends within 5% of the fp32 torch.optim.Muon + AdamW baseline's final loss (mean of
-    the last 15 steps). Backend "auto": the torch reference on CPU (the interpreter would take
-    minutes); the kernels are pinned to torch above and to the reference by the resume test."""
-    batches = _batches(STEPS)
-    engine, ours = _engine_run(batches)
-    theirs = _torch_fp32_muon_adamw(batches)
-    tail = lambda xs: sum(xs[-15:]) / 15  # noqa: E731
-    assert tail(theirs) < 0.7 * theirs[0]  # the task is learned at all
-    assert tail(ours) == pytest.approx(tail(theirs), rel=0.05), (tail(ours), tail(theirs))
-    assert engine.skipped_steps >= 1  # scaling is exercised
+    """Muon in fp16 with dynamic loss scaling ends within 5% of the fp32 torch.optim.Muon +
+    AdamW baseline's final loss (measured 1.2201 against 1.2181). Backend "auto": the torch
+    reference on CPU (the interpreter would take minutes); the kernels are pinned to torch in
+    tests/test_muon.py and to the reference by the resume test."""
+    data = tiny_gpt.batches(tiny_gpt.STEPS)
+    engine, ours = tiny_gpt.engine_run(_engine, data)
+    tiny_gpt.assert_within_5_percent(engine, ours, _torch_fp32_muon_adamw(data))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_resumes_bitwise(tmp_path, backend):
-    """Saved after 4 steps (the first skipped while the scale comes down from 2**24), resumed
-    in a fresh engine, 4 more steps: bit for bit the run that never stopped."""
-    batches = _batches(8)
-    straight, _ = _engine_run(batches, backend=backend)
-    half, _ = _engine_run(batches[:4], backend=backend)
-    half.save_checkpoint(tmp_path)
-    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
-    resumed = _engine(backend)
-    resumed.load_checkpoint(tmp_path)
-    _engine_run(batches, resumed, start=4)
-    assert resumed.global_steps == straight.global_steps == 8
-    assert_bitwise(resumed.module.state_dict(), straight.module.state_dict(), "weights")
-    assert_bitwise(
-        resumed.optimizer.state_dict(), straight.optimizer.state_dict(), "optimizer state"
-    )
+    tiny_gpt.assert_resumes_bitwise(_engine, tmp_path, backend)
 
 
 def test_the_engine_sends_conv_filters_to_adamw():
