@@ -618,3 +618,13 @@ def test_numpy_scalars_are_numbers_and_bools_stay_bools():
     assert load_config({"fp16": {"initial_scale_power": np.int32(4)}}).fp16.initial_scale_power == 4
     with raises("'fp16.hysteresis' expects an int"):
         load_config({"fp16": {"hysteresis": np.True_}})
+
+
+def test_adam_state_dtype_takes_strings_and_round_trips_through_json():
+    config = {"optimizer": {"type": "AdamW", "params": {"state_dtype": "bf16"}}}
+    cfg = load_config(config)
+    assert cfg.optimizer.params["state_dtype"] == torch.bfloat16
+    assert load_config(json.loads(json.dumps(cfg.to_dict()))).optimizer == cfg.optimizer
+    for bad in ("int8", "fp16", 3):
+        with pytest.raises(ConfigError, match="optimizer.params.state_dtype"):
+            load_config({"optimizer": {"type": "Adam", "params": {"state_dtype": bad}}})
