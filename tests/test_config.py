@@ -419,8 +419,10 @@ def test_optimizer_defaults_and_torch_kwargs():
         "weight_decay": 0.0,  # DeepSpeed FusedAdam's default, not torch AdamW's 0.01
         "amsgrad": False,
         "maximize": False,
+        "state_dtype": torch.float32,  # ours (bf16 moments), not torch's
     }
-    # params are valid keyword arguments of the torch optimizer of the effective type.
+    # params are valid keyword arguments of the torch optimizer of the effective type, but
+    # for ours (state_dtype).
     for raw in (
         {"type": "Adam", "params": {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}},
         {"type": "Adam", "params": {"adam_w_mode": False, "maximize": True}},
@@ -428,8 +430,9 @@ def test_optimizer_defaults_and_torch_kwargs():
     ):
         opt_cfg = load_config({"optimizer": raw}).optimizer
         cls = getattr(torch.optim, opt_cfg.effective_type)
-        opt = cls([torch.nn.Parameter(torch.zeros(2))], **opt_cfg.params)
-        for key, value in opt_cfg.params.items():
+        params = {k: v for k, v in opt_cfg.params.items() if k != "state_dtype"}
+        opt = cls([torch.nn.Parameter(torch.zeros(2))], **params)
+        for key, value in params.items():
             assert opt.param_groups[0][key] == value
 
 
