@@ -22,7 +22,11 @@ _STATE = {
     "max_exp_avg_sq": "amsgrad",
     "master_param": "fp16/bf16 params with master_weights",
 }
-"""Per-param state, all fp32 on the param's device, in torch's names, and when each exists."""
+"""Per-param state on the param's device, in torch's names, and when each exists: fp32, but
+the moments (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) in the group's ``state_dtype``."""
+
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class Adam(FusedOptimizer):
@@ -53,14 +57,21 @@ class Adam(FusedOptimizer):
             attribute (host time independent of the number of tensors). Every param that
             requires grad is then stepped at every step, with a zero grad if it got none, and
             ``zero_grad()`` zeroes in place. See ``fp16_triton/flat_buffers.py`` (default False).
+        state_dtype: the dtype the moments are kept in: ``torch.float32`` (default) or
+            ``torch.bfloat16``, half the memory: the kernel widens them to fp32, updates them
+            in fp32 as with fp32 moments and stores them rounded to nearest-even; masters stay
+            fp32. A group option (``group["state_dtype"]``; changing it between steps converts
+            the existing moments). Loading a state dict keeps the optimizer's own
+            ``state_dtype`` and converts the loaded moments to it. Not with ``flat_buffers``.
 
-    State per param, all fp32 on the param's device: ``step`` (a one-element tensor that a
-    skipped step does not advance), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad),
-    ``master_param`` (fp16/bf16 params with masters).
+    State per param on the param's device: ``step`` (an fp32 one-element tensor that a skipped
+    step does not advance), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad) in
+    ``state_dtype``, ``master_param`` (fp32, fp16/bf16 params with masters).
     """
 
     _state_names = tuple(name for name in _STATE if name != "master_param")
     _required_state = ("step", "exp_avg", "exp_avg_sq")
+    _kept_on_load = ("state_dtype",)
 
     def __init__(
         self,
@@ -80,6 +91,7 @@ class Adam(FusedOptimizer):
         master_weights: bool = True,
         backend: str = "auto",
         flat_buffers: bool = False,
+        state_dtype: torch.dtype = torch.float32,
     ):
         # torch keeps one-element tensor betas as 0-dim tensors (torch.optim.optimizer._to_scalar).
         betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else b for b in betas)
@@ -91,13 +103,20 @@ class Adam(FusedOptimizer):
             amsgrad=amsgrad,
             maximize=maximize,
             decoupled_weight_decay=bool(decoupled_weight_decay),
+            state_dtype=state_dtype,
             **torch_compat_options(foreach, capturable, differentiable, fused),
         )
+        if flat_buffers:
+            _check_flat_state_dtype(state_dtype)
         options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
         super().__init__(params, defaults, **options)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
+        state_dtype = group.get("state_dtype", torch.float32)
+        _check_state_dtype(state_dtype)
+        if getattr(self, "flat_buffers", False):
+            _check_flat_state_dtype(state_dtype)
         eps, (beta1, beta2), wd = group["eps"], group["betas"], group["weight_decay"]
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -111,12 +130,20 @@ class Adam(FusedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {wd}")
 
     def _state_kind(self, group: dict[str, Any]) -> tuple:
-        return bool(group["master_weights"]), bool(group["amsgrad"])
+        # The state dtype too: a switch converts the moments before the next step.
+        state_dtype = group.get("state_dtype", torch.float32)
+        return bool(group["master_weights"]), bool(group["amsgrad"]), state_dtype
+
+    def _state_dtype(self, name: str, group: dict[str, Any]) -> torch.dtype:
+        if name in _MOMENTS:
+            return group.get("state_dtype", torch.float32)
+        return torch.float32
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         # Moments with the param's strides (channels_last too), as torch's zeros_like: the
         # kernels pair param, grad and state elements by their position in memory.
-        zeros = lambda: torch.zeros_like(p, dtype=torch.float32)  # noqa: E731
+        dtype = group.get("state_dtype", torch.float32)
+        zeros = lambda: torch.zeros_like(p, dtype=dtype)  # noqa: E731
         state = {
             "step": torch.zeros((), dtype=torch.float32, device=p.device),
             "exp_avg": zeros(),
@@ -179,6 +206,7 @@ class AdamW(Adam):
         master_weights: bool = True,
         backend: str = "auto",
         flat_buffers: bool = False,
+        state_dtype: torch.dtype = torch.float32,
     ):
         super().__init__(
             params,
@@ -196,6 +224,28 @@ class AdamW(Adam):
             master_weights=master_weights,
             backend=backend,
             flat_buffers=flat_buffers,
+            state_dtype=state_dtype,
+        )
+
+
+def _check_state_dtype(state_dtype) -> None:
+    if isinstance(state_dtype, str) and state_dtype == "int8":
+        raise ValueError(
+            "state_dtype='int8': int8 moments are not implemented yet; use torch.float32 or "
+            "torch.bfloat16"
+        )
+    if state_dtype not in _STATE_DTYPES:
+        raise ValueError(
+            f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype!r}"
+        )
+
+
+def _check_flat_state_dtype(state_dtype) -> None:
+    # Flat buffers allocate one fp32 buffer per state name; bf16 moments there are not built.
+    if state_dtype != torch.float32:
+        raise ValueError(
+            f"state_dtype={state_dtype} is not supported with flat_buffers=True (flat buffers "
+            "keep fp32 state); use flat_buffers=False for bf16 moments"
         )
 
 
@@ -267,10 +317,36 @@ def adamw_(*args, **kwargs) -> None:
 
 
 # ------------------------------------------------------------------------------------ spec
-def _traffic(param_dtype, grad_dtype=None, master=True, amsgrad=False, **_):
+def _traffic(
+    param_dtype, grad_dtype=None, master=True, amsgrad=False, state_dtype=torch.float32, **_
+):
     """Adam/AdamW: ``exp_avg``, ``exp_avg_sq`` (and amsgrad's maximum) read and written once.
-    fp16 params and grads with masters: read 2 + 2 + 4 x 3, write 2 + 4 x 3 = 30 B/param."""
-    return elementwise_traffic(param_dtype, grad_dtype, master, 3 if amsgrad else 2)
+    fp16 params and grads with masters: read 2 + 2 + 4 x 3, write 2 + 4 x 3 = 30 B/param;
+    with bf16 moments read 2 + 2 + 4 + 2 + 2, write 2 + 4 + 2 + 2 = 22, kept 12."""
+    size = torch.empty((), dtype=state_dtype).element_size()
+    return elementwise_traffic(param_dtype, grad_dtype, master, 3 if amsgrad else 2, size)
+
+
+_CONFIG_STATE_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def _check_config_state_dtype(key: str, value) -> torch.dtype:
+    """The config's ``state_dtype``: a string (JSON has no dtypes), or the class default."""
+    from .config import ConfigError
+
+    if isinstance(value, torch.dtype) and value in _STATE_DTYPES:
+        return value
+    if isinstance(value, str) and value.lower() in _CONFIG_STATE_DTYPES:
+        return _CONFIG_STATE_DTYPES[value.lower()]
+    raise ConfigError(
+        f"config key '{key}' must be one of {sorted(_CONFIG_STATE_DTYPES)}, got {value!r}"
+        + (" (int8 moments are not implemented yet)" if value == "int8" else "")
+    )
 
 
 def _example(sizes, device, param_dtype=torch.float16):
@@ -322,6 +398,7 @@ ALGORITHM = register(
             "torch_adam": ("bool", False),
         },
         configure=_configure,
+        config_kinds={"state_dtype": _check_config_state_dtype},
         functional={"adam_": adam_, "adamw_": adamw_},
     )
 )

@@ -246,9 +246,7 @@ class EngineConfig:
         if self.train_micro_batch_size_per_gpu is not None:
             out["train_micro_batch_size_per_gpu"] = self.train_micro_batch_size_per_gpu
         if self.optimizer is not None:
-            params = {
-                k: list(v) if isinstance(v, tuple) else v for k, v in self.optimizer.params.items()
-            }
+            params = {k: _jsonable(v) for k, v in self.optimizer.params.items()}
             params.update(self.optimizer.options)
             if self.optimizer.flat_buffers:
                 params["flat_buffers"] = True
@@ -256,6 +254,16 @@ class EngineConfig:
         if self.scheduler is not None:
             out["scheduler"] = {"type": self.scheduler.type, "params": dict(self.scheduler.params)}
         return out
+
+
+def _jsonable(value: Any) -> Any:
+    """A checked optimizer param as the JSON config writes it: tuples as lists, dtypes (Adam's
+    ``state_dtype``) by name, which the config reads back."""
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return value
 
 
 # --------------------------------------------------------------------------------------------

@@ -115,6 +115,9 @@ class FusedOptimizer(ParamStateRules, Optimizer):
     # found_inf attributes) instead of unscaling and syncing: the contract of torch's fused
     # optimizers.
     _step_supports_amp_scaling = True
+    # Group options a loaded state dict does not override: how this optimizer stores its state
+    # (Adam's ``state_dtype``), which the loaded state is converted to.
+    _kept_on_load: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -574,9 +577,10 @@ class FusedOptimizer(ParamStateRules, Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's layout: ``{"state": {index: {...}}, "param_groups": [...]}``.
 
-        State tensors are torch's (``step``, ``exp_avg``, ...) in fp32, plus ``master_param``
-        for low-precision params with masters. ``step`` is a CPU fp32 tensor, as in
-        ``torch.optim``'s default (non-fused) optimizers, so the dict loads into those.
+        State tensors are torch's (``step``, ``exp_avg``, ...) as kept (fp32; Adam's moments
+        in its ``state_dtype``), plus ``master_param`` for low-precision params with masters.
+        ``step`` is a CPU fp32 tensor, as in ``torch.optim``'s default (non-fused) optimizers,
+        so the dict loads into those (torch casts the moments to its params' dtype).
         """
         sd = super().state_dict()
         # torch packs the live per-param dicts: copy each (as a plain dict) before replacing
@@ -593,11 +597,13 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         """Load a state dict of this optimizer or of its ``torch.optim`` counterpart.
 
         Everything is checked before anything changes: the number of groups and of params
-        per group, and each state tensor's shape against its param's. State is kept in fp32 on
-        the param's device with the param's strides (torch would cast it to the param's dtype
-        and lose the fp32 precision of fp16 runs). Mapping from torch: a low-precision param
-        without ``master_param`` gets its master from the current param value; missing state a
-        subclass can derive (SGD's ``step``) is derived.
+        per group, and each state tensor's shape against its param's. State is kept in fp32
+        (or the dtype a group option such as Adam's ``state_dtype`` names, which loading does
+        not override: ``_kept_on_load``) on the param's device with the param's strides
+        (torch would cast it to the param's dtype and lose the fp32 precision of fp16 runs).
+        Mapping from torch: a low-precision param without ``master_param`` gets its master
+        from the current param value; missing state a subclass can derive (SGD's ``step``) is
+        derived.
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():  # as torch's
             result = pre_hook(self, state_dict)
@@ -621,7 +627,8 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         merged_groups = []
         for group, saved in zip(self.param_groups, saved_groups):
             merged = dict(group)
-            merged.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+            kept = ("params", "param_names", *self._kept_on_load)
+            merged.update({k: v for k, v in saved.items() if k not in kept})
             self._check_hyperparameters(merged)
             merged_groups.append(merged)
         id_to_param = {}

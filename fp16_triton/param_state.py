@@ -5,8 +5,9 @@ state-dict load applies before anything is written (``ParamStateRules``, a base 
 - Checked (``_check_state``), raising with the param named and nothing changed: the state is a
   dict, every tensor in it has the param's shape, ``step`` is one number, the names the
   optimizer needs (``_required_state``) are there, no tensor is shared by two params.
-- Made whole (``_ensure_state``): created as the first step would; brought to fp32 on the
-  param's device with the param's strides (users and torch's loaders assign tensors of any
+- Made whole (``_ensure_state``): created as the first step would; brought to the dtype the
+  group keeps it in (``_state_dtype``: fp32, or bf16 moments with Adam's ``state_dtype``) on
+  the param's device with the param's strides (users and torch's loaders assign tensors of any
   dtype and layout); completed when a setting needs more (amsgrad's maximum, SGD's buffer);
   masters following the param's dtype: an fp16/bf16 param gets an fp32 master from its current
   value (after a cast, also between fp16 and bf16), an fp32 param drops its master.
@@ -57,6 +58,12 @@ class ParamStateRules:
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def _state_dtype(self, name: str, group: dict[str, Any]) -> torch.dtype:
+        """The dtype state ``name`` is kept in for ``group``'s params: fp32, unless a subclass
+        keeps some state compact (Adam's bf16 moments). Every tensor written from outside or
+        loaded is converted to it (fp32 to bf16 rounds to nearest-even, bf16 to fp32 is exact)."""
+        return torch.float32
 
     def _complete_state(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
         """Add the state a setting switched on after the state was made needs (amsgrad's
@@ -121,7 +128,7 @@ class ParamStateRules:
             if new or state is None:
                 self.state[p] = new
         else:
-            _normalize_state(p, state)
+            _normalize_state(p, state, lambda name: self._state_dtype(name, group))
             self._complete_state(p, group, state)
             self._follow_dtype(p, group, state)
         self._remember_dtypes([p])
@@ -166,8 +173,9 @@ class ParamStateRules:
             logger.info(message, *args)
 
     def _import_state(self, p, group, saved: dict[str, Any], key) -> dict[str, torch.Tensor]:
-        """Convert one param's saved state to ours (checked, fp32, on ``p``'s device with
-        ``p``'s strides, masters following ``p``'s dtype); raises naming the param index."""
+        """Convert one param's saved state to ours (checked, in ``_state_dtype``, on ``p``'s
+        device with ``p``'s strides, masters following ``p``'s dtype); raises naming the param
+        index."""
         out: dict[str, Any] = {}
         for name, value in saved.items():
             if value is None:
@@ -185,9 +193,10 @@ class ParamStateRules:
                     f"the param has shape {tuple(p.shape)} (were the params created or passed "
                     "in another order than when the state dict was saved?)"
                 )
-            out[name] = value.detach().to(local(p).device, torch.float32, copy=True)
+            dtype = self._state_dtype(name, group)
+            out[name] = value.detach().to(local(p).device, dtype, copy=True)
         self._check_state(p, group, out)
-        _normalize_state(p, out)
+        _normalize_state(p, out, lambda name: self._state_dtype(name, group))
         self._complete_state(p, group, out)
         wants_master = bool(group["master_weights"]) and p.dtype in LOW_PRECISION
         if wants_master and "master_param" not in out:
@@ -197,11 +206,12 @@ class ParamStateRules:
         return out
 
 
-def _normalize_state(p: torch.Tensor, state: dict[str, Any]) -> None:
+def _normalize_state(p: torch.Tensor, state: dict[str, Any], dtype_of) -> None:
     """State written from outside (ZeroRedundancyOptimizer keeps ``step`` on the CPU, torch's
     loaders cast to the param dtype, users assign tensors of any layout) back to what the
-    kernels read: fp32 on the param's device, ``step`` one element, every other tensor with the
-    param's strides. Writes only the entries that change."""
+    kernels read: ``dtype_of(name)`` (fp32 but for compact moments) on the param's device,
+    ``step`` one fp32 element, every other tensor with the param's strides. Writes only the
+    entries that change."""
     shard = local(p)
     for name, value in list(state.items()):
         if name == "step":  # torch accepts numbers and integer tensors too
@@ -217,16 +227,17 @@ def _normalize_state(p: torch.Tensor, state: dict[str, Any]) -> None:
             continue
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             continue
+        dtype = dtype_of(name)
         lv = local(value)
         if lv is not value:  # a DTensor (FSDP2): sharded like the param
-            if lv.device != shard.device or value.dtype != torch.float32:
-                state[name] = value.to(device=shard.device, dtype=torch.float32)
+            if lv.device != shard.device or value.dtype != dtype:
+                state[name] = value.to(device=shard.device, dtype=dtype)
         elif (
             value.device != shard.device
-            or value.dtype != torch.float32
+            or value.dtype != dtype
             or (value.numel() > 1 and value.stride() != shard.stride())
         ):
-            state[name] = torch.empty_like(shard, dtype=torch.float32).copy_(value)
+            state[name] = torch.empty_like(shard, dtype=dtype).copy_(value)
 
 
 def check_unshared(state, params: list[torch.Tensor]) -> None:

@@ -78,15 +78,17 @@ def elementwise_traffic(
     grad_dtype: torch.dtype | None,
     master: bool,
     state_tensors: int,
+    state_size: int = 4,
 ) -> Traffic:
     """The traffic of a step that reads the param, its grad, its master (fp16/bf16 params with
-    masters) and ``state_tensors`` fp32 state tensors once each, and writes all of them but the
-    grad once. The param is read even with a master: where its bits are no longer the master's
-    rounding (the user wrote it), the step starts from the param (``kernels/common.py``)."""
+    masters, fp32) and ``state_tensors`` state tensors of ``state_size`` bytes per element (4:
+    fp32; 2: bf16 moments) once each, and writes all of them but the grad once. The param is
+    read even with a master: where its bits are no longer the master's rounding (the user wrote
+    it), the step starts from the param (``kernels/common.py``)."""
     p = torch.empty((), dtype=param_dtype).element_size()
     g = torch.empty((), dtype=grad_dtype or param_dtype).element_size()
-    fp32 = 4 * (state_tensors + (1 if master and param_dtype != torch.float32 else 0))
-    return Traffic(read=p + g + fp32, written=p + fp32, kept=p + g + fp32)
+    state = state_size * state_tensors + (4 if master and param_dtype != torch.float32 else 0)
+    return Traffic(read=p + g + state, written=p + state, kept=p + g + state)
 
 
 def scratch_inputs(sizes, device, param_dtype: torch.dtype, state_tensors: int):

@@ -23,10 +23,16 @@ GPUs and the interpreter agree, and ``1 - beta2**step`` keeps fp32 precision eve
 (``1 - beta`` reaches the kernel rounded to fp32: a relative error of at most 2^-24).
 If ``found_inf`` is non-zero nothing at all is written and step counts do not advance.
 
+Moments kept in bf16 (``STATE_DTYPE``, the optimizers' ``state_dtype=torch.bfloat16``) are
+widened to fp32 on load, updated in fp32 as above, and stored rounded to nearest-even; this
+step's update uses the fp32 values before that rounding (the rounding only decides what the
+next step starts from). Masters stay fp32.
+
 Bytes per element (fp16 param, fp16 grad, fp32 master/exp_avg/exp_avg_sq):
 reads grad 2 + master 4 + param 2 (is it still the master's rounding?) + exp_avg 4 +
 exp_avg_sq 4 = 16, writes master 4 + exp_avg 4 + exp_avg_sq 4 + param 2 = 14: **30 bytes**.
 amsgrad adds 8 (read and write max_exp_avg_sq).
+bf16 moments: read 2 + 4 + 2 + 2 + 2, write 4 + 2 + 2 + 2 = **22 bytes** (amsgrad adds 4).
 fp32 params without master: read g 4 + p 4 + m 4 + v 4, write p 4 + m 4 + v 4 = 28 bytes.
 fp16 params without a master: 22 bytes. A skipped step reads only the flag.
 Step counts: 8 bytes per tensor, not per element.
@@ -41,14 +47,17 @@ import triton
 import triton.language as tl
 
 from .common import (
+    TORCH_TO_TRITON,
     _increment_steps_kernel,
     block_offsets,
     load_grad_and_weight,
     prepare_step,
     program_chunk,
+    round_to,
     store_weight,
     tensor_ptr,
     unscale_and_clip_factors,
+    widen,
 )
 from .multi_tensor import TableCache
 
@@ -75,9 +84,9 @@ def _adam_kernel(
     param_ptrs,  # int64 [T]: params, written (rounded from the master when there is one)
     grad_ptrs,  # int64 [T]: grads, read only
     master_ptrs,  # int64 [T]: fp32 master weights (read if HAS_MASTER)
-    exp_avg_ptrs,  # int64 [T]: fp32 first moments
-    exp_avg_sq_ptrs,  # int64 [T]: fp32 second moments
-    max_exp_avg_sq_ptrs,  # int64 [T]: fp32 running max of the second moments (if AMSGRAD)
+    exp_avg_ptrs,  # int64 [T]: first moments (STATE_DTYPE)
+    exp_avg_sq_ptrs,  # int64 [T]: second moments (STATE_DTYPE)
+    max_exp_avg_sq_ptrs,  # int64 [T]: running max of the second moments (if AMSGRAD)
     step_ptrs,  # int64 [T]: fp32 one-element step counts (before this step), read only
     numels,  # int64 [T]: elements in each tensor
     chunk_map,  # int64 [2, P]: tensor index and first element of each program's chunk
@@ -96,6 +105,7 @@ def _adam_kernel(
     weight_decay,  # fp32: L2 (Adam) or decoupled (AdamW) weight decay
     PARAM_DTYPE: tl.constexpr,  # element type of the params
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
+    STATE_DTYPE: tl.constexpr,  # element type of the moments: fp32, or bf16 (rounded on store)
     HAS_MASTER: tl.constexpr,  # low-precision params with an fp32 master (else updated in place)
     DECOUPLED: tl.constexpr,  # AdamW (decoupled weight decay) rather than Adam
     AMSGRAD: tl.constexpr,  # keep and use the running max of the second moments
@@ -111,16 +121,17 @@ def _adam_kernel(
     """One Adam/AdamW update of one chunk of one tensor (see the module docstring).
 
     Bytes per element, fp16 param and grad with fp32 master and moments: read 2 + 4 + 2 + 4 +
-    4, write 4 + 4 + 4 + 2 = 30 (amsgrad +8; fp32 params 28; fp16 without master 22)."""
+    4, write 4 + 4 + 4 + 2 = 30 (amsgrad +8; fp32 params 28; fp16 without master 22); with
+    bf16 moments read 2 + 4 + 2 + 2 + 2, write 4 + 2 + 2 + 2 = 22 (amsgrad +4)."""
     tensor, start, numel = program_chunk(
         chunk_map, n_programs, numels, found_inf_ptr, HAS_FOUND_INF, ALIGNED, CHUNK
     )
     param = tensor_ptr(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
     grad = tensor_ptr(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
     master = tensor_ptr(master_ptrs, tensor, tl.float32, ALIGNED)
-    exp_avg = tensor_ptr(exp_avg_ptrs, tensor, tl.float32, ALIGNED)
-    exp_avg_sq = tensor_ptr(exp_avg_sq_ptrs, tensor, tl.float32, ALIGNED)
-    max_exp_avg_sq = tensor_ptr(max_exp_avg_sq_ptrs, tensor, tl.float32, ALIGNED)
+    exp_avg = tensor_ptr(exp_avg_ptrs, tensor, STATE_DTYPE, ALIGNED)
+    exp_avg_sq = tensor_ptr(exp_avg_sq_ptrs, tensor, STATE_DTYPE, ALIGNED)
+    max_exp_avg_sq = tensor_ptr(max_exp_avg_sq_ptrs, tensor, STATE_DTYPE, ALIGNED)
 
     # Per-program scalars, in fp64 where cancellation would cost precision.
     if LR_ON_DEVICE:
@@ -142,8 +153,8 @@ def _adam_kernel(
             grad, param, master, offsets, mask, inv_scale, clip_coef, GRAD_DTYPE, PARAM_DTYPE,
             HAS_MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE,
         )  # fmt: skip
-        m = tl.load(exp_avg + offsets, mask=mask, other=0.0)
-        v = tl.load(exp_avg_sq + offsets, mask=mask, other=0.0)
+        m = widen(tl.load(exp_avg + offsets, mask=mask, other=0.0), STATE_DTYPE)
+        v = widen(tl.load(exp_avg_sq + offsets, mask=mask, other=0.0), STATE_DTYPE)
         if DECOUPLED:
             p = p * decay
         else:
@@ -155,11 +166,12 @@ def _adam_kernel(
             g - (g - m) * (1.0 - one_minus_beta1),
         )
         v = v * beta2 + (one_minus_beta2 * g) * g
-        tl.store(exp_avg + offsets, m, mask=mask)
-        tl.store(exp_avg_sq + offsets, v, mask=mask)
+        tl.store(exp_avg + offsets, round_to(m, STATE_DTYPE), mask=mask)
+        tl.store(exp_avg_sq + offsets, round_to(v, STATE_DTYPE), mask=mask)
         if AMSGRAD:
-            v = tl.maximum(tl.load(max_exp_avg_sq + offsets, mask=mask, other=0.0), v)
-            tl.store(max_exp_avg_sq + offsets, v, mask=mask)
+            v_max = widen(tl.load(max_exp_avg_sq + offsets, mask=mask, other=0.0), STATE_DTYPE)
+            v = tl.maximum(v_max, v)
+            tl.store(max_exp_avg_sq + offsets, round_to(v, STATE_DTYPE), mask=mask)
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         p = p - step_size * tl.div_rn(m, denom)
         store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
@@ -199,12 +211,13 @@ def prepare_adam_step(
             one dtype on one device, dense (``multi_tensor.is_dense``: any layout, the k-th
             grad, master and moments sharing the k-th param's strides).
         grads: their grads (any of fp16/bf16/fp32, one dtype), read only.
-        exp_avgs, exp_avg_sqs: fp32 moments, one per param.
+        exp_avgs, exp_avg_sqs: moments, one per param: fp32, or bf16 (widened on load,
+            rounded to nearest-even on store; all moment lists of one dtype).
         steps: fp32 one-element step counts (the count *before* this step), advanced by one
             after the update unless ``found_inf`` is non-zero.
         masters: fp32 master weights for low-precision params; None updates the params
             themselves (always so for fp32 params), still in fp32 math, rounding on store.
-        max_exp_avg_sqs: fp32 running maxima, required with ``amsgrad``.
+        max_exp_avg_sqs: running maxima (the moments' dtype), required with ``amsgrad``.
         lr, beta1, beta2, eps, weight_decay: hyperparameters (runtime values, never
             compile-time constants, so changing them never recompiles). ``lr`` may be a
             one-element tensor: on the params' device it is read by the kernel (no sync).
@@ -227,7 +240,9 @@ def prepare_adam_step(
         rows=("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
         hyperparameters=(float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
                          float(eps), float(weight_decay)),
-        flags=dict(DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad)),
+        flags=dict(DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
+                   STATE_DTYPE=TORCH_TO_TRITON.get(exp_avgs[0].dtype) if exp_avgs else None),
+        compact_state=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
         count_steps=True, lr=lr, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
         norm_sq=norm_sq, max_norm=max_norm, cache=cache,
     )  # fmt: skip
@@ -242,7 +257,7 @@ def adam_step(*args, **kwargs) -> None:
 def compile_variants(compile) -> dict[str, dict]:
     """The variants ``tests/gpu_compile.py`` compiles for sm_90: ``compile(kernel, constexprs,
     types=None)`` for each. fp16/bf16 with masters and amsgrad, both alignments, lr on host or
-    device; fp32 without masters; the step-count kernel."""
+    device, fp32 or bf16 moments; fp32 without masters; the step-count kernel."""
     common = {"BLOCK": 1024, "CHUNK": 4096}
     flags = dict(
         DECOUPLED=True, MAXIMIZE=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True
@@ -256,13 +271,25 @@ def compile_variants(compile) -> dict[str, dict]:
                     _adam_kernel,
                     dict(
                         PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=True, AMSGRAD=True,
-                        LR_ON_DEVICE=lr_on_device, ALIGNED=aligned, **flags, **common,
+                        LR_ON_DEVICE=lr_on_device, ALIGNED=aligned, STATE_DTYPE=tl.float32,
+                        **flags, **common,
                     ),
                 )  # fmt: skip
+            # bf16 moments (state_dtype=torch.bfloat16): 2-byte state loads and stores.
+            name = f"adam-{dtype_name}-master-amsgrad-bf16state-aligned{aligned}"
+            results[name] = compile(
+                _adam_kernel,
+                dict(
+                    PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=True, AMSGRAD=True,
+                    LR_ON_DEVICE=False, ALIGNED=aligned, STATE_DTYPE=tl.bfloat16,
+                    **flags, **common,
+                ),
+            )  # fmt: skip
     results["adam-fp32-plain"] = compile(
         _adam_kernel,
         dict(
             PARAM_DTYPE=tl.float32, GRAD_DTYPE=tl.float32, HAS_MASTER=False, AMSGRAD=False,
+            STATE_DTYPE=tl.float32,
             DECOUPLED=False, MAXIMIZE=True, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False,
             HAS_CLIP=False, LR_ON_DEVICE=False, ALIGNED=False, **common,
         ),

@@ -208,6 +208,7 @@ def prepare_step(
     norm_sq: torch.Tensor | None,
     max_norm: float,
     cache,
+    compact_state: Sequence[str] = (),
 ) -> Callable[[], None]:
     """The step launchers' shared body: check the inputs, build (or reuse) the tables of
     params, grads and ``state``, and return the launch of ``kernel`` (then of the step-count
@@ -219,8 +220,10 @@ def prepare_step(
     optional scalars, the clipping threshold and the learning rate; then ``hyperparameters``;
     and the shared flags (dtypes, optional inputs, alignment, block sizes) with its own
     ``flags``. Absent optional pointers are filled with any tensor: the kernels never read them.
+    ``compact_state``: the keys of ``state`` the kernel may read in bf16 (one dtype for all of
+    them, passed by the caller as a ``STATE_DTYPE`` flag); every other state list is fp32.
     """
-    check_step_inputs(params, grads, masters, state, grad_scale, found_inf, norm_sq)
+    check_step_inputs(params, grads, masters, state, grad_scale, found_inf, norm_sq, compact_state)
     device = params[0].device
     config = launch_config(name, device)
     names = ["params", "grads", *state]

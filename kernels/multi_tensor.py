@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
+    "COMPACT_STATE_DTYPES",
     "LOW_PRECISION",
     "SUPPORTED_DTYPES",
     "LaunchTables",
@@ -109,9 +110,16 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 """The dtypes whose params get an fp32 master."""
 
 
-def check_step_inputs(params, grads, masters, state_lists, grad_scale, found_inf, norm_sq):
+COMPACT_STATE_DTYPES = (torch.float32, torch.bfloat16)
+"""The dtypes a kernel that takes a ``STATE_DTYPE`` flag reads its compact state lists in."""
+
+
+def check_step_inputs(
+    params, grads, masters, state_lists, grad_scale, found_inf, norm_sq, compact_state=()
+):
     """O(1) checks of the dtype combination shared by the step launchers (the per-tensor checks
-    run when tables are rebuilt)."""
+    run when tables are rebuilt). The lists named in ``compact_state`` may be bf16 instead of
+    fp32, all of one dtype (the kernel reads them through one ``STATE_DTYPE``)."""
     if len(params) == 0 or len(grads) == 0:
         raise ValueError("a fused step needs at least one param with a grad; got an empty list")
     param_dtype, grad_dtype = params[0].dtype, grads[0].dtype
@@ -124,9 +132,18 @@ def check_step_inputs(params, grads, masters, state_lists, grad_scale, found_inf
         raise ValueError(
             f"masters must be None for {param_dtype} params: they are their own master"
         )
+    compact_dtypes = {}
     for name, lst in state_lists.items():
-        if lst is not None and len(lst) and lst[0].dtype != torch.float32:
+        if lst is None or not len(lst):
+            continue
+        if name in compact_state:
+            if lst[0].dtype not in COMPACT_STATE_DTYPES:
+                raise TypeError(f"{name} must be float32 or bfloat16, got {lst[0].dtype}")
+            compact_dtypes[name] = lst[0].dtype
+        elif lst[0].dtype != torch.float32:
             raise TypeError(f"{name} must be float32, got {lst[0].dtype}")
+    if len(set(compact_dtypes.values())) > 1:
+        raise TypeError(f"{', '.join(compact_dtypes)} must share one dtype, got {compact_dtypes}")
     device = params[0].device
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf), ("norm_sq", norm_sq)):
         check_scalar(name, t, device)

@@ -165,7 +165,10 @@ def adam_step(
         return
     weights, g = start
     lr, weight_decay = float(lr), float(weight_decay)
-    exp_avgs, exp_avg_sqs = list(exp_avgs), list(exp_avg_sqs)
+    # bf16 moments: updated as fp32 copies, stored back rounded to nearest-even below (copy_
+    # rounds so; this step's update uses the fp32 values, as the kernel does).
+    stored = [list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else []]
+    exp_avgs, exp_avg_sqs, maxima = ([t.float() for t in lst] for lst in stored)
     if weight_decay != 0:
         if decoupled_weight_decay:
             torch._foreach_mul_(weights, 1.0 - lr * weight_decay)
@@ -176,8 +179,10 @@ def adam_step(
     torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
     second = exp_avg_sqs
     if amsgrad:
-        torch._foreach_maximum_(list(max_exp_avg_sqs), exp_avg_sqs)
-        second = list(max_exp_avg_sqs)
+        torch._foreach_maximum_(maxima, exp_avg_sqs)
+        second = maxima
+    for lst, values in zip(stored, (exp_avgs, exp_avg_sqs, maxima)):
+        _store_compact(lst, values)
     new_steps = [s.item() + 1.0 for s in steps]
     step_sizes = [-lr / (1.0 - beta1**s) for s in new_steps]
     bc2_sqrts = [math.sqrt(1.0 - beta2**s) for s in new_steps]
@@ -187,6 +192,14 @@ def adam_step(
     torch._foreach_addcdiv_(weights, exp_avgs, denom, step_sizes)
     write_back(params, weights)
     torch._foreach_add_(list(steps), 1.0)
+
+
+def _store_compact(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """Write fp32 ``values`` into bf16 ``tensors`` rounded to nearest-even (``copy_``); fp32
+    tensors were updated in place (``.float()`` returned them), nothing to do."""
+    low = [(t, v) for t, v in zip(tensors, values) if t is not v]
+    if low:
+        torch._foreach_copy_([t for t, _ in low], [v for _, v in low])
 
 
 def sgd_step(

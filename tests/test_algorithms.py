@@ -113,6 +113,49 @@ def test_bytes_model_matches_the_tensors_kept_and_written(name, dtype):
     assert traffic.read >= traffic.kept
 
 
+def test_bytes_model_of_bf16_moments_matches_the_tensors_kept_and_written():
+    """Adam with ``state_dtype=torch.bfloat16``: the moments take 2 bytes (fp16 params with
+    masters: read 2 + 2 + 4 + 2 + 2, write 2 + 4 + 2 + 2 = 22, kept 12)."""
+    args, kwargs = example("adam", torch.float16)
+    args = (*args[:2], *([t.to(torch.bfloat16) for t in lst] for lst in args[2:4]), *args[4:])
+    numel = sum(SIZES)
+    per_param = [t for t in tensors_of((args, kwargs)) if t.dim() > 0]
+    before = [t.clone() for t in per_param]
+    algorithms()["adam"].prepare(*args, **kwargs)()
+    kept = sum(t.numel() * t.element_size() for t in per_param) / numel
+    changed = [t for t, b in zip(per_param, before) if not torch.equal(t, b)]
+    written = sum(t.numel() * t.element_size() for t in changed) / numel
+    traffic = algorithms()["adam"].traffic(torch.float16, state_dtype=torch.bfloat16)
+    assert (traffic.kept, traffic.written, traffic.moved) == (kept, written, 22) == (12, 10, 22)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_bytes_of_adam_state_per_param_are_the_traffic_models(amsgrad):
+    """Measured from the state tensors' storages (fp16 params with fp32 masters): the model's
+    ``kept`` less the param and its grad (2 + 2 bytes)."""
+    sizes = (3, 1100)
+    for state_dtype in (torch.float32, torch.bfloat16):
+        params = [torch.nn.Parameter(torch.randn(n).half()) for n in sizes]
+        opt = fp16_triton.AdamW(params, amsgrad=amsgrad, state_dtype=state_dtype, backend="torch")
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for p in params
+            for name, t in opt.state[p].items()
+            if name != "step"  # one number per tensor, not per element
+        }
+        per_param = sum(storages.values()) / sum(sizes)
+        kept = (
+            algorithms()["adam"]
+            .traffic(torch.float16, amsgrad=amsgrad, state_dtype=state_dtype)
+            .kept
+        )
+        assert per_param == kept - 2 - 2
+    assert kept - 4 == (4 + 2 * (3 if amsgrad else 2))  # bf16: 8 B (10 with amsgrad), not 12
+
+
 def _items(value) -> tuple:
     return value if isinstance(value, tuple) else (value,)
 

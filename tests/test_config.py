@@ -419,8 +419,10 @@ def test_optimizer_defaults_and_torch_kwargs():
         "weight_decay": 0.0,  # DeepSpeed FusedAdam's default, not torch AdamW's 0.01
         "amsgrad": False,
         "maximize": False,
+        "state_dtype": torch.float32,  # ours (bf16 moments), not torch's
     }
-    # params are valid keyword arguments of the torch optimizer of the effective type.
+    # params are valid keyword arguments of the torch optimizer of the effective type, but
+    # for ours (state_dtype).
     for raw in (
         {"type": "Adam", "params": {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}},
         {"type": "Adam", "params": {"adam_w_mode": False, "maximize": True}},
@@ -428,8 +430,9 @@ def test_optimizer_defaults_and_torch_kwargs():
     ):
         opt_cfg = load_config({"optimizer": raw}).optimizer
         cls = getattr(torch.optim, opt_cfg.effective_type)
-        opt = cls([torch.nn.Parameter(torch.zeros(2))], **opt_cfg.params)
-        for key, value in opt_cfg.params.items():
+        params = {k: v for k, v in opt_cfg.params.items() if k != "state_dtype"}
+        opt = cls([torch.nn.Parameter(torch.zeros(2))], **params)
+        for key, value in params.items():
             assert opt.param_groups[0][key] == value
 
 
@@ -618,3 +621,13 @@ def test_numpy_scalars_are_numbers_and_bools_stay_bools():
     assert load_config({"fp16": {"initial_scale_power": np.int32(4)}}).fp16.initial_scale_power == 4
     with raises("'fp16.hysteresis' expects an int"):
         load_config({"fp16": {"hysteresis": np.True_}})
+
+
+def test_adam_state_dtype_takes_strings_and_round_trips_through_json():
+    config = {"optimizer": {"type": "AdamW", "params": {"state_dtype": "bf16"}}}
+    cfg = load_config(config)
+    assert cfg.optimizer.params["state_dtype"] == torch.bfloat16
+    assert load_config(json.loads(json.dumps(cfg.to_dict()))).optimizer == cfg.optimizer
+    for bad in ("int8", "fp16", 3):
+        with pytest.raises(ConfigError, match="optimizer.params.state_dtype"):
+            load_config({"optimizer": {"type": "Adam", "params": {"state_dtype": bad}}})
