@@ -34,9 +34,9 @@ SMALL_FLATBUF = ours.SMALL_FLATBUF
 
 
 def _gpu_cases() -> list[Case]:
-    """The recipe and the baselines it is compared with, then each other algorithm of ours
-    on the Triton path followed by torch's counterparts."""
-    cases = [OURS_ADAMW, *theirs.VS_RECIPE]
+    """The recipe and the baselines it is compared with, the recipe with compact state, then
+    each other algorithm of ours on the Triton path followed by torch's counterparts."""
+    cases = [OURS_ADAMW, *theirs.VS_RECIPE, *ours.COMPACT]
     for name, case in ours.gpu_cases().items():
         cases += [case, *theirs.GPU_COUNTERPARTS.get(name, [])]
     return cases
@@ -47,8 +47,9 @@ GPU_CASES = _gpu_cases()
 CPU_PAIRS = [
     (case, *theirs.CPU_COUNTERPARTS.get(name, [])) for name, case in ours.cpu_cases().items()
 ]
-# Counted through the interpreter: the recipe, with flat buffers, and every other algorithm.
-LAUNCH_CASES = [OURS_ADAMW, SMALL_FLATBUF, *ours.gpu_cases().values()]
+# Counted through the interpreter: the recipe, with flat buffers and compact state, and every
+# other algorithm.
+LAUNCH_CASES = [OURS_ADAMW, SMALL_FLATBUF, *ours.COMPACT, *ours.gpu_cases().values()]
 
 
 # ------------------------------------------------------------------------------ measuring

@@ -37,38 +37,44 @@ def optimizer_of(algorithm: Algorithm) -> tuple[type, dict]:
     return algorithm.optimizer_class(name), options
 
 
-def traffic(algorithm: Algorithm, param_dtype: torch.dtype) -> Traffic:
-    """The spec's bytes per param of one step of ``algorithm`` as the benchmark runs it."""
-    return algorithm.traffic(param_dtype, **optimizer_of(algorithm)[1])
+def traffic(algorithm: Algorithm, param_dtype: torch.dtype, **modes) -> Traffic:
+    """The spec's bytes per param of one step of ``algorithm`` as the benchmark runs it
+    (``modes``: the compact-state options of a variant, e.g. ``state_dtype``)."""
+    return algorithm.traffic(param_dtype, **optimizer_of(algorithm)[1], **modes)
 
 
-def recipe_bytes() -> tuple[int, int, int]:
+def recipe_bytes(**modes) -> tuple[int, int, int]:
     """``(total, check, step)`` bytes per param of the recipe's step: FP16Optimizer's check
     and norm pass, then the headline algorithm's step on fp16 params with fp32 masters."""
     check = check_pass_bytes(RECIPE_DTYPE)
-    step = traffic(algorithms()[HEADLINE], RECIPE_DTYPE).moved
+    step = traffic(algorithms()[HEADLINE], RECIPE_DTYPE, **modes).moved
     return check + step, check, step
 
 
 # ------------------------------------------------------------------------------ set-ups
 def build_recipe(
-    sizes: Sequence[int], device: torch.device, flat: bool = False, **fp16_options
+    sizes: Sequence[int],
+    device: torch.device,
+    flat: bool = False,
+    modes: dict | None = None,
+    **fp16_options,
 ) -> fp16_triton.FP16Optimizer:
     """The README's recipe: fp16 params with fp32 master and moments, the check + norm pass,
     the fused step with clipping at 1.0, dynamic loss scaling; ``flat``: the optimizer owns
-    flat param, grad and state buffers, so a step reads no per-param attribute.
+    flat param, grad and state buffers, so a step reads no per-param attribute; ``modes``:
+    compact-state options of the optimizer (``state_dtype``).
     ``fp16_options`` go to FP16Optimizer (e.g. a loss scaler)."""
     cls, options = optimizer_of(algorithms()[HEADLINE])
     params = make_params(sizes, RECIPE_DTYPE, device)
-    optimizer = cls(params, lr=LR, backend="triton", flat_buffers=flat, **options)
+    optimizer = cls(params, lr=LR, backend="triton", flat_buffers=flat, **options, **(modes or {}))
     return fp16_triton.FP16Optimizer(optimizer, clip_grad=1.0, **fp16_options)
 
 
 def setup_recipe(
-    sizes: Sequence[int], device: torch.device, flat: bool = False
+    sizes: Sequence[int], device: torch.device, flat: bool = False, modes: dict | None = None
 ) -> Callable[[], object]:
     """The recipe's step (``build_recipe``)."""
-    return build_recipe(sizes, device, flat).step
+    return build_recipe(sizes, device, flat, modes).step
 
 
 def setup_algorithm(
@@ -82,12 +88,19 @@ def setup_algorithm(
 
 
 # -------------------------------------------------------------------------------- cases
-def recipe_case(key: str = "ours", shape: str = "", vs: str = "", flat: bool = False) -> Case:
-    """The recipe as a case (``shape`` names the tensor layout in the label)."""
-    total, _, _ = recipe_bytes()
-    kept = traffic(algorithms()[HEADLINE], RECIPE_DTYPE).kept
+def recipe_case(
+    key: str = "ours", shape: str = "", vs: str = "", flat: bool = False, modes: dict | None = None
+) -> Case:
+    """The recipe as a case (``shape`` names the tensor layout in the label; ``modes`` are
+    compact-state options, e.g. ``{"state_dtype": torch.bfloat16}``)."""
+    modes = modes or {}
+    total, _, _ = recipe_bytes(**modes)
+    kept = traffic(algorithms()[HEADLINE], RECIPE_DTYPE, **modes).kept
     cls, _ = optimizer_of(algorithms()[HEADLINE])
-    if shape:
+    if modes:
+        settings = ", ".join(f"{k}={v}" for k, v in modes.items())
+        label = f"ours: FP16Optimizer({cls.__name__} triton, clip 1.0, {settings}), fp16 params"
+    elif shape:
         label = f"ours: FP16Optimizer({cls.__name__} triton), {shape}"
     elif flat:
         label = f"ours: FP16Optimizer({cls.__name__} triton, clip 1.0, flat_buffers=True)"
@@ -95,7 +108,7 @@ def recipe_case(key: str = "ours", shape: str = "", vs: str = "", flat: bool = F
         label = (
             f"ours: FP16Optimizer({cls.__name__} triton, clip 1.0), fp16 params + fp32 master/m/v"
         )
-    setup = partial(setup_recipe, flat=flat)
+    setup = partial(setup_recipe, flat=flat, modes=modes)
     return Case(key, label, vs or key, total, kept, setup, triton=True)
 
 
@@ -114,6 +127,8 @@ def algorithm_case(algorithm: Algorithm, backend: str) -> Case:
 
 OURS_ADAMW = recipe_case()
 SMALL_FLATBUF = recipe_case("ours-flatbuf", vs="ours-flat", flat=True)
+# The recipe with compact state (issue 14's modes), each divided by the recipe.
+COMPACT = [recipe_case("ours-bf16-moments", vs="ours", modes={"state_dtype": torch.bfloat16})]
 
 
 def gpu_cases() -> dict[str, Case]:

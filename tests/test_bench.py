@@ -85,9 +85,10 @@ def test_quick_cpu_run_writes_three_well_formed_outputs(tmp_path, capsys):
     assert plt.imread(tmp_path / "results.png").ndim == 3
 
     launches = [r for r in rows if r.section == "launches"]
-    launch_keys = {r.key for r in launches}  # AdamW twice (flat buffers), every other algorithm
-    assert {"ours", "ours-flatbuf", "ours-sgd"} <= launch_keys
-    assert len(launch_keys) == len(algorithms()) + 1
+    # AdamW thrice (flat buffers, bf16 moments), every other algorithm once.
+    launch_keys = {r.key for r in launches}
+    assert {"ours", "ours-flatbuf", "ours-bf16-moments", "ours-sgd"} <= launch_keys
+    assert len(launch_keys) == len(algorithms()) + 1 + len(ours.COMPACT)
     for key in launch_keys:
         counts = {r.n_tensors: r.triton_launches for r in launches if r.key == key}
         assert len(counts) == 2 and len(set(counts.values())) == 1, counts
@@ -289,11 +290,12 @@ def test_every_algorithm_gets_rows_and_every_ratio_has_its_row():
     gpu_keys = [c.key for c in cases.GPU_CASES]
     assert gpu_keys[:5] == ["ours", "amp", "fused-fp16", "compiled", "deepspeed"]
     assert {"ours-sgd", "torch-sgd"} <= set(gpu_keys)
-    assert len([k for k in gpu_keys if k.startswith("ours")]) == len(algorithms())
+    compact = len(ours.COMPACT)  # the recipe with compact state
+    assert len([k for k in gpu_keys if k.startswith("ours")]) == len(algorithms()) + compact
     assert all(c.vs in gpu_keys for c in cases.GPU_CASES)
     launch_keys = [c.key for c in cases.LAUNCH_CASES]
     assert launch_keys[:2] == ["ours", "ours-flatbuf"] and "ours-sgd" in launch_keys
-    assert len(launch_keys) == len(algorithms()) + 1
+    assert len(launch_keys) == len(algorithms()) + 1 + compact
 
 
 def test_an_algorithm_the_bench_does_not_list_runs_its_first_class_with_defaults():
