@@ -21,6 +21,7 @@ from .muon import Muon  # noqa: F401
 from .optimizer import FusedOptimizer
 from .sgd import SGD  # noqa: F401
 from .spec import algorithms as _algorithms
+from .state_export import to_fp32_state_dict
 
 __version__ = "0.1.0"
 
@@ -38,5 +39,6 @@ __all__ = [
     "BACKEND_ENV",
     "functional",
     "fp16_utils",
+    "to_fp32_state_dict",
     "__version__",
 ]

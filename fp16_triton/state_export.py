@@ -1,0 +1,49 @@
+"""Export an optimizer state dict of any storage mode to torch.optim's fp32 layout.
+
+Our compact modes keep state in other dtypes than torch.optim does (Adam's bf16 moments,
+``state_dtype=torch.bfloat16``). A checkpoint meant for code that knows nothing of them (a
+``torch.optim.AdamW`` over fp32 copies of the params, an analysis script) needs every state
+tensor as fp32: ``to_fp32_state_dict`` makes that copy. Our own optimizers load either form.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+__all__ = ["to_fp32_state_dict"]
+
+
+def to_fp32_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``state_dict`` (``optimizer.state_dict()`` of any fp16_triton optimizer, or
+    torch's) with every floating-point state tensor in fp32: bf16 moments widened, exactly.
+
+    ``master_param`` (the fp32 master of an fp16/bf16 param) is kept: it is the weight a fp32
+    optimizer would step. Step counts stay as they are (fp32 already). Group options are
+    copied unchanged; torch.optim keeps options it does not know (such as ``state_dtype``)
+    without using them. The input is not modified.
+    """
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+        raise ValueError(
+            "to_fp32_state_dict takes an optimizer state dict (optimizer.state_dict()), with the "
+            "keys 'state' and 'param_groups'"
+        )
+    state = {
+        index: {name: _fp32(value) for name, value in entry.items()}
+        for index, entry in state_dict["state"].items()
+    }
+    groups = copy.deepcopy(state_dict["param_groups"])
+    for group in groups:
+        if "state_dtype" in group:
+            group["state_dtype"] = torch.float32  # what the exported state now is
+    return {"state": state, "param_groups": groups}
+
+
+def _fp32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.detach().to(torch.float32, copy=True)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return copy.deepcopy(value)
