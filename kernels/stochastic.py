@@ -80,7 +80,7 @@ def stochastic_round(x, r, DTYPE: tl.constexpr):
         value = kept.to(tl.float32, bitcast=True)
         tiny = tl.where(r.to(tl.float32) < mag.to(tl.float32, bitcast=True) * 4294967296.0,
                         5.9604644775390625e-08, 0.0)  # fmt: skip
-        value = tl.minimum(tl.where(exponent < -24, tiny, value), _FP16_MAX)
+        value = tl.minimum(tl.where(exponent < -24, tiny, value), 65504.0)  # fp16 max
         value = (value.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         nearest = x.to(tl.float16)
         special = (nearest != nearest) | (tl.abs(nearest.to(tl.float32)) == float("inf"))
