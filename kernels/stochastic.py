@@ -20,8 +20,8 @@ Rounding (``lo < x < hi`` the two neighbours of ``x`` in the target format, ``P(
   (``|x| >= 2^-14``) and ``-1 - e`` bits (``e`` the fp32 exponent, 14..23) in fp16's subnormal
   range, where the spacing stays ``2^-24``: exact there too. Below the smallest subnormal
   (``|x| < 2^-24``, neighbours 0 and ``2^-24``) ``x`` may carry more bits than a 32-bit word:
-  it rounds up iff ``r < |x| * 2^32``, so ``P(up)`` is ``|x| / 2^-24`` rounded up to a
-  multiple of ``2^-32`` (a bias below ``2^-56`` in value).
+  it rounds up iff ``r < ceil(|x| / 2^-24 * 2^32)``, so ``P(up)`` is ``|x| / 2^-24``
+  rounded up to a multiple of ``2^-32`` (a bias below ``2^-56`` in value).
 - The sign is kept (rounding acts on the magnitude, so it is unbiased for negative values);
   NaN and infinities come out as nearest-even gives them. Overflow follows nearest-even: a
   value nearest-even rounds to infinity becomes infinity, any other stays finite (a carry past
@@ -78,8 +78,11 @@ def stochastic_round(x, r, DTYPE: tl.constexpr):
         drop = tl.minimum(tl.maximum(-1 - exponent, 13), 23).to(tl.uint32)
         kept = (mag + (r >> (32 - drop))) & ~((tl.full(drop.shape, 1, tl.uint32) << drop) - 1)
         value = kept.to(tl.float32, bitcast=True)
-        tiny = tl.where(r.to(tl.float32) < mag.to(tl.float32, bitcast=True) * 4294967296.0,
-                        5.9604644775390625e-08, 0.0)  # fmt: skip
+        # Below 2^-24: up iff r < |x| / 2^-24 * 2^32, an integer compare against the ceiling
+        # (exact: |x| * 2^56 < 2^32 is an fp32 value, an integer from 2^24 on).
+        small = tl.where(exponent < -24, mag.to(tl.float32, bitcast=True), 0.0)  # no overflow
+        limit = tl.ceil(small * 72057594037927936.0).to(tl.uint32)
+        tiny = tl.where(r < limit, 5.9604644775390625e-08, 0.0)
         value = tl.minimum(tl.where(exponent < -24, tiny, value), 65504.0)  # fp16 max
         value = (value.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         nearest = x.to(tl.float16)
@@ -144,7 +147,8 @@ def stochastic_round_reference(x: torch.Tensor, r: torch.Tensor, dtype: torch.dt
     kept = (mag + (r >> (32 - drop))) & ~((1 << drop) - 1)
     value = (kept & _M32).to(torch.int32).view(torch.float32)
     magnitude = mag.to(torch.int32).view(torch.float32)
-    tiny = torch.where(r.to(torch.float64) < magnitude.double() * 2.0**32, 2.0**-24, 0.0)
+    small = torch.where(exponent < -24, magnitude.double(), 0.0)
+    tiny = torch.where(r < torch.ceil(small * 2.0**56).long(), 2.0**-24, 0.0)
     value = torch.where(exponent < -24, tiny.float(), value).clamp(max=_FP16_MAX)
     value = ((value.view(torch.int32).to(torch.int64) | sign) & _M32).to(torch.int32)
     value = value.view(torch.float32)
