@@ -201,7 +201,12 @@ class Adam(FusedOptimizer):
             # amsgrad switched on after state was made (torch creates the maximum at the first
             # amsgrad step too): start from the current moment.
             state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
-        if group.get("stochastic_rounding", False) and state.get("sr_seed") is None:
+        if not group.get("stochastic_rounding", False):
+            # Off: no seed, so that a group's params all have one or none (a seed is a function
+            # of the optimizer's seed and the param's index: switching back on remakes it).
+            if "sr_seed" in state:
+                del state["sr_seed"]
+        elif state.get("sr_seed") is None:
             seed = param_seed(self._sr_seed, self._param_index(p))
             state["sr_seed"] = torch.tensor(seed, dtype=torch.int64, device=local(p).device)
 

@@ -268,3 +268,23 @@ def test_tiny_gpt_bf16_without_masters_with_stochastic_rounding_is_within_5_perc
     warnings.warn(f"tiny GPT final losses: {finals}", stacklevel=1)  # shown in the summary
     assert finals["fp32"] < 0.7 * theirs[0]  # the task is learned at all
     assert finals[True] == pytest.approx(finals["fp32"], rel=0.05), finals
+
+
+def test_switching_stochastic_rounding_keeps_seeds_a_function_of_seed_and_index():
+    """Off: no param keeps a seed (a group's params have one each or none); on again, or on
+    from the start: the same seeds."""
+    params = [torch.nn.Parameter(torch.randn(50).to(BF16)) for _ in range(3)]
+    opt = adam(params, "torch", seed=4, sr=False)
+    seeds = []
+    for sr in (True, False, True):
+        opt.param_groups[0]["stochastic_rounding"] = sr
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        seeds.append([opt.state[p].get("sr_seed") for p in params])
+    assert seeds[1] == [None] * 3 and all(s is not None for s in seeds[0])
+    assert_bitwise(seeds[2], seeds[0], "seeds remade on switching back")
+    fresh = adam(params, "torch", seed=4)
+    fresh.init_state()
+    assert_bitwise([fresh.state[p]["sr_seed"] for p in params], seeds[0], "from the start")
+    assert len({int(s) for s in seeds[0]}) == 3  # one stream per param
