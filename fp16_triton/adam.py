@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from .backend import backend_for
-from .buckets import Bucket
+from .buckets import Bucket, local
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
+from .param_state import param_seed
 from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
 
 __all__ = ["Adam", "AdamW"]
@@ -21,9 +22,11 @@ _STATE = {
     "exp_avg_sq": "always",
     "max_exp_avg_sq": "amsgrad",
     "master_param": "fp16/bf16 params with master_weights",
+    "sr_seed": "stochastic_rounding (int64, one element: the seed of the param's rounding)",
 }
 """Per-param state on the param's device, in torch's names, and when each exists: fp32, but
-the moments (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) in the group's ``state_dtype``."""
+the moments (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) in the group's ``state_dtype``
+and ``sr_seed`` (int64)."""
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -63,15 +66,31 @@ class Adam(FusedOptimizer):
             fp32. A group option (``group["state_dtype"]``; changing it between steps converts
             the existing moments). Loading a state dict keeps the optimizer's own
             ``state_dtype`` and converts the loaded moments to it. Not with ``flat_buffers``.
+        stochastic_rounding: round every low-precision value the step writes without an fp32
+            copy behind it, bf16 moments and fp16/bf16 params with ``master_weights=False``,
+            stochastically (unbiased: ``x`` between neighbours ``lo < hi`` becomes ``hi`` with
+            probability ``(x - lo) / (hi - lo)``) instead of to nearest-even, so that updates
+            below half an ulp survive on average. Params with masters stay the nearest-even
+            rounding of their master (the master holds the small updates). Random bits from
+            Philox on the device (no host sync), keyed by each param's ``sr_seed`` state and
+            counted by its step and element index: reproducible for a seed, independent of
+            the other params and of launch geometry, and bitwise on resume (the seeds are
+            state). See ``kernels/stochastic.py``. A group option (default False). Not with
+            ``flat_buffers``.
+        seed: where the per-param seeds come from (default: ``torch.initial_seed()`` at
+            construction): param ``i`` (its position over all groups) gets a 63-bit mix of
+            ``seed`` and ``i``, the same whichever params get their state first.
 
     State per param on the param's device: ``step`` (an fp32 one-element tensor that a skipped
     step does not advance), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad) in
-    ``state_dtype``, ``master_param`` (fp32, fp16/bf16 params with masters).
+    ``state_dtype``, ``master_param`` (fp32, fp16/bf16 params with masters), ``sr_seed``
+    (int64, with ``stochastic_rounding``).
     """
 
     _state_names = tuple(name for name in _STATE if name != "master_param")
     _required_state = ("step", "exp_avg", "exp_avg_sq")
     _kept_on_load = ("state_dtype",)
+    _sr_seed: int = 0
 
     def __init__(
         self,
@@ -92,6 +111,8 @@ class Adam(FusedOptimizer):
         backend: str = "auto",
         flat_buffers: bool = False,
         state_dtype: torch.dtype = torch.float32,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
     ):
         # torch keeps one-element tensor betas as 0-dim tensors (torch.optim.optimizer._to_scalar).
         betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else b for b in betas)
@@ -104,10 +125,16 @@ class Adam(FusedOptimizer):
             maximize=maximize,
             decoupled_weight_decay=bool(decoupled_weight_decay),
             state_dtype=state_dtype,
+            stochastic_rounding=bool(stochastic_rounding),
             **torch_compat_options(foreach, capturable, differentiable, fused),
         )
         if flat_buffers:
             _check_flat_state_dtype(state_dtype)
+            _check_flat_rounding(stochastic_rounding)
+        if seed is not None and not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self._sr_seed = torch.initial_seed() if seed is None else int(seed)
+        self._sr_index: dict[int, int] = {}
         options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
         super().__init__(params, defaults, **options)
 
@@ -117,6 +144,7 @@ class Adam(FusedOptimizer):
         _check_state_dtype(state_dtype)
         if getattr(self, "flat_buffers", False):
             _check_flat_state_dtype(state_dtype)
+            _check_flat_rounding(group.get("stochastic_rounding", False))
         eps, (beta1, beta2), wd = group["eps"], group["betas"], group["weight_decay"]
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -129,10 +157,20 @@ class Adam(FusedOptimizer):
         if not 0.0 <= wd:
             raise ValueError(f"Invalid weight_decay value: {wd}")
 
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(super().__getstate__(), sr_seed_base=self._sr_seed)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self._sr_seed = state.pop("sr_seed_base", 0)
+        self._sr_index = {}
+        super().__setstate__(state)
+
     def _state_kind(self, group: dict[str, Any]) -> tuple:
         # The state dtype too: a switch converts the moments before the next step.
         state_dtype = group.get("state_dtype", torch.float32)
-        return bool(group["master_weights"]), bool(group["amsgrad"]), state_dtype
+        sr = bool(group.get("stochastic_rounding", False))
+        return bool(group["master_weights"]), bool(group["amsgrad"]), state_dtype, sr
 
     def _state_dtype(self, name: str, group: dict[str, Any]) -> torch.dtype:
         if name in _MOMENTS:
@@ -153,11 +191,33 @@ class Adam(FusedOptimizer):
             state["max_exp_avg_sq"] = zeros()
         return state
 
+    def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        state = super()._new_state(p, group)
+        self._complete_state(p, group, state)  # the seed, made for the param itself
+        return state
+
     def _complete_state(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
-        if group["amsgrad"] and state.get("max_exp_avg_sq") is None:
+        if group["amsgrad"] and state.get("max_exp_avg_sq") is None and "exp_avg_sq" in state:
             # amsgrad switched on after state was made (torch creates the maximum at the first
             # amsgrad step too): start from the current moment.
             state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
+        if not group.get("stochastic_rounding", False):
+            # Off: no seed, so that a group's params all have one or none (a seed is a function
+            # of the optimizer's seed and the param's index: switching back on remakes it).
+            if "sr_seed" in state:
+                del state["sr_seed"]
+        elif state.get("sr_seed") is None:
+            seed = param_seed(self._sr_seed, self._param_index(p))
+            state["sr_seed"] = torch.tensor(seed, dtype=torch.int64, device=local(p).device)
+
+    def _param_index(self, p: torch.Tensor) -> int:
+        """``p``'s position over all param groups (a dict rebuilt when a param is new to it)."""
+        index = self.__dict__.setdefault("_sr_index", {}).get(id(p))
+        if index is None:
+            params = [q for group in self.param_groups for q in group["params"]]
+            self._sr_index = {id(q): i for i, q in enumerate(params)}
+            index = self._sr_index[id(p)]
+        return index
 
     def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
         # Floats now (a tensor beta included), so that nothing can fail once a launch began.
@@ -175,6 +235,8 @@ class Adam(FusedOptimizer):
             maximize=group["maximize"],
             **scaling,
         )
+        if group.get("stochastic_rounding", False):
+            kwargs["sr_seeds"] = bucket.state["sr_seed"]
         args = (
             bucket.local_params,
             grads,
@@ -207,6 +269,8 @@ class AdamW(Adam):
         backend: str = "auto",
         flat_buffers: bool = False,
         state_dtype: torch.dtype = torch.float32,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
     ):
         super().__init__(
             params,
@@ -225,6 +289,8 @@ class AdamW(Adam):
             backend=backend,
             flat_buffers=flat_buffers,
             state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
 
 
@@ -246,6 +312,15 @@ def _check_flat_state_dtype(state_dtype) -> None:
         raise ValueError(
             f"state_dtype={state_dtype} is not supported with flat_buffers=True (flat buffers "
             "keep fp32 state); use flat_buffers=False for bf16 moments"
+        )
+
+
+def _check_flat_rounding(stochastic_rounding) -> None:
+    # Flat buffers keep no per-param seeds: their stochastic rounding is not built.
+    if stochastic_rounding:
+        raise ValueError(
+            "stochastic_rounding=True is not supported with flat_buffers=True; use "
+            "flat_buffers=False"
         )
 
 
@@ -282,6 +357,7 @@ def adam_(
     decoupled_weight_decay: bool = False,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    sr_seeds: Sequence[torch.Tensor] | None = None,
     backend: str = "auto",
     cache=None,
 ) -> None:
@@ -297,7 +373,9 @@ def adam_(
     receive their rounding to nearest-even. ``grad_scale``: the grads are divided by it (the
     loss scale; the grads themselves are not written). ``found_inf``: a non-zero value skips
     the whole step, step counts included. Both are one-element fp32 tensors on the params'
-    device, read by the kernel (no sync). See ``kernels/adam.py`` for the exact math.
+    device, read by the kernel (no sync). ``sr_seeds``: int64 one-element seeds, one per
+    param, for stochastic rounding of bf16 moments and of params without masters (the
+    optimizers' ``stochastic_rounding``). See ``kernels/adam.py`` for the exact math.
     """
     if len(params) == 0:
         return
@@ -306,7 +384,7 @@ def adam_(
         masters=masters, max_exp_avg_sqs=max_exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
         amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-        cache=cache,
+        sr_seeds=sr_seeds, cache=cache,
     )()  # fmt: skip
 
 
@@ -347,6 +425,15 @@ def _check_config_state_dtype(key: str, value) -> torch.dtype:
         f"config key '{key}' must be one of {sorted(_CONFIG_STATE_DTYPES)}, got {value!r}"
         + (" (int8 moments are not implemented yet)" if value == "int8" else "")
     )
+
+
+def _check_config_seed(key: str, value):
+    """The config's ``seed``: an integer, or null for ``torch.initial_seed()``."""
+    from .config import ConfigError
+
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key '{key}' must be an integer or null, got {value!r}")
 
 
 def _example(sizes, device, param_dtype=torch.float16):
@@ -398,7 +485,7 @@ ALGORITHM = register(
             "torch_adam": ("bool", False),
         },
         configure=_configure,
-        config_kinds={"state_dtype": _check_config_state_dtype},
+        config_kinds={"state_dtype": _check_config_state_dtype, "seed": _check_config_seed},
         functional={"adam_": adam_, "adamw_": adamw_},
     )
 )

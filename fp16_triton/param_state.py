@@ -27,7 +27,18 @@ from .kernels.multi_tensor import LOW_PRECISION, SUPPORTED_DTYPES
 
 logger = logging.getLogger("fp16_triton.optimizer")  # one logger for the optimizers' notes
 
-__all__ = ["LOW_PRECISION", "SUPPORTED_DTYPES", "ParamStateRules", "check_unshared"]
+__all__ = [
+    "LOW_PRECISION",
+    "SEED_STATE",
+    "param_seed",
+    "SUPPORTED_DTYPES",
+    "ParamStateRules",
+    "check_unshared",
+]
+
+SEED_STATE = "sr_seed"
+"""The one state entry that is not floating point: the int64 seed of a param's stochastic
+rounding stream (Adam's ``stochastic_rounding``), one element, kept exactly as saved."""
 
 
 class ParamStateRules:
@@ -83,6 +94,17 @@ class ParamStateRules:
                 "it must be a dict of state tensors (or be deleted to start afresh)"
             )
         for name, value in state.items():
+            if name == SEED_STATE:
+                if (
+                    not isinstance(value, torch.Tensor)
+                    or value.numel() != 1
+                    or (value.is_floating_point() or value.is_complex())
+                ):
+                    raise TypeError(
+                        f"state {name!r} of {self._describe(p)} must be a one-element integer "
+                        f"tensor (the seed of its stochastic rounding), got {value!r}"
+                    )
+                continue
             if name == "step":
                 if isinstance(value, torch.Tensor) and value.numel() != 1:
                     raise ValueError(
@@ -180,6 +202,10 @@ class ParamStateRules:
         for name, value in saved.items():
             if value is None:
                 continue
+            if name == SEED_STATE:  # exact: a float would round a 64-bit seed
+                seed = torch.as_tensor(value).detach()
+                out[name] = seed.to(local(p).device, torch.int64, copy=True).reshape(())
+                continue
             if not isinstance(value, torch.Tensor):
                 value = torch.tensor(float(value))
             if name == "step":
@@ -214,6 +240,10 @@ def _normalize_state(p: torch.Tensor, state: dict[str, Any], dtype_of) -> None:
     entries that change."""
     shard = local(p)
     for name, value in list(state.items()):
+        if name == SEED_STATE and isinstance(value, torch.Tensor):
+            if value.device != shard.device or value.dtype != torch.int64 or value.dim():
+                state[name] = value.detach().to(shard.device, torch.int64).reshape(())
+            continue
         if name == "step":  # torch accepts numbers and integer tensors too
             if not isinstance(value, torch.Tensor):
                 value = torch.tensor(float(value))
@@ -255,3 +285,15 @@ def check_unshared(state, params: list[torch.Tensor]) -> None:
                         "of a param group); give each param its own (e.g. torch.tensor(0.0) per "
                         "param for 'step')"
                     )
+
+
+def param_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for param ``index`` from an optimizer's ``seed``: SplitMix64's finaliser
+    (Steele, Lea, Flood 2014) of ``seed + (index + 1) * golden``, so that neighbouring indices
+    and seeds give unrelated Philox keys. A function of the two, not a generator's next draw,
+    so that it does not depend on the order in which params get their state."""
+    m64 = (1 << 64) - 1
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & m64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+    return (z ^ (z >> 31)) >> 1

@@ -28,6 +28,12 @@ widened to fp32 on load, updated in fp32 as above, and stored rounded to nearest
 step's update uses the fp32 values before that rounding (the rounding only decides what the
 next step starts from). Masters stay fp32.
 
+With ``STOCHASTIC`` (the optimizers' ``stochastic_rounding=True``) every low-precision value
+written without an fp32 copy behind it, bf16 moments and fp16/bf16 params without a master, is
+rounded stochastically instead (``kernels/stochastic.py``: Philox keyed by the tensor's
+``sr_seed``, counted by element index and step number). A param with a master is its master's
+rounding to nearest-even as before. Bytes: 8 per tensor more (its seed), none per element.
+
 Bytes per element (fp16 param, fp16 grad, fp32 master/exp_avg/exp_avg_sq):
 reads grad 2 + master 4 + param 2 (is it still the master's rounding?) + exp_avg 4 +
 exp_avg_sq 4 = 16, writes master 4 + exp_avg 4 + exp_avg_sq 4 + param 2 = 14: **30 bytes**.
@@ -60,6 +66,7 @@ from .common import (
     widen,
 )
 from .multi_tensor import TableCache
+from .stochastic import random_words, stochastic_round
 
 __all__ = ["adam_step", "prepare_adam_step"]
 
@@ -88,6 +95,7 @@ def _adam_kernel(
     exp_avg_sq_ptrs,  # int64 [T]: second moments (STATE_DTYPE)
     max_exp_avg_sq_ptrs,  # int64 [T]: running max of the second moments (if AMSGRAD)
     step_ptrs,  # int64 [T]: fp32 one-element step counts (before this step), read only
+    sr_seed_ptrs,  # int64 [T]: int64 one-element seeds of the rounding streams (if STOCHASTIC)
     numels,  # int64 [T]: elements in each tensor
     chunk_map,  # int64 [2, P]: tensor index and first element of each program's chunk
     n_programs,  # P, the row stride of chunk_map
@@ -114,6 +122,7 @@ def _adam_kernel(
     HAS_FOUND_INF: tl.constexpr,  # skip everything when *found_inf_ptr != 0
     HAS_CLIP: tl.constexpr,  # clip by the global norm in *norm_sq_ptr
     LR_ON_DEVICE: tl.constexpr,  # read the learning rate from *lr_ptr (no host sync)
+    STOCHASTIC: tl.constexpr,  # round bf16 moments and master-less params stochastically
     ALIGNED: tl.constexpr,  # every address 16-byte aligned and every size a multiple of 8
     BLOCK: tl.constexpr,  # elements per vector operation
     CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
@@ -137,6 +146,9 @@ def _adam_kernel(
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr)
     step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))) + 1.0
+    seed = 0
+    if STOCHASTIC:
+        seed = tl.load(tl.load(sr_seed_ptrs + tensor).to(tl.pointer_type(tl.int64)))
     bc1 = bias_correction(one_minus_beta1, step)
     bc2 = bias_correction(one_minus_beta2, step)
     step_size = (tl.cast(lr, tl.float64) / bc1).to(tl.float32)
@@ -166,15 +178,28 @@ def _adam_kernel(
             g - (g - m) * (1.0 - one_minus_beta1),
         )
         v = v * beta2 + (one_minus_beta2 * g) * g
-        tl.store(exp_avg + offsets, round_to(m, STATE_DTYPE), mask=mask)
-        tl.store(exp_avg_sq + offsets, round_to(v, STATE_DTYPE), mask=mask)
+        if STOCHASTIC:
+            # One Philox draw per element: a word for the param and for each moment.
+            r_param, r_m, r_v, r_max = random_words(seed, step, offsets)
+            tl.store(exp_avg + offsets, stochastic_round(m, r_m, STATE_DTYPE), mask=mask)
+            tl.store(exp_avg_sq + offsets, stochastic_round(v, r_v, STATE_DTYPE), mask=mask)
+        else:
+            tl.store(exp_avg + offsets, round_to(m, STATE_DTYPE), mask=mask)
+            tl.store(exp_avg_sq + offsets, round_to(v, STATE_DTYPE), mask=mask)
         if AMSGRAD:
             v_max = widen(tl.load(max_exp_avg_sq + offsets, mask=mask, other=0.0), STATE_DTYPE)
             v = tl.maximum(v_max, v)
-            tl.store(max_exp_avg_sq + offsets, round_to(v, STATE_DTYPE), mask=mask)
+            if STOCHASTIC:
+                v_store = stochastic_round(v, r_max, STATE_DTYPE)
+            else:
+                v_store = round_to(v, STATE_DTYPE)
+            tl.store(max_exp_avg_sq + offsets, v_store, mask=mask)
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         p = p - step_size * tl.div_rn(m, denom)
-        store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
+        if STOCHASTIC and not HAS_MASTER:
+            tl.store(param + offsets, stochastic_round(p, r_param, PARAM_DTYPE), mask=mask)
+        else:
+            store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
 
 
 def prepare_adam_step(
@@ -198,6 +223,7 @@ def prepare_adam_step(
     found_inf: torch.Tensor | None = None,
     norm_sq: torch.Tensor | None = None,
     max_norm: float = 0.0,
+    sr_seeds: Sequence[torch.Tensor] | None = None,
     cache: TableCache | None = None,
 ) -> Callable[[], None]:
     """Check the inputs and build the tables of a fused Adam/AdamW step (in place, no host
@@ -227,6 +253,9 @@ def prepare_adam_step(
         found_inf: optional fp32 one-element device tensor; non-zero skips the whole step.
         norm_sq, max_norm: optional squared global grad norm (of the unscaled grads) and
             threshold; grads are multiplied by ``min(1, max_norm / (norm + 1e-6))``.
+        sr_seeds: int64 one-element seeds, one per param: round the bf16 moments and params
+            without masters stochastically (``kernels/stochastic.py``); None (default) rounds
+            them to nearest-even. Ignored where nothing is low precision without a master.
         cache: optional ``TableCache`` the caller keeps for this group.
 
     Launches: two (the step and the step-count increment), whatever the number of tensors.
@@ -235,12 +264,18 @@ def prepare_adam_step(
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     state = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps, "masters": masters}
     state["max_exp_avg_sqs"] = max_exp_avg_sqs if amsgrad else None
+    compact = bool(exp_avgs) and exp_avgs[0].dtype != torch.float32
+    masterless = masters is None and bool(params) and params[0].dtype != torch.float32
+    stochastic = sr_seeds is not None and (compact or masterless)
+    state["sr_seeds"] = sr_seeds if stochastic else None
     return prepare_step(
         _adam_kernel, "adam", params, grads, masters, state,
-        rows=("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
+        rows=("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps",
+              "sr_seeds"),
         hyperparameters=(float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
                          float(eps), float(weight_decay)),
         flags=dict(DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
+                   STOCHASTIC=stochastic,
                    STATE_DTYPE=TORCH_TO_TRITON.get(exp_avgs[0].dtype) if exp_avgs else None),
         compact_state=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
         count_steps=True, lr=lr, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
@@ -257,7 +292,8 @@ def adam_step(*args, **kwargs) -> None:
 def compile_variants(compile) -> dict[str, dict]:
     """The variants ``tests/gpu_compile.py`` compiles for sm_90: ``compile(kernel, constexprs,
     types=None)`` for each. fp16/bf16 with masters and amsgrad, both alignments, lr on host or
-    device, fp32 or bf16 moments; fp32 without masters; the step-count kernel."""
+    device, fp32 or bf16 moments; stochastic rounding of bf16 moments (with masters) and of
+    fp16/bf16 params without masters; fp32 without masters; the step-count kernel."""
     common = {"BLOCK": 1024, "CHUNK": 4096}
     flags = dict(
         DECOUPLED=True, MAXIMIZE=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True
@@ -272,7 +308,7 @@ def compile_variants(compile) -> dict[str, dict]:
                     dict(
                         PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=True, AMSGRAD=True,
                         LR_ON_DEVICE=lr_on_device, ALIGNED=aligned, STATE_DTYPE=tl.float32,
-                        **flags, **common,
+                        STOCHASTIC=False, **flags, **common,
                     ),
                 )  # fmt: skip
             # bf16 moments (state_dtype=torch.bfloat16): 2-byte state loads and stores.
@@ -282,14 +318,25 @@ def compile_variants(compile) -> dict[str, dict]:
                 dict(
                     PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=True, AMSGRAD=True,
                     LR_ON_DEVICE=False, ALIGNED=aligned, STATE_DTYPE=tl.bfloat16,
-                    **flags, **common,
+                    STOCHASTIC=False, **flags, **common,
                 ),
             )  # fmt: skip
+            # Stochastic rounding: Philox words, bf16 moments and the param without a master.
+            for master in (True, False):
+                name = f"adam-{dtype_name}-sr-master{master}-amsgrad-bf16state-aligned{aligned}"
+                results[name] = compile(
+                    _adam_kernel,
+                    dict(
+                        PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=master, AMSGRAD=True,
+                        LR_ON_DEVICE=False, ALIGNED=aligned, STATE_DTYPE=tl.bfloat16,
+                        STOCHASTIC=True, **flags, **common,
+                    ),
+                )  # fmt: skip
     results["adam-fp32-plain"] = compile(
         _adam_kernel,
         dict(
             PARAM_DTYPE=tl.float32, GRAD_DTYPE=tl.float32, HAS_MASTER=False, AMSGRAD=False,
-            STATE_DTYPE=tl.float32,
+            STATE_DTYPE=tl.float32, STOCHASTIC=False,
             DECOUPLED=False, MAXIMIZE=True, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False,
             HAS_CLIP=False, LR_ON_DEVICE=False, ALIGNED=False, **common,
         ),

@@ -70,7 +70,7 @@ def check_tensor_lists(names: Sequence[str], lists: Sequence[Sequence[torch.Tens
                 raise ValueError(f"{name}[{i}] is on {t.device}, expected {device}")
             if t.dtype != dtype:
                 raise ValueError(f"{name}[{i}] is {t.dtype} while {name}[0] is {dtype}")
-            expected = 1 if name == "steps" else like.numel()
+            expected = 1 if name in ONE_ELEMENT_ROWS else like.numel()
             if t.numel() != expected:
                 raise ValueError(
                     f"{name}[{i}] has {t.numel()} elements, expected {expected} "
@@ -84,7 +84,7 @@ def check_tensor_lists(names: Sequence[str], lists: Sequence[Sequence[torch.Tens
                     f"strides {t.stride()}); the fused kernels read tensors as flat ranges: "
                     "call .contiguous() on it, or use backend='torch'"
                 )
-            if name != "steps" and t.numel() > 1 and t.stride() != like.stride():
+            if name not in ONE_ELEMENT_ROWS and t.numel() > 1 and t.stride() != like.stride():
                 raise ValueError(
                     f"{name}[{i}] has strides {t.stride()} while {names[0]}[{i}] has "
                     f"{like.stride()}; the fused kernels pair elements by their position in "
@@ -109,6 +109,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 """The dtypes whose params get an fp32 master."""
 
+
+ONE_ELEMENT_ROWS = ("steps", "sr_seeds")
+"""Table rows of one-element tensors per param (step counts, int64 rounding seeds)."""
 
 COMPACT_STATE_DTYPES = (torch.float32, torch.bfloat16)
 """The dtypes a kernel that takes a ``STATE_DTYPE`` flag reads its compact state lists in."""
@@ -135,6 +138,10 @@ def check_step_inputs(
     compact_dtypes = {}
     for name, lst in state_lists.items():
         if lst is None or not len(lst):
+            continue
+        if name == "sr_seeds":
+            if lst[0].dtype != torch.int64:
+                raise TypeError(f"sr_seeds must be int64, got {lst[0].dtype}")
             continue
         if name in compact_state:
             if lst[0].dtype not in COMPACT_STATE_DTYPES:
@@ -278,7 +285,7 @@ class LaunchTables:
         aligned = all(
             is_aligned(t)
             for name, lst in zip(names, lists)
-            if lst is not None and name != "steps"
+            if lst is not None and name not in ONE_ELEMENT_ROWS
             for t in lst
         )
         if device.type != "cpu":

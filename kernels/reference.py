@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .stochastic import random_words_reference, stochastic_round_reference
+
 __all__ = [
     "nonfinite_check_and_norm",
     "unscale_and_check_",
@@ -155,15 +157,25 @@ def adam_step(
     found_inf: torch.Tensor | None = None,
     norm_sq: torch.Tensor | None = None,
     max_norm: float = 0.0,
+    sr_seeds: Sequence[torch.Tensor] | None = None,
     cache=None,
 ) -> None:
-    """Reference of ``kernels.adam.adam_step`` (same arguments and semantics)."""
+    """Reference of ``kernels.adam.adam_step`` (same arguments and semantics). With
+    ``sr_seeds`` the random words are the kernel's, bit for bit (``kernels/stochastic.py``), so
+    the two backends round alike wherever their fp32 values agree."""
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     start = step_inputs(params, grads, masters, grad_scale, found_inf, norm_sq, max_norm, maximize)
     if start is None:
         return
     weights, g = start
+    words = [None] * len(params)
+    masterless = masters is None and params[0].dtype != torch.float32
+    if sr_seeds is not None and (exp_avgs[0].dtype != torch.float32 or masterless):
+        words = [
+            random_words_reference(int(seed.item()), step.item() + 1.0, p)
+            for seed, step, p in zip(sr_seeds, steps, params)
+        ]
     lr, weight_decay = float(lr), float(weight_decay)
     # bf16 moments: updated as fp32 copies, stored back rounded to nearest-even below (copy_
     # rounds so; this step's update uses the fp32 values, as the kernel does).
@@ -181,8 +193,8 @@ def adam_step(
     if amsgrad:
         torch._foreach_maximum_(maxima, exp_avg_sqs)
         second = maxima
-    for lst, values in zip(stored, (exp_avgs, exp_avg_sqs, maxima)):
-        _store_compact(lst, values)
+    for k, (lst, values) in enumerate(zip(stored, (exp_avgs, exp_avg_sqs, maxima))):
+        _store_compact(lst, values, [w and w[k + 1] for w in words])
     new_steps = [s.item() + 1.0 for s in steps]
     step_sizes = [-lr / (1.0 - beta1**s) for s in new_steps]
     bc2_sqrts = [math.sqrt(1.0 - beta2**s) for s in new_steps]
@@ -190,16 +202,24 @@ def adam_step(
     torch._foreach_div_(denom, bc2_sqrts)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(weights, exp_avgs, denom, step_sizes)
-    write_back(params, weights)
+    if masters is None:
+        _store_compact(list(params), weights, [w and w[0] for w in words])
+    else:
+        write_back(params, weights)
     torch._foreach_add_(list(steps), 1.0)
 
 
-def _store_compact(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-    """Write fp32 ``values`` into bf16 ``tensors`` rounded to nearest-even (``copy_``); fp32
-    tensors were updated in place (``.float()`` returned them), nothing to do."""
-    low = [(t, v) for t, v in zip(tensors, values) if t is not v]
+def _store_compact(tensors: list[torch.Tensor], values: list[torch.Tensor], words=None) -> None:
+    """Write fp32 ``values`` into bf16/fp16 ``tensors`` rounded to nearest-even (``copy_``),
+    or stochastically with the random ``words`` of each (where not None); fp32 tensors were
+    updated in place (``.float()`` returned them), nothing to do."""
+    words = words or [None] * len(tensors)
+    low = [(t, v) for t, v, w in zip(tensors, values, words) if t is not v and w is None]
     if low:
         torch._foreach_copy_([t for t, _ in low], [v for _, v in low])
+    for t, v, w in zip(tensors, values, words):
+        if t is not v and w is not None:
+            t.copy_(stochastic_round_reference(v, w, t.dtype))
 
 
 def sgd_step(

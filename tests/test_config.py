@@ -420,9 +420,11 @@ def test_optimizer_defaults_and_torch_kwargs():
         "amsgrad": False,
         "maximize": False,
         "state_dtype": torch.float32,  # ours (bf16 moments), not torch's
+        "stochastic_rounding": False,  # ours too
+        "seed": None,  # ours: the stochastic rounding's seeds, torch.initial_seed() if None
     }
     # params are valid keyword arguments of the torch optimizer of the effective type, but
-    # for ours (state_dtype).
+    # for ours (state_dtype, stochastic_rounding, seed).
     for raw in (
         {"type": "Adam", "params": {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}},
         {"type": "Adam", "params": {"adam_w_mode": False, "maximize": True}},
@@ -430,10 +432,20 @@ def test_optimizer_defaults_and_torch_kwargs():
     ):
         opt_cfg = load_config({"optimizer": raw}).optimizer
         cls = getattr(torch.optim, opt_cfg.effective_type)
-        params = {k: v for k, v in opt_cfg.params.items() if k != "state_dtype"}
+        ours = ("state_dtype", "stochastic_rounding", "seed")
+        params = {k: v for k, v in opt_cfg.params.items() if k not in ours}
         opt = cls([torch.nn.Parameter(torch.zeros(2))], **params)
         for key, value in params.items():
             assert opt.param_groups[0][key] == value
+
+
+def test_adam_takes_stochastic_rounding_and_an_integer_seed():
+    config = {"optimizer": {"type": "AdamW", "params": {"stochastic_rounding": True, "seed": 7}}}
+    params = load_config(config).optimizer.params
+    assert params["stochastic_rounding"] is True and params["seed"] == 7
+    for bad in ("7", 1.5, True):
+        with pytest.raises(ConfigError, match="optimizer.params.seed"):
+            load_config({"optimizer": {"type": "Adam", "params": {"seed": bad}}})
 
 
 def test_deepspeed_adam_means_adamw():
