@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from .backend import backend_for
-from .buckets import Bucket, local
+from .buckets import Bucket
+from .compact_state import CONFIG_KINDS, CompactState
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
-from .param_state import param_seed
 from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
 
 __all__ = ["Adam", "AdamW"]
@@ -28,11 +28,8 @@ _STATE = {
 the moments (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) in the group's ``state_dtype``
 and ``sr_seed`` (int64)."""
 
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-_STATE_DTYPES = (torch.float32, torch.bfloat16)
 
-
-class Adam(FusedOptimizer):
+class Adam(CompactState, FusedOptimizer):
     """Adam (``torch.optim.Adam``'s arguments, defaults, math and state names).
 
     Args:
@@ -89,8 +86,7 @@ class Adam(FusedOptimizer):
 
     _state_names = tuple(name for name in _STATE if name != "master_param")
     _required_state = ("step", "exp_avg", "exp_avg_sq")
-    _kept_on_load = ("state_dtype",)
-    _sr_seed: int = 0
+    _compact_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # kept in state_dtype
 
     def __init__(
         self,
@@ -128,23 +124,13 @@ class Adam(FusedOptimizer):
             stochastic_rounding=bool(stochastic_rounding),
             **torch_compat_options(foreach, capturable, differentiable, fused),
         )
-        if flat_buffers:
-            _check_flat_state_dtype(state_dtype)
-            _check_flat_rounding(stochastic_rounding)
-        if seed is not None and not isinstance(seed, int):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        self._sr_seed = torch.initial_seed() if seed is None else int(seed)
-        self._sr_index: dict[int, int] = {}
+        self._init_compact(seed, flat_buffers, state_dtype, stochastic_rounding)
         options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
         super().__init__(params, defaults, **options)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
-        state_dtype = group.get("state_dtype", torch.float32)
-        _check_state_dtype(state_dtype)
-        if getattr(self, "flat_buffers", False):
-            _check_flat_state_dtype(state_dtype)
-            _check_flat_rounding(group.get("stochastic_rounding", False))
+        self._check_compact(group)
         eps, (beta1, beta2), wd = group["eps"], group["betas"], group["weight_decay"]
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -157,25 +143,9 @@ class Adam(FusedOptimizer):
         if not 0.0 <= wd:
             raise ValueError(f"Invalid weight_decay value: {wd}")
 
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(super().__getstate__(), sr_seed_base=self._sr_seed)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        self._sr_seed = state.pop("sr_seed_base", 0)
-        self._sr_index = {}
-        super().__setstate__(state)
-
     def _state_kind(self, group: dict[str, Any]) -> tuple:
-        # The state dtype too: a switch converts the moments before the next step.
-        state_dtype = group.get("state_dtype", torch.float32)
-        sr = bool(group.get("stochastic_rounding", False))
-        return bool(group["master_weights"]), bool(group["amsgrad"]), state_dtype, sr
-
-    def _state_dtype(self, name: str, group: dict[str, Any]) -> torch.dtype:
-        if name in _MOMENTS:
-            return group.get("state_dtype", torch.float32)
-        return torch.float32
+        # The compact options too: a switch converts the moments before the next step.
+        return bool(group["master_weights"]), bool(group["amsgrad"]), *self._compact_kind(group)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         # Moments with the param's strides (channels_last too), as torch's zeros_like: the
@@ -201,23 +171,7 @@ class Adam(FusedOptimizer):
             # amsgrad switched on after state was made (torch creates the maximum at the first
             # amsgrad step too): start from the current moment.
             state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
-        if not group.get("stochastic_rounding", False):
-            # Off: no seed, so that a group's params all have one or none (a seed is a function
-            # of the optimizer's seed and the param's index: switching back on remakes it).
-            if "sr_seed" in state:
-                del state["sr_seed"]
-        elif state.get("sr_seed") is None:
-            seed = param_seed(self._sr_seed, self._param_index(p))
-            state["sr_seed"] = torch.tensor(seed, dtype=torch.int64, device=local(p).device)
-
-    def _param_index(self, p: torch.Tensor) -> int:
-        """``p``'s position over all param groups (a dict rebuilt when a param is new to it)."""
-        index = self.__dict__.setdefault("_sr_index", {}).get(id(p))
-        if index is None:
-            params = [q for group in self.param_groups for q in group["params"]]
-            self._sr_index = {id(q): i for i, q in enumerate(params)}
-            index = self._sr_index[id(p)]
-        return index
+        self._complete_seed(p, group, state)
 
     def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
         # Floats now (a tensor beta included), so that nothing can fail once a launch began.
@@ -291,36 +245,6 @@ class AdamW(Adam):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
-        )
-
-
-def _check_state_dtype(state_dtype) -> None:
-    if isinstance(state_dtype, str) and state_dtype == "int8":
-        raise ValueError(
-            "state_dtype='int8': int8 moments are not implemented yet; use torch.float32 or "
-            "torch.bfloat16"
-        )
-    if state_dtype not in _STATE_DTYPES:
-        raise ValueError(
-            f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype!r}"
-        )
-
-
-def _check_flat_state_dtype(state_dtype) -> None:
-    # Flat buffers allocate one fp32 buffer per state name; bf16 moments there are not built.
-    if state_dtype != torch.float32:
-        raise ValueError(
-            f"state_dtype={state_dtype} is not supported with flat_buffers=True (flat buffers "
-            "keep fp32 state); use flat_buffers=False for bf16 moments"
-        )
-
-
-def _check_flat_rounding(stochastic_rounding) -> None:
-    # Flat buffers keep no per-param seeds: their stochastic rounding is not built.
-    if stochastic_rounding:
-        raise ValueError(
-            "stochastic_rounding=True is not supported with flat_buffers=True; use "
-            "flat_buffers=False"
         )
 
 
@@ -405,37 +329,6 @@ def _traffic(
     return elementwise_traffic(param_dtype, grad_dtype, master, 3 if amsgrad else 2, size)
 
 
-_CONFIG_STATE_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-def _check_config_state_dtype(key: str, value) -> torch.dtype:
-    """The config's ``state_dtype``: a string (JSON has no dtypes), or the class default."""
-    from .config import ConfigError
-
-    if isinstance(value, torch.dtype) and value in _STATE_DTYPES:
-        return value
-    if isinstance(value, str) and value.lower() in _CONFIG_STATE_DTYPES:
-        return _CONFIG_STATE_DTYPES[value.lower()]
-    raise ConfigError(
-        f"config key '{key}' must be one of {sorted(_CONFIG_STATE_DTYPES)}, got {value!r}"
-        + (" (int8 moments are not implemented yet)" if value == "int8" else "")
-    )
-
-
-def _check_config_seed(key: str, value):
-    """The config's ``seed``: an integer, or null for ``torch.initial_seed()``."""
-    from .config import ConfigError
-
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    raise ConfigError(f"config key '{key}' must be an integer or null, got {value!r}")
-
-
 def _example(sizes, device, param_dtype=torch.float16):
     """Scratch inputs of ``prepare_adam_step`` (``spec.scratch_inputs``); lr 1e-6 so that
     repeated trials barely move them."""
@@ -485,7 +378,7 @@ ALGORITHM = register(
             "torch_adam": ("bool", False),
         },
         configure=_configure,
-        config_kinds={"state_dtype": _check_config_state_dtype, "seed": _check_config_seed},
+        config_kinds=CONFIG_KINDS,
         functional={"adam_": adam_, "adamw_": adamw_},
     )
 )

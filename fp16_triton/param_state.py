@@ -30,7 +30,6 @@ logger = logging.getLogger("fp16_triton.optimizer")  # one logger for the optimi
 __all__ = [
     "LOW_PRECISION",
     "SEED_STATE",
-    "param_seed",
     "SUPPORTED_DTYPES",
     "ParamStateRules",
     "check_unshared",
@@ -285,15 +284,3 @@ def check_unshared(state, params: list[torch.Tensor]) -> None:
                         "of a param group); give each param its own (e.g. torch.tensor(0.0) per "
                         "param for 'step')"
                     )
-
-
-def param_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for param ``index`` from an optimizer's ``seed``: SplitMix64's finaliser
-    (Steele, Lea, Flood 2014) of ``seed + (index + 1) * golden``, so that neighbouring indices
-    and seeds give unrelated Philox keys. A function of the two, not a generator's next draw,
-    so that it does not depend on the order in which params get their state."""
-    m64 = (1 << 64) - 1
-    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & m64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
-    return (z ^ (z >> 31)) >> 1

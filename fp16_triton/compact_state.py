@@ -1,0 +1,171 @@
+"""Compact optimizer state: the storage options an optimizer offers by mixing in
+``CompactState`` (Adam and AdamW today).
+
+- ``state_dtype``: the states named by ``_compact_state`` (Adam's moments) kept in bf16, half
+  the bytes; the kernels widen them on load and round them on store (``kernels/common.py``).
+- ``stochastic_rounding`` with a ``seed``: low-precision values written without an fp32 copy
+  behind them are rounded stochastically (``kernels/stochastic.py``), with one int64
+  ``sr_seed`` state per param drawn from the optimizer's seed and the param's position.
+
+Both are group options; changing one between steps converts the state before the next step
+(they are part of the optimizer's ``_state_kind``). Figures per mode: docs/compact-state.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .buckets import local
+from .param_state import SEED_STATE
+
+__all__ = ["CompactState", "STATE_DTYPES", "CONFIG_KINDS", "param_seed"]
+
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+"""The dtypes ``state_dtype`` may name (int8 moments are not built yet)."""
+
+
+class CompactState:
+    """Mixin of a ``FusedOptimizer`` subclass (before it in the bases) that offers
+    ``state_dtype``, ``stochastic_rounding`` and ``seed``. The subclass names the states kept
+    in ``state_dtype`` (``_compact_state``), calls ``_init_compact`` in its ``__init__`` and
+    ``_check_compact`` in ``_check_hyperparameters``, adds ``_compact_kind`` to its
+    ``_state_kind`` and ``_complete_seed`` to its ``_complete_state``."""
+
+    _compact_state: tuple[str, ...] = ()
+    # A loaded state dict does not override how this optimizer stores its state; the loaded
+    # state is converted to it (FusedOptimizer.load_state_dict).
+    _kept_on_load = ("state_dtype",)
+    _sr_seed: int = 0
+
+    def _init_compact(
+        self, seed: int | None, flat_buffers: bool, state_dtype, stochastic_rounding: bool
+    ) -> None:
+        """Check the options (before anything is kept) and fix the seeds' source."""
+        _check_state_dtype(state_dtype)
+        if flat_buffers:
+            _check_flat(state_dtype, stochastic_rounding)
+        if seed is not None and not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self._sr_seed = torch.initial_seed() if seed is None else int(seed)
+        self._sr_index: dict[int, int] = {}
+
+    def _check_compact(self, group: dict[str, Any]) -> None:
+        state_dtype = group.get("state_dtype", torch.float32)
+        _check_state_dtype(state_dtype)
+        if getattr(self, "flat_buffers", False):
+            _check_flat(state_dtype, group.get("stochastic_rounding", False))
+
+    def _compact_kind(self, group: dict[str, Any]) -> tuple:
+        """The group settings that shape the state (a switch converts it)."""
+        state_dtype = group.get("state_dtype", torch.float32)
+        return state_dtype, bool(group.get("stochastic_rounding", False))
+
+    def _state_dtype(self, name: str, group: dict[str, Any]) -> torch.dtype:
+        if name in self._compact_state:
+            return group.get("state_dtype", torch.float32)
+        return torch.float32
+
+    def _complete_seed(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
+        """Give ``p`` its seed when its group rounds stochastically, drop it otherwise: a
+        group's params all have one or none, and a seed is a function of the optimizer's seed
+        and the param's position, so switching back on remakes the same one."""
+        if not group.get("stochastic_rounding", False):
+            state.pop(SEED_STATE, None)
+        elif state.get(SEED_STATE) is None:
+            seed = param_seed(self._sr_seed, self._param_index(p))
+            state[SEED_STATE] = torch.tensor(seed, dtype=torch.int64, device=local(p).device)
+
+    def _param_index(self, p: torch.Tensor) -> int:
+        """``p``'s position over all param groups (a dict rebuilt when a param is new to it)."""
+        index = self.__dict__.setdefault("_sr_index", {}).get(id(p))
+        if index is None:
+            params = [q for group in self.param_groups for q in group["params"]]
+            self._sr_index = {id(q): i for i, q in enumerate(params)}
+            index = self._sr_index[id(p)]
+        return index
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(super().__getstate__(), sr_seed_base=self._sr_seed)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self._sr_seed = state.pop("sr_seed_base", 0)
+        self._sr_index = {}
+        super().__setstate__(state)
+
+
+def param_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for param ``index`` from an optimizer's ``seed``: SplitMix64's finaliser
+    (Steele, Lea, Flood 2014) of ``seed + (index + 1) * golden``, so that neighbouring indices
+    and seeds give unrelated Philox keys. A function of the two, not a generator's next draw,
+    so that it does not depend on the order in which params get their state."""
+    m64 = (1 << 64) - 1
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & m64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+    return (z ^ (z >> 31)) >> 1
+
+
+def _check_state_dtype(state_dtype) -> None:
+    if isinstance(state_dtype, str) and state_dtype == "int8":
+        raise ValueError(
+            "state_dtype='int8': int8 moments are not implemented yet; use torch.float32 or "
+            "torch.bfloat16"
+        )
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(
+            f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype!r}"
+        )
+
+
+def _check_flat(state_dtype, stochastic_rounding) -> None:
+    # Flat buffers keep one fp32 buffer per state name and no per-param seeds: neither compact
+    # option is built for them.
+    if state_dtype != torch.float32:
+        raise ValueError(
+            f"state_dtype={state_dtype} is not supported with flat_buffers=True (flat buffers "
+            "keep fp32 state); use flat_buffers=False for bf16 moments"
+        )
+    if stochastic_rounding:
+        raise ValueError(
+            "stochastic_rounding=True is not supported with flat_buffers=True; use "
+            "flat_buffers=False"
+        )
+
+
+# ------------------------------------------------------------------------------- config
+_CONFIG_STATE_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def _check_config_state_dtype(key: str, value) -> torch.dtype:
+    """The config's ``state_dtype``: a string (JSON has no dtypes), or the class default."""
+    from .config import ConfigError
+
+    if isinstance(value, torch.dtype) and value in STATE_DTYPES:
+        return value
+    if isinstance(value, str) and value.lower() in _CONFIG_STATE_DTYPES:
+        return _CONFIG_STATE_DTYPES[value.lower()]
+    raise ConfigError(
+        f"config key '{key}' must be one of {sorted(_CONFIG_STATE_DTYPES)}, got {value!r}"
+        + (" (int8 moments are not implemented yet)" if value == "int8" else "")
+    )
+
+
+def _check_config_seed(key: str, value):
+    """The config's ``seed``: an integer, or null for ``torch.initial_seed()``."""
+    from .config import ConfigError
+
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key '{key}' must be an integer or null, got {value!r}")
+
+
+CONFIG_KINDS = {"state_dtype": _check_config_state_dtype, "seed": _check_config_seed}
+"""The config checks of the compact options (``Algorithm.config_kinds``)."""
