@@ -14,19 +14,20 @@ import torch
 
 from .backend import backend_for, kernels
 from .buckets import Bucket
+from .compact_state import CONFIG_KINDS, CompactState
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
 
 __all__ = ["Lion"]
 
 _STATE = {
-    "exp_avg": "always: the momentum",
+    "exp_avg": "always: the momentum (fp32, or the group's state_dtype)",
     "master_param": "fp16/bf16 params with master_weights",
 }
-"""Per-param state, fp32 on the param's device, and when each exists."""
+"""Per-param state on the param's device, and when each exists."""
 
 
-class Lion(FusedOptimizer):
+class Lion(CompactState, FusedOptimizer):
     """Lion: ``update = sign(beta1 * m + (1 - beta1) * g)``, ``p = p * (1 - lr * wd) - lr *
     update``, ``m = beta2 * m + (1 - beta2) * g`` (see ``kernels/lion.py``; ``sign(0) = 0``).
 
@@ -39,13 +40,18 @@ class Lion(FusedOptimizer):
         maximize: maximize the objective (default False).
         foreach, differentiable, fused, master_weights, backend, flat_buffers: as in
             ``fp16_triton.Adam``.
+        state_dtype: the momentum's dtype, ``torch.float32`` (default) or ``torch.bfloat16``
+            (widened in the kernel, stored rounded to nearest-even), as Adam's
+            (``fp16_triton/compact_state.py``). No stochastic rounding: Lion keeps no step
+            count to advance its random stream.
 
-    State per param, fp32 on the param's device: ``exp_avg`` (the momentum) and
-    ``master_param`` for fp16/bf16 params. No step count: Lion has no bias correction.
+    State per param on the param's device: ``exp_avg`` (the momentum, in ``state_dtype``) and
+    ``master_param`` (fp32) for fp16/bf16 params. No step count: Lion has no bias correction.
     """
 
     _state_names = tuple(name for name in _STATE if name != "master_param")
     _required_state = ("exp_avg",)
+    _compact_state = ("exp_avg",)  # kept in state_dtype
 
     def __init__(
         self,
@@ -61,28 +67,37 @@ class Lion(FusedOptimizer):
         master_weights: bool = True,
         backend: str = "auto",
         flat_buffers: bool = False,
+        state_dtype: torch.dtype = torch.float32,
     ):
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
             weight_decay=weight_decay,
             maximize=maximize,
+            state_dtype=state_dtype,
             **torch_compat_options(foreach, None, differentiable, fused),
         )
+        self._init_compact(None, flat_buffers, state_dtype, False)
         options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
         super().__init__(params, defaults, **options)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
+        self._check_compact(group)
         for index, beta in enumerate(group["betas"]):  # [0, 1), as torch's Adam and the config
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
         if not 0.0 <= group["weight_decay"]:
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
 
+    def _state_kind(self, group: dict[str, Any]) -> tuple:
+        # The momentum's dtype too: a switch converts it before the next step.
+        return bool(group["master_weights"]), *self._compact_kind(group)
+
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         # The param's strides (channels_last too): the kernel pairs elements by memory position.
-        return {"exp_avg": torch.zeros_like(p, dtype=torch.float32)}
+        dtype = group.get("state_dtype", torch.float32)
+        return {"exp_avg": torch.zeros_like(p, dtype=dtype)}
 
     def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
         beta1, beta2 = map(float, group["betas"])
@@ -129,7 +144,8 @@ def lion_step(
     if start is None:
         return
     weights, g = start
-    lr, weight_decay, exp_avgs = float(lr), float(weight_decay), list(exp_avgs)
+    lr, weight_decay, stored = float(lr), float(weight_decay), list(exp_avgs)
+    exp_avgs = [m.float() for m in stored]  # bf16 momenta: fp32 copies, stored back rounded
     c = torch._foreach_mul(exp_avgs, beta1)
     torch._foreach_add_(c, torch._foreach_mul(g, 1.0 - beta1))
     if weight_decay != 0:
@@ -137,6 +153,9 @@ def lion_step(
     torch._foreach_add_(weights, torch._foreach_sign(c), alpha=-lr)
     torch._foreach_mul_(exp_avgs, beta2)
     torch._foreach_add_(exp_avgs, torch._foreach_mul(g, 1.0 - beta2))
+    compact = [(t, m) for t, m in zip(stored, exp_avgs) if t is not m]
+    if compact:  # copy_ rounds fp32 to bf16 to nearest-even, as the kernel's store
+        torch._foreach_copy_([t for t, _ in compact], [m for _, m in compact])
     reference.write_back(params, weights)
 
 
@@ -153,10 +172,11 @@ def lion_(params, grads, exp_avgs, *, backend: str = "auto", **kwargs) -> None:
 
 
 # ------------------------------------------------------------------------------------ spec
-def _traffic(param_dtype, grad_dtype=None, master=True, **_):
+def _traffic(param_dtype, grad_dtype=None, master=True, state_dtype=torch.float32, **_):
     """Lion: ``exp_avg`` read and written once. fp16 params and grads with masters: read 2 + 2
-    + 4 x 2, write 2 + 4 x 2 = 22 B/param (AdamW: 30)."""
-    return elementwise_traffic(param_dtype, grad_dtype, master, 1)
+    + 4 x 2, write 2 + 4 x 2 = 22 B/param (AdamW: 30); a bf16 momentum: 18."""
+    size = torch.empty((), dtype=state_dtype).element_size()
+    return elementwise_traffic(param_dtype, grad_dtype, master, 1, size)
 
 
 def _example(sizes, device, param_dtype=torch.float16):
@@ -177,6 +197,7 @@ ALGORITHM = register(
         traffic=_traffic,
         example=_example,
         reference=lion_step,
+        config_kinds=CONFIG_KINDS,
         functional={"lion_": lion_},
     )
 )

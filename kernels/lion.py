@@ -15,8 +15,12 @@ folded in as in ``adam``::
 exactly zero does not move (DeepSpeed's FusedLion moves it by ``+lr``). There is no step
 count: Lion has no bias correction. If ``found_inf`` is non-zero nothing is written.
 
+A momentum kept in bf16 (``STATE_DTYPE``, the optimizer's ``state_dtype=torch.bfloat16``) is
+widened to fp32 on load, used and updated in fp32 as above, and stored rounded to nearest-even.
+
 Bytes per element: ``fp16_triton/lion.py``'s spec (``Algorithm.traffic``): fp16 param and
-grad with an fp32 master and ``exp_avg``: read 2 + 2 + 4 + 4, write 2 + 4 + 4 = 22.
+grad with an fp32 master and ``exp_avg``: read 2 + 2 + 4 + 4, write 2 + 4 + 4 = 22; with a bf16
+``exp_avg``: read 2 + 2 + 4 + 2, write 2 + 4 + 2 = 18.
 """
 
 from __future__ import annotations
@@ -28,13 +32,16 @@ import triton
 import triton.language as tl
 
 from .common import (
+    TORCH_TO_TRITON,
     block_offsets,
     load_grad_and_weight,
     prepare_step,
     program_chunk,
+    round_to,
     store_weight,
     tensor_ptr,
     unscale_and_clip_factors,
+    widen,
 )
 from .multi_tensor import TableCache
 
@@ -46,7 +53,7 @@ def _lion_kernel(
     param_ptrs,  # int64 [T]: params, written (rounded from the master when there is one)
     grad_ptrs,  # int64 [T]: grads, read only
     master_ptrs,  # int64 [T]: fp32 master weights (read if HAS_MASTER)
-    exp_avg_ptrs,  # int64 [T]: fp32 momenta
+    exp_avg_ptrs,  # int64 [T]: momenta (STATE_DTYPE)
     numels,  # int64 [T]: elements in each tensor
     chunk_map,  # int64 [2, P]: tensor index and first element of each program's chunk
     n_programs,  # P, the row stride of chunk_map
@@ -63,6 +70,7 @@ def _lion_kernel(
     weight_decay,  # fp32: decoupled weight decay
     PARAM_DTYPE: tl.constexpr,  # element type of the params
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
+    STATE_DTYPE: tl.constexpr,  # element type of the momenta: fp32, or bf16 (rounded on store)
     HAS_MASTER: tl.constexpr,  # low-precision params with an fp32 master (else updated in place)
     MAXIMIZE: tl.constexpr,  # ascend rather than descend
     HAS_GRAD_SCALE: tl.constexpr,  # divide grads by *grad_scale_ptr
@@ -80,7 +88,7 @@ def _lion_kernel(
     param = tensor_ptr(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
     grad = tensor_ptr(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
     master = tensor_ptr(master_ptrs, tensor, tl.float32, ALIGNED)
-    exp_avg = tensor_ptr(exp_avg_ptrs, tensor, tl.float32, ALIGNED)
+    exp_avg = tensor_ptr(exp_avg_ptrs, tensor, STATE_DTYPE, ALIGNED)
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr)
     decay = (1.0 - tl.cast(lr, tl.float64) * tl.cast(weight_decay, tl.float64)).to(tl.float32)
@@ -95,11 +103,12 @@ def _lion_kernel(
             grad, param, master, offsets, mask, inv_scale, clip_coef, GRAD_DTYPE, PARAM_DTYPE,
             HAS_MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE,
         )  # fmt: skip
-        m = tl.load(exp_avg + offsets, mask=mask, other=0.0)
+        m = widen(tl.load(exp_avg + offsets, mask=mask, other=0.0), STATE_DTYPE)
         c = beta1 * m + one_minus_beta1 * g
         direction = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
         p = p * decay - lr * direction
-        tl.store(exp_avg + offsets, beta2 * m + one_minus_beta2 * g, mask=mask)
+        m = beta2 * m + one_minus_beta2 * g
+        tl.store(exp_avg + offsets, round_to(m, STATE_DTYPE), mask=mask)
         store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
 
 
@@ -122,7 +131,8 @@ def prepare_lion_step(
 ) -> Callable[[], None]:
     """Check the inputs and build the tables of a fused Lion step (in place, no host sync,
     every tensor of a group in one launch); return the launch. Arguments as in
-    ``kernels.adam.prepare_adam_step``; ``exp_avgs`` are the fp32 momenta.
+    ``kernels.adam.prepare_adam_step``; ``exp_avgs`` are the momenta, fp32 or bf16 (widened on
+    load, rounded to nearest-even on store).
 
     Launches: one, whatever the number of tensors (Lion keeps no step count).
     """
@@ -132,8 +142,10 @@ def prepare_lion_step(
         rows=("params", "grads", "masters", "exp_avgs"),
         hyperparameters=(float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
                          float(weight_decay)),
-        flags={}, count_steps=False, lr=lr, maximize=maximize, grad_scale=grad_scale,
-        found_inf=found_inf, norm_sq=norm_sq, max_norm=max_norm, cache=cache,
+        flags=dict(STATE_DTYPE=TORCH_TO_TRITON.get(exp_avgs[0].dtype) if exp_avgs else None),
+        compact_state=("exp_avgs",), count_steps=False, lr=lr, maximize=maximize,
+        grad_scale=grad_scale, found_inf=found_inf, norm_sq=norm_sq, max_norm=max_norm,
+        cache=cache,
     )  # fmt: skip
 
 
@@ -145,7 +157,7 @@ def lion_step(*args, **kwargs) -> None:
 
 def compile_variants(compile) -> dict[str, dict]:
     """The variants ``tests/gpu_compile.py`` compiles for sm_90: fp16 and bf16 with masters,
-    loss scale, skip and clipping, both alignments; fp32 plain."""
+    loss scale, skip and clipping, both alignments, fp32 and bf16 momenta; fp32 plain."""
     common = dict(BLOCK=1024, CHUNK=4096)
     flags = dict(MAXIMIZE=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True)
     results = {}
@@ -154,11 +166,17 @@ def compile_variants(compile) -> dict[str, dict]:
             results[f"lion-{dtype_name}-master-aligned{aligned}"] = compile(
                 _lion_kernel,
                 dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=True, LR_ON_DEVICE=True,
-                     ALIGNED=aligned, **flags, **common),
+                     ALIGNED=aligned, STATE_DTYPE=tl.float32, **flags, **common),
+            )  # fmt: skip
+            results[f"lion-{dtype_name}-master-bf16-state-aligned{aligned}"] = compile(
+                _lion_kernel,
+                dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=True, LR_ON_DEVICE=True,
+                     ALIGNED=aligned, STATE_DTYPE=tl.bfloat16, **flags, **common),
             )  # fmt: skip
     results["lion-fp32-plain"] = compile(
         _lion_kernel,
-        dict(PARAM_DTYPE=tl.float32, GRAD_DTYPE=tl.float32, HAS_MASTER=False, MAXIMIZE=True,
+        dict(PARAM_DTYPE=tl.float32, GRAD_DTYPE=tl.float32, STATE_DTYPE=tl.float32,
+             HAS_MASTER=False, MAXIMIZE=True,
              HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_CLIP=False, LR_ON_DEVICE=False,
              ALIGNED=False, **common),
     )  # fmt: skip

@@ -96,6 +96,42 @@ def test_steps_match_the_float64_model(backend, dtype, scaled):
             assert ((w0 - decayed).abs() <= ulp(decayed)).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_bf16_momentum_is_the_fp32_step_with_the_momentum_rounded(backend, dtype):
+    """``state_dtype=torch.bfloat16``: each step is the fp32-momentum step from the widened
+    bf16 momentum, its new momentum rounded to nearest-even. Checked against the same class with
+    an fp32 momentum started from the bf16 values (the same step, an oracle apart from the
+    float64 model above): weights bitwise, the stored momentum the fp32 one rounded, bitwise."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype)) for n in SIZES]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kwargs = dict(lr=2e-3, betas=(0.9, 0.99), weight_decay=0.1, backend=backend)
+    compact = fp16_triton.Lion(params, state_dtype=torch.bfloat16, **kwargs)
+    plain = fp16_triton.Lion(twins, **kwargs)
+    for _ in range(3):
+        for p, t in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            t.grad = p.grad.clone()
+        compact.step()
+        plain.step()
+        for p, t in zip(params, twins):
+            m = compact.state[p]["exp_avg"]
+            assert m.dtype == torch.bfloat16
+            assert_bitwise(m, plain.state[t]["exp_avg"].to(torch.bfloat16), "momentum rounded")
+            assert_bitwise(p.detach(), t.detach(), "weight")
+            plain.state[t]["exp_avg"].copy_(m)  # both continue from the stored momentum
+    assert fp16_triton.Lion([torch.nn.Parameter(torch.zeros(3))]).defaults["state_dtype"] == (
+        torch.float32
+    )
+
+
+def test_the_traffic_of_a_bf16_momentum_is_18_bytes():
+    # fp16 param and grad, fp32 master, bf16 momentum: read 2 + 2 + 4 + 2, write 2 + 4 + 2.
+    assert ALGORITHM.traffic(torch.float16, state_dtype=torch.bfloat16).moved == 18
+    assert ALGORITHM.traffic(torch.float16, state_dtype=torch.bfloat16).kept == 10
+
+
 def test_functional_lion_is_the_class_step():
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
@@ -145,7 +181,10 @@ def test_the_config_takes_deepspeed_lion_params():
     assert cfg.optimizer.type == "Lion"
     assert cfg.optimizer.params == {
         "lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "maximize": False,
+        "state_dtype": torch.float32,  # ours: the momentum's storage (compact state)
     }  # fmt: skip
+    bf16 = load_config({"optimizer": {"type": "Lion", "params": {"state_dtype": "bf16"}}})
+    assert bf16.optimizer.params["state_dtype"] == torch.bfloat16
     with pytest.raises(ConfigError, match="eps"):
         load_config({"optimizer": {"type": "Lion", "params": {"eps": 1e-8}}})
 
