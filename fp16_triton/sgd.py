@@ -10,6 +10,7 @@ import torch
 
 from .backend import backend_for
 from .buckets import Bucket, like_param, local
+from .compact_state import CONFIG_KINDS, CompactState
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
 
@@ -17,13 +18,13 @@ __all__ = ["SGD"]
 
 _STATE = {
     "step": "momentum != 0 (one element; torch's SGD has none, see the class docstring)",
-    "momentum_buffer": "momentum != 0",
+    "momentum_buffer": "momentum != 0 (fp32, or the group's state_dtype)",
     "master_param": "fp16/bf16 params with master_weights",
 }
-"""Per-param state, all fp32 on the param's device, and when each exists."""
+"""Per-param state on the param's device, and when each exists."""
 
 
-class SGD(FusedOptimizer):
+class SGD(CompactState, FusedOptimizer):
     """SGD with momentum (``torch.optim.SGD``'s arguments, defaults, math and state names).
 
     Args:
@@ -35,6 +36,9 @@ class SGD(FusedOptimizer):
         maximize: maximize the objective (default False).
         foreach, differentiable, fused, master_weights, backend, flat_buffers: as in
             ``fp16_triton.Adam``.
+        state_dtype: the momentum buffer's dtype, ``torch.float32`` (default) or
+            ``torch.bfloat16`` (widened in the kernel, stored rounded to nearest-even), as
+            Adam's (``fp16_triton/compact_state.py``). No stochastic rounding.
 
     State per param, fp32 on the param's device, when ``momentum != 0``: ``momentum_buffer``
     (it starts as the first grad, as in torch) and ``step``, a one-element count that tells the
@@ -43,6 +47,7 @@ class SGD(FusedOptimizer):
     """
 
     _state_names = tuple(name for name in _STATE if name != "master_param")
+    _compact_state = ("momentum_buffer",)  # kept in state_dtype
 
     def __init__(
         self,
@@ -60,6 +65,7 @@ class SGD(FusedOptimizer):
         master_weights: bool = True,
         backend: str = "auto",
         flat_buffers: bool = False,
+        state_dtype: torch.dtype = torch.float32,
     ):
         defaults = dict(
             lr=lr,
@@ -68,13 +74,16 @@ class SGD(FusedOptimizer):
             weight_decay=weight_decay,
             nesterov=nesterov,
             maximize=maximize,
+            state_dtype=state_dtype,
             **torch_compat_options(foreach, None, differentiable, fused),
         )
+        self._init_compact(None, flat_buffers, state_dtype, False)
         options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
         super().__init__(params, defaults, **options)
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
+        self._check_compact(group)
         if group["momentum"] < 0.0:
             raise ValueError(f"Invalid momentum value: {group['momentum']}")
         if group["weight_decay"] < 0.0:
@@ -83,7 +92,7 @@ class SGD(FusedOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def _state_kind(self, group: dict[str, Any]) -> tuple:
-        return bool(group["master_weights"]), group["momentum"] != 0
+        return bool(group["master_weights"]), group["momentum"] != 0, *self._compact_kind(group)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         if group["momentum"] == 0:
@@ -91,7 +100,7 @@ class SGD(FusedOptimizer):
         return {
             "step": torch.zeros((), dtype=torch.float32, device=p.device),
             # The param's strides (channels_last too), as torch's clone of the first grad.
-            "momentum_buffer": torch.zeros_like(p, dtype=torch.float32),
+            "momentum_buffer": torch.zeros_like(p, dtype=group.get("state_dtype", torch.float32)),
         }
 
     def _complete_state(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
@@ -171,10 +180,13 @@ def sgd_(
 
 
 # ------------------------------------------------------------------------------------ spec
-def _traffic(param_dtype, grad_dtype=None, master=True, momentum=0.0, **_):
+def _traffic(
+    param_dtype, grad_dtype=None, master=True, momentum=0.0, state_dtype=torch.float32, **_
+):
     """SGD: the momentum buffer read and written once when ``momentum != 0``. fp16 params and
     grads with masters and momentum: read 2 + 2 + 4 x 2, write 2 + 4 x 2 = 22 B/param."""
-    return elementwise_traffic(param_dtype, grad_dtype, master, 1 if momentum else 0)
+    size = torch.empty((), dtype=state_dtype).element_size()
+    return elementwise_traffic(param_dtype, grad_dtype, master, 1 if momentum else 0, size)
 
 
 def _example(sizes, device, param_dtype=torch.float16):
@@ -204,6 +216,7 @@ ALGORITHM = register(
         traffic=_traffic,
         example=_example,
         configure=_configure,
+        config_kinds=CONFIG_KINDS,
         functional={"sgd_": sgd_},
     )
 )

@@ -252,7 +252,8 @@ def sgd_step(
     if weight_decay != 0:
         g = torch._foreach_add(g, weights, alpha=weight_decay)
     if momentum != 0:
-        bufs = list(momentum_buffers)
+        stored = list(momentum_buffers)
+        bufs = [b.float() for b in stored]  # bf16 buffers: fp32 copies, stored back rounded
         first = [s.item() == 0 for s in steps]
         for buf, grad, is_first in zip(bufs, g, first):
             if is_first:
@@ -262,6 +263,7 @@ def sgd_step(
             later_bufs = [bufs[i] for i in later]
             torch._foreach_mul_(later_bufs, momentum)
             torch._foreach_add_(later_bufs, [g[i] for i in later], alpha=1.0 - dampening)
+        _store_compact(stored, bufs)
         if nesterov:
             g = torch._foreach_add(g, bufs, alpha=momentum)
         else:

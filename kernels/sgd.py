@@ -29,13 +29,16 @@ import triton
 import triton.language as tl
 
 from .common import (
+    TORCH_TO_TRITON,
     block_offsets,
     load_grad_and_weight,
     prepare_step,
     program_chunk,
+    round_to,
     store_weight,
     tensor_ptr,
     unscale_and_clip_factors,
+    widen,
 )
 from .multi_tensor import TableCache
 
@@ -47,7 +50,7 @@ def _sgd_kernel(
     param_ptrs,  # int64 [T]: params, written (rounded from the master when there is one)
     grad_ptrs,  # int64 [T]: grads, read only
     master_ptrs,  # int64 [T]: fp32 master weights (read if HAS_MASTER)
-    momentum_buffer_ptrs,  # int64 [T]: fp32 momentum buffers (if HAS_MOMENTUM)
+    momentum_buffer_ptrs,  # int64 [T]: momentum buffers, STATE_DTYPE (if HAS_MOMENTUM)
     step_ptrs,  # int64 [T]: fp32 one-element step counts, 0 before the first step (if HAS_MOMENTUM)
     numels,  # int64 [T]: elements in each tensor
     chunk_map,  # int64 [2, P]: tensor index and first element of each program's chunk
@@ -63,6 +66,7 @@ def _sgd_kernel(
     weight_decay,  # fp32: L2 weight decay
     PARAM_DTYPE: tl.constexpr,  # element type of the params
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
+    STATE_DTYPE: tl.constexpr,  # element type of the buffers: fp32, or bf16 (rounded on store)
     HAS_MASTER: tl.constexpr,  # low-precision params with an fp32 master (else updated in place)
     HAS_MOMENTUM: tl.constexpr,  # momentum != 0: keep a buffer
     NESTEROV: tl.constexpr,  # Nesterov momentum
@@ -85,7 +89,7 @@ def _sgd_kernel(
     param = tensor_ptr(param_ptrs, tensor, PARAM_DTYPE, ALIGNED)
     grad = tensor_ptr(grad_ptrs, tensor, GRAD_DTYPE, ALIGNED)
     master = tensor_ptr(master_ptrs, tensor, tl.float32, ALIGNED)
-    buf_ptr = tensor_ptr(momentum_buffer_ptrs, tensor, tl.float32, ALIGNED)
+    buf_ptr = tensor_ptr(momentum_buffer_ptrs, tensor, STATE_DTYPE, ALIGNED)
     first_step = False
     if HAS_MOMENTUM:
         first_step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))) == 0
@@ -104,9 +108,9 @@ def _sgd_kernel(
         )  # fmt: skip
         g = g + weight_decay * p
         if HAS_MOMENTUM:
-            buf = tl.load(buf_ptr + offsets, mask=mask, other=0.0)
+            buf = widen(tl.load(buf_ptr + offsets, mask=mask, other=0.0), STATE_DTYPE)
             buf = tl.where(first_step, g, buf * momentum + one_minus_dampening * g)
-            tl.store(buf_ptr + offsets, buf, mask=mask)
+            tl.store(buf_ptr + offsets, round_to(buf, STATE_DTYPE), mask=mask)
             if NESTEROV:
                 g = g + momentum * buf
             else:
@@ -139,7 +143,8 @@ def prepare_sgd_step(
 
     One fused SGD step over every tensor of a group, in place, with no host sync.
 
-    ``momentum_buffers`` (fp32) and ``steps`` (fp32 one-element counts, 0 before a tensor's
+    ``momentum_buffers`` (fp32, or bf16: widened on load, rounded to nearest-even on store)
+    and ``steps`` (fp32 one-element counts, 0 before a tensor's
     first step, advanced unless ``found_inf``) are required when ``momentum != 0`` and ignored
     otherwise. Other arguments as in ``adam_step``. Launches: one, plus one for the step counts
     when momentum is on.
@@ -150,13 +155,16 @@ def prepare_sgd_step(
     state = {"masters": masters}
     state["momentum_buffers"] = momentum_buffers if has_momentum else None
     state["steps"] = steps if has_momentum else None
+    buffer_dtype = momentum_buffers[0].dtype if has_momentum and momentum_buffers else None
     return prepare_step(
         _sgd_kernel, "sgd", params, grads, masters, state,
         rows=("params", "grads", "masters", "momentum_buffers", "steps"),
         hyperparameters=(float(momentum), 1.0 - float(dampening), float(weight_decay)),
-        flags=dict(HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov)),
-        count_steps=has_momentum, lr=lr, maximize=maximize, grad_scale=grad_scale,
-        found_inf=found_inf, norm_sq=norm_sq, max_norm=max_norm, cache=cache,
+        flags=dict(HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov),
+                   STATE_DTYPE=TORCH_TO_TRITON.get(buffer_dtype, tl.float32)),
+        compact_state=("momentum_buffers",), count_steps=has_momentum, lr=lr, maximize=maximize,
+        grad_scale=grad_scale, found_inf=found_inf, norm_sq=norm_sq, max_norm=max_norm,
+        cache=cache,
     )  # fmt: skip
 
 
@@ -168,16 +176,17 @@ def sgd_step(*args, **kwargs) -> None:
 
 def compile_variants(compile) -> dict[str, dict]:
     """The variants ``tests/gpu_compile.py`` compiles for sm_90 (see ``adam.compile_variants``):
-    fp16 with masters, momentum and Nesterov, both alignments."""
+    fp16 with masters, momentum and Nesterov, both alignments, fp32 and bf16 buffers."""
     results = {}
     for aligned in (False, True):
-        results[f"sgd-fp16-momentum-aligned{aligned}"] = compile(
-            _sgd_kernel,
-            dict(
-                PARAM_DTYPE=tl.float16, GRAD_DTYPE=tl.float16, HAS_MASTER=True,
-                HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=False, HAS_GRAD_SCALE=True,
-                HAS_FOUND_INF=True, HAS_CLIP=True, LR_ON_DEVICE=True, ALIGNED=aligned,
-                BLOCK=1024, CHUNK=4096,
-            ),
-        )  # fmt: skip
+        for state_name, state_dtype in (("", tl.float32), ("-bf16-state", tl.bfloat16)):
+            results[f"sgd-fp16-momentum{state_name}-aligned{aligned}"] = compile(
+                _sgd_kernel,
+                dict(
+                    PARAM_DTYPE=tl.float16, GRAD_DTYPE=tl.float16, STATE_DTYPE=state_dtype,
+                    HAS_MASTER=True, HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=False,
+                    HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True, LR_ON_DEVICE=True,
+                    ALIGNED=aligned, BLOCK=1024, CHUNK=4096,
+                ),
+            )  # fmt: skip
     return results

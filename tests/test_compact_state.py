@@ -275,3 +275,31 @@ def test_tiny_gpt_in_bf16_with_bf16_moments_is_within_5_percent_of_fp32_adamw():
     theirs = tiny_gpt.torch_fp32_adamw(data)  # lr 3e-3, weight decay 0.01, clipping at 1.0
     assert tiny_gpt.tail(theirs) < 0.7 * theirs[0]  # the task is learned at all
     assert tiny_gpt.tail(ours) == pytest.approx(tiny_gpt.tail(theirs), rel=0.05)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_with_a_bf16_buffer_is_the_fp32_step_with_the_buffer_rounded(backend, nesterov):
+    """SGD's ``state_dtype=torch.bfloat16``: each step (the first, which copies the grad, and
+    the later ones) is the fp32-buffer step from the widened buffer, its new buffer rounded to
+    nearest-even: checked against the same class with an fp32 buffer restarted from the stored
+    bf16 values at every step, weights and buffers bitwise."""
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen).half()) for n in (5, 1100)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kwargs = dict(lr=1e-2, momentum=0.9, nesterov=nesterov, weight_decay=0.01, backend=backend)
+    kwargs["dampening"] = 0.0 if nesterov else 0.1
+    compact = fp16_triton.SGD(params, state_dtype=BF16, **kwargs)
+    plain = fp16_triton.SGD(twins, **kwargs)
+    for _ in range(3):
+        for p, t in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=gen).half()
+            t.grad = p.grad.clone()
+        compact.step()
+        plain.step()
+        for p, t in zip(params, twins):
+            buf = compact.state[p]["momentum_buffer"]
+            assert buf.dtype == BF16
+            assert_bitwise(buf, plain.state[t]["momentum_buffer"].to(BF16), "buffer rounded")
+            assert_bitwise(compact.state[p]["master_param"], plain.state[t]["master_param"], "w")
+            plain.state[t]["momentum_buffer"].copy_(buf)  # both go on from the stored buffer

@@ -91,6 +91,7 @@ def test_every_key():
             "weight_decay": 0.0,
             "nesterov": True,
             "maximize": False,
+            "state_dtype": torch.float32,  # ours: the buffer's storage (compact state)
         },
         flat_buffers=True,
     )
