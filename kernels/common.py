@@ -111,6 +111,21 @@ def unscale_and_clip_factors(
 
 
 @triton.jit
+def load_weight(param, master, offsets, mask, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr):
+    """A block's fp32 weight: the master, unless the param's bits are no longer the master's
+    rounding (see ``load_grad_and_weight``); without a master, the widened param."""
+    if HAS_MASTER:
+        p = tl.load(master + offsets, mask=mask, other=0.0)
+        q = tl.load(param + offsets, mask=mask, other=0.0)
+        written = round_to(p, PARAM_DTYPE).to(tl.uint16, bitcast=True) != q.to(
+            tl.uint16, bitcast=True
+        )
+        return tl.where(written, widen(q, PARAM_DTYPE), p)
+    else:
+        return widen(tl.load(param + offsets, mask=mask, other=0.0), PARAM_DTYPE)
+
+
+@triton.jit
 def load_grad_and_weight(
     grad, param, master, offsets, mask, inv_scale, clip_coef,
     GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
@@ -125,15 +140,7 @@ def load_grad_and_weight(
     (its master is replaced by it). That check reads the param: 2 bytes per element. Without a
     master the weight is the widened param."""
     g = widen(tl.load(grad + offsets, mask=mask, other=0.0), GRAD_DTYPE)
-    if HAS_MASTER:
-        p = tl.load(master + offsets, mask=mask, other=0.0)
-        q = tl.load(param + offsets, mask=mask, other=0.0)
-        written = round_to(p, PARAM_DTYPE).to(tl.uint16, bitcast=True) != q.to(
-            tl.uint16, bitcast=True
-        )
-        p = tl.where(written, widen(q, PARAM_DTYPE), p)
-    else:
-        p = widen(tl.load(param + offsets, mask=mask, other=0.0), PARAM_DTYPE)
+    p = load_weight(param, master, offsets, mask, PARAM_DTYPE, HAS_MASTER)
     if HAS_GRAD_SCALE:
         g = g * inv_scale
     if HAS_CLIP:

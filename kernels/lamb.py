@@ -54,12 +54,11 @@ from .common import (
     block_offsets,
     increment_steps,
     load_grad_and_weight,
+    load_weight,
     program_chunk,
-    round_to,
     store_weight,
     tensor_ptr,
     unscale_and_clip_factors,
-    widen,
 )
 from .launch_config import launch_config
 from .multi_tensor import TableCache, check_step_inputs, device_guard, learning_rate, tables_for
@@ -76,22 +75,6 @@ def _update(m, v, p, eps, weight_decay, EPS_INSIDE_SQRT: tl.constexpr):
     else:
         denom = tl.sqrt_rn(v) + eps
     return tl.div_rn(m, denom) + weight_decay * p
-
-
-@triton.jit
-def _weight(param, master, offsets, mask, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr):
-    """The fp32 weight as ``common.load_grad_and_weight`` chooses it (the param where its bits
-    are no longer the master's rounding), without the grad: launch 2 does not read it."""
-    if HAS_MASTER:
-        p = tl.load(master + offsets, mask=mask, other=0.0)
-        q = tl.load(param + offsets, mask=mask, other=0.0)
-        written = round_to(p, PARAM_DTYPE).to(tl.uint16, bitcast=True) != q.to(
-            tl.uint16, bitcast=True
-        )
-        p = tl.where(written, widen(q, PARAM_DTYPE), p)
-    else:
-        p = widen(tl.load(param + offsets, mask=mask, other=0.0), PARAM_DTYPE)
-    return p
 
 
 @triton.jit
@@ -251,7 +234,7 @@ def _lamb_update_kernel(
     for i in tl.static_range(0, CHUNK, BLOCK):
         offsets = block_offsets(start, i, BLOCK, ALIGNED)
         mask = offsets < numel
-        p = _weight(param, master, offsets, mask, PARAM_DTYPE, HAS_MASTER)
+        p = load_weight(param, master, offsets, mask, PARAM_DTYPE, HAS_MASTER)
         m = tl.load(exp_avg + offsets, mask=mask, other=0.0)
         v = tl.load(exp_avg_sq + offsets, mask=mask, other=0.0)
         p = p - scale * _update(m, v, p, eps, weight_decay, EPS_INSIDE_SQRT)

@@ -41,6 +41,7 @@ from .common import (
     block_offsets,
     load_grad_and_weight,
     program_chunk,
+    round_to,
     store_weight,
     tensor_ptr,
     unscale_and_clip_factors,
@@ -116,7 +117,7 @@ def _muon_momentum_kernel(
         u = b
         if NESTEROV:
             u = _lerp(g, b, momentum, momentum_minus_one)
-        tl.store(update + offsets, _round_to_bf16(u), mask=mask)
+        tl.store(update + offsets, round_to(u, tl.bfloat16), mask=mask)
 
 
 @triton.jit
@@ -129,15 +130,6 @@ def _lerp(start, end, weight, weight_minus_one):
     iterations, which spread a flipped rounding over the whole matrix."""
     diff = end - start
     return tl.where(weight < 0.5, tl.fma(weight, diff, start), tl.fma(weight_minus_one, diff, end))
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """fp32 to bf16, nearest-even on GPUs and in the interpreter (``common.round_to``)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-    rounded = tl.where(x != x, 0x7FC00000, rounded)
-    return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit

@@ -259,7 +259,7 @@ def test_the_engine_config_takes_state_dtype():
 def test_tiny_gpt_in_bf16_with_bf16_moments_is_within_5_percent_of_fp32_adamw():
     """bf16 params with fp32 masters and bf16 moments (engine, ``"bf16"`` section) against
     plain torch fp32 AdamW, same init, data, lr and clipping: final loss (mean of the last 15
-    steps) within 5% (measured 1.2514 against 1.2513). Backend "auto": the reference on CPU
+    steps) within 5% (figures: docs/compact-state.md). Backend "auto": the reference on CPU
     (the interpreter would take minutes); the kernel is pinned to the float64 model above."""
     config = {"train_micro_batch_size_per_gpu": 16, "gradient_clipping": 1.0,
               "bf16": {"enabled": True}, "steps_per_print": 10**6,

@@ -298,7 +298,7 @@ def _engine(backend="auto"):
 
 def test_engine_trains_the_tiny_gpt_in_fp16_within_5_percent_of_fp32_adamw():
     """LAMB in fp16 with dynamic loss scaling ends within 5% of plain torch fp32 AdamW's final
-    loss (measured 2.1% above it: 1.278 against 1.251). Backend "auto": the reference on CPU,
+    loss (figures: bench/results/2026-11-29-cpu.md). Backend "auto": the reference on CPU,
     where the interpreter would take minutes; the kernels are pinned to the float64 model above
     and to the reference by the resume test below."""
     data = tiny_gpt.batches(tiny_gpt.STEPS)

@@ -200,9 +200,9 @@ def _engine(backend):
 
 def test_engine_trains_the_tiny_gpt_in_fp16_within_5_percent_of_fp32_adamw():
     """Lion in fp16 with dynamic loss scaling ends within 5% of plain torch fp32 AdamW's final
-    loss (measured 1.5% below it). Backend "auto": the kernels on a GPU, the reference on CPU,
-    where the interpreter would take minutes; the kernel is pinned to the float64 model above
-    and to the reference by the resume test below."""
+    loss (figures: bench/results/2026-11-29-cpu.md). Backend "auto": the kernels on a GPU, the
+    reference on CPU, where the interpreter would take minutes; the kernel is pinned to the
+    float64 model above and to the reference by the resume test below."""
     data = tiny_gpt.batches(tiny_gpt.STEPS)
     engine, ours = tiny_gpt.engine_run(_engine, data)
     tiny_gpt.assert_within_5_percent(engine, ours, tiny_gpt.torch_fp32_adamw(data))

@@ -123,9 +123,9 @@ def _torch_fp32_muon_adamw(data):
 
 def test_engine_trains_the_tiny_gpt_in_fp16_within_5_percent_of_fp32_torch():
     """Muon in fp16 with dynamic loss scaling ends within 5% of the fp32 torch.optim.Muon +
-    AdamW baseline's final loss (measured 1.2201 against 1.2181). Backend "auto": the torch
-    reference on CPU (the interpreter would take minutes); the kernels are pinned to torch in
-    tests/test_muon.py and to the reference by the resume test."""
+    AdamW baseline's final loss (figures: bench/results/2026-11-29-cpu.md). Backend "auto":
+    the torch reference on CPU (the interpreter would take minutes); the kernels are pinned to
+    torch in tests/test_muon.py and to the reference by the resume test."""
     data = tiny_gpt.batches(tiny_gpt.STEPS)
     engine, ours = tiny_gpt.engine_run(_engine, data)
     tiny_gpt.assert_within_5_percent(engine, ours, _torch_fp32_muon_adamw(data))
