@@ -15,7 +15,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # Offline install: the machine has torch, triton, numpy, tqdm, matplotlib, pytest, hypothesis.
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 timeout 270 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
-    tests/test_algorithms.py tests/test_lion.py \
+    tests/test_algorithms.py tests/test_lion.py tests/test_lamb.py tests/test_muon.py \
+    tests/test_compact_state.py tests/test_stochastic_rounding.py \
     tests/test_functional.py tests/test_fp16_utils.py \
     tests/test_optimizers.py tests/test_fp16_optimizer.py tests/test_loss_scaler.py \
     tests/test_flat_buffers.py tests/test_stale_caches.py tests/test_compile.py \
