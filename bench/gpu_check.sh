@@ -4,7 +4,8 @@
 # their tensors on the GPU, tuning, and the quick benchmark. Everything comes back as
 # $OUT/gpu_check.tgz plus $OUT/summary.txt ($OUT: the device tool's output folder, else
 # ./gpu_check_out). Each step has its own timeout, so one hang cannot eat the rest; together
-# they end within 480 s of an H200. Run it with a device timeout of 520 s.
+# they end within 470 s of an H200 (the first run, 2026-11-30, took 220 s). Run it with a
+# device timeout of 500 s.
 # (The other test files build CPU tensors and need the interpreter: they run in CI.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,21 +29,21 @@ step parity
 timeout 110 $PYTEST tests/test_gpu_parity.py > "$LOG/parity.log" 2>&1
 tail -15 "$LOG/parity.log" | tee -a "$SUMMARY"
 step "gpu tests"
-timeout 140 $PYTEST --maxfail 40 tests/test_kernels.py tests/test_optimizers.py \
+timeout 100 $PYTEST --maxfail 60 tests/test_kernels.py tests/test_optimizers.py \
     tests/test_fp16_optimizer.py tests/test_fp16_optimizer_lifecycle.py \
     tests/test_flat_buffers.py tests/test_compile.py tests/test_launch_geometries.py \
     tests/test_loss_scaler.py > "$LOG/pytest.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$LOG/pytest.log" | tail -45 | tee -a "$SUMMARY"
 step tune
-timeout 60 python3 -m fp16_triton tune --quick > "$LOG/tune.log" 2>&1
+timeout 140 python3 -m fp16_triton tune --quick > "$LOG/tune.log" 2>&1
 python3 -m fp16_triton tune --show 2>&1 | tee -a "$LOG/tune.log" | tail -12 >> "$SUMMARY"
 step "bench elementwise"
-timeout 80 python3 bench/run.py --quick --sizes 1e8 --out "$LOG/bench_a" \
+timeout 60 python3 bench/run.py --quick --sizes 1e8 --out "$LOG/bench_a" \
     --skip deepspeed,compiled,ours-muon,torch-muon,small 2>&1 | grep -v "it/s" \
     > "$LOG/bench_a.log"
 grep "^|" "$LOG/bench_a.log" | head -40 >> "$SUMMARY"
 step "bench muon, compiled, small tensors"
-timeout 80 python3 bench/run.py --quick --sizes 1e7 --out "$LOG/bench_b" \
+timeout 60 python3 bench/run.py --quick --sizes 1e7 --out "$LOG/bench_b" \
     --skip deepspeed,amp,fused-fp16,ours-bf16-moments,ours-lamb,ours-lion,ours-sgd,torch-sgd \
     2>&1 | grep -v "it/s" > "$LOG/bench_b.log"
 grep "^|" "$LOG/bench_b.log" | head -40 >> "$SUMMARY"

@@ -11,7 +11,13 @@ import triton
 import triton.language as tl
 
 from .launch_config import launch_config
-from .multi_tensor import check_step_inputs, device_guard, learning_rate, tables_for
+from .multi_tensor import (
+    EXACT_ARITHMETIC,
+    check_step_inputs,
+    device_guard,
+    learning_rate,
+    tables_for,
+)
 
 TORCH_TO_TRITON = {
     torch.float16: tl.float16,
@@ -193,6 +199,7 @@ def increment_steps(
         found_inf if found_inf is not None else step_ptrs,
         HAS_FOUND_INF=found_inf is not None,
         BLOCK=block,
+        **EXACT_ARITHMETIC,
     )
 
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import device_guard
+from .multi_tensor import EXACT_ARITHMETIC, device_guard
 
 __all__ = ["update_loss_scale"]
 
@@ -147,6 +147,7 @@ def update_loss_scale(
             int(bool(consecutive)),
             int(bool(raise_at_min)),
             record,
+            **EXACT_ARITHMETIC,
         )
 
 

@@ -225,6 +225,15 @@ def _numels(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
     return tuple(map(torch.Tensor.numel, tensors))
 
 
+# Every launch compiles without implicit FMA contraction (ptxas ``--fmad=false``): a GPU then
+# rounds each ``a * b + c`` twice, as Triton's interpreter and torch's elementwise ops do, so
+# a kernel's result does not depend on which variant (alignment, block size, flat or per-tensor
+# tables) the compiler happened to fuse differently. Where a single rounding is the semantics
+# (torch's lerp, Muon's update), the kernels call ``tl.fma`` explicitly. The step is memory-
+# bound: the few extra instructions cost no time.
+EXACT_ARITHMETIC = {"enable_fp_fusion": False}
+
+
 @dataclass
 class LaunchTables:
     """Device tables for one launch: address rows, sizes and the chunk map.
@@ -254,12 +263,14 @@ class LaunchTables:
         return (self.numels, self.chunk_map, self.n_programs)
 
     def options(self, config: dict[str, int]) -> dict:
-        """The alignment flag, block sizes and warps of a launch over these tables."""
+        """The alignment flag, block sizes, warps and ``EXACT_ARITHMETIC`` of a launch over these
+        tables."""
         return dict(
             ALIGNED=self.aligned,
             BLOCK=config["BLOCK"],
             CHUNK=config["CHUNK"],
             num_warps=config["num_warps"],
+            **EXACT_ARITHMETIC,
         )
 
     @staticmethod

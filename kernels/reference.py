@@ -66,9 +66,8 @@ def nonfinite_check_and_norm(
         if grad_scale is not None:
             norms = norms / grad_scale.float().reshape(())
         sum_sq = norms.square().sum()
-    result = torch.stack([torch.as_tensor(sum_sq, dtype=torch.float32), torch.tensor(flag)]).to(
-        device
-    )
+    sum_sq = torch.as_tensor(sum_sq, dtype=torch.float32, device=device)
+    result = torch.stack([sum_sq, torch.tensor(flag, device=device)])
     if out is not None:
         return out.copy_(result)
     return result

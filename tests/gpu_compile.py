@@ -2,7 +2,8 @@
 
 Run by tests/test_gpu_compile.py in a fresh process *without* TRITON_INTERPRET (the kernels
 must be defined as compiled JIT functions). Prints one JSON object: for each variant, whether
-it compiled and facts read off its PTX (128-bit loads, approximate divisions, fp64 use).
+it compiled and facts read off its PTX (128-bit loads, approximate divisions, fp32 FMAs,
+fp64 use), compiled with the options every launch passes (``EXACT_ARITHMETIC``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fp16_triton.kernels import cast_copy, loss_scale, nonfinite  # noqa: E402
+from fp16_triton.kernels.multi_tensor import EXACT_ARITHMETIC  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SCALAR_POINTERS = {
@@ -47,13 +49,15 @@ def compile_variant(kernel, constexprs: dict, types: dict | None = None) -> dict
             signature[name] = "fp32"
     try:
         source = ASTSource(fn=kernel, signature=signature, constexprs=consts)
-        ptx = triton.compile(source, target=TARGET, options={"num_warps": 4}).asm["ptx"]
+        options = {"num_warps": 4, **EXACT_ARITHMETIC}
+        ptx = triton.compile(source, target=TARGET, options=options).asm["ptx"]
     except Exception as e:  # reported, not raised: the test names the failing variant
         return {"ok": False, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
     return {
         "ok": True,
         "vector_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
         "approx_div": "div.full.f32" in ptx or "div.approx.f32" in ptx,
+        "fma": len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32", ptx)),
     }
 
 

@@ -443,13 +443,14 @@ class MLP(nn.Module):
 def make_engine(seed=0, backend="torch", **kwargs):
     torch.manual_seed(seed)
     config = copy.deepcopy(ENGINE_CONFIG)
-    engine, *_ = fp16_triton.initialize(model=MLP(), config=config, backend=backend, **kwargs)
+    model = MLP().to(DEVICE)
+    engine, *_ = fp16_triton.initialize(model=model, config=config, backend=backend, **kwargs)
     return engine
 
 
 def engine_step(engine, step, bad=BAD):
     g = torch.Generator().manual_seed(300 + step)
-    x, y = torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)
+    x, y = torch.randn(4, 6, generator=g).to(DEVICE), torch.randn(4, 3, generator=g).to(DEVICE)
     engine.backward(F.mse_loss(engine(x.to(engine.dtype)).float(), y))
     if step in bad:
         engine.module.fc1.weight.grad.view(-1)[0] = bad[step]

@@ -5,7 +5,9 @@ compiler would not (and ignores compiler hints). This test compiles every kernel
 ahead of time for Hopper with Triton's own compiler and ptxas, no GPU needed, and reads the
 PTX: the ALIGNED variants must use 128-bit loads (the reason for their alignment hints), and
 no fp32 division may be approximate (Triton's ``/`` is ``div.full.f32`` on NVIDIA; the kernels
-use ``tl.div_rn`` to match torch's IEEE division).
+use ``tl.div_rn`` to match torch's IEEE division), and no fp32 FMA may appear where a kernel
+does not ask for one with ``tl.fma`` (``EXACT_ARITHMETIC`` turns the compiler's contraction off,
+so GPUs round as the interpreter and the torch reference do).
 """
 
 from __future__ import annotations
@@ -49,3 +51,10 @@ def test_aligned_variants_use_128_bit_loads(variants):
 
 def test_no_approximate_fp32_division(variants):
     assert not [name for name, v in variants.items() if v["approx_div"]]
+
+
+def test_fp32_fmas_only_where_a_kernel_asks_for_one(variants):
+    """Muon's kernels call ``tl.fma`` (torch's lerp and ``add_(alpha=)`` round once); no other
+    kernel may contain an FMA, which the compiler would have contracted from ``a * b + c``."""
+    assert any(v["fma"] for name, v in variants.items() if "muon" in name)
+    assert not [name for name, v in variants.items() if v["fma"] and "muon" not in name]

@@ -216,6 +216,11 @@ def test_lr_schedulers_work_unchanged(backend, scheduler, name):
 def test_grad_scaler_skips_exactly_on_inf(backend, dtype):
     """torch.amp.GradScaler drives the optimizer through the fused contract: the step is
     skipped (state and params bitwise unchanged) exactly when a grad is non-finite."""
+    if DEVICE == "cuda" and dtype == torch.bfloat16:
+        # Seen with torch 2.11 on an H200: GradScaler's own inf check raises NotImplementedError
+        # ("_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for 'BFloat16')
+        # before our step is called; bf16 training needs no loss scaling.
+        pytest.skip("torch's CUDA GradScaler cannot check bf16 grads")
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 8).to(DEVICE, dtype)
     opt = fp16_triton.AdamW(model.parameters(), lr=0.01, backend=backend)
