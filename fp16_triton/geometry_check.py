@@ -238,9 +238,21 @@ def check_candidate(kernel: str, config: dict, device) -> str | None:
     the exact sum (every partial sum is exact here) and within the reference's own roundings
     of it; the non-finite count must be the number of (tensor, chunk) pairs holding an inf or
     nan. A launch that raises is refused too.
+
+    A configuration ``launch_config`` would not use (``usable``: powers of two, ``CHUNK`` a
+    multiple of ``BLOCK``) is refused before anything runs: a program's last block would
+    reach into the next program's chunk. The interpreter runs such programs one after the
+    other (a doubled update, which the runs above see), but a GPU runs them at once, and two
+    programs racing to write the same value can leave scratch tensors exactly right (seen on
+    an H200 for SGD and Muon).
     """
     from .spec import algorithms
 
+    if not lc.usable(config):
+        return (
+            f"{config} is not a usable launch configuration: BLOCK, CHUNK and num_warps must "
+            "be powers of two and CHUNK a multiple of BLOCK (else programs' chunks overlap)"
+        )
     device = torch.device(device)
     try:
         if kernel in algorithms():

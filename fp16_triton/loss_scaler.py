@@ -162,21 +162,25 @@ class LossScaler:
         return {"_scale": self._scale, "_error_flag": self._error_flag}
 
     def _reset_host_mirror(self) -> None:
-        # On CUDA the error flag is copied into pinned host memory after each tensor-path
-        # update, and an event tells raise_if_error(blocking=False) when that copy has landed:
-        # reading it then costs no device sync. Allocated here (in to()) rather than lazily in
-        # update_scale, because pinning memory may itself synchronise.
+        # On CUDA the error flag (and the iteration count, for the error's message) is copied
+        # into pinned host memory after each tensor-path update, and an event tells
+        # raise_if_error(blocking=False) when that copy has landed: reading it, and raising
+        # with the iteration in the message, then costs no device sync. Allocated here (in
+        # to()) rather than lazily in update_scale, because pinning memory may synchronise.
         self._host_error: torch.Tensor | None = None
+        self._host_iter: torch.Tensor | None = None
         self._error_event: torch.cuda.Event | None = None
         self._host_copy_captured = False
         self._device_update = None  # the update function for this device, chosen at first use
         if self._error_flag.device.type == "cuda":
             self._host_error = torch.zeros((), dtype=torch.float32, pin_memory=True)
+            self._host_iter = torch.zeros((), dtype=torch.int64, pin_memory=True)
             self._error_event = torch.cuda.Event()
         self._event_recorded = False
 
     _HOST_MIRROR = (
         "_host_error",
+        "_host_iter",
         "_error_event",
         "_host_copy_captured",
         "_device_update",
@@ -594,6 +598,7 @@ class DynamicLossScaler(LossScaler):
             # Asynchronous copy into pinned memory; raise_if_error reads it once the event says
             # the copy has landed, so checking costs no sync.
             self._host_error.copy_(self._error_flag, non_blocking=True)
+            self._host_iter.copy_(self._cur_iter, non_blocking=True)
             if torch.cuda.is_current_stream_capturing():
                 # An event recorded during capture cannot be queried from outside the graph;
                 # the captured copy still refreshes the buffer on every replay.
@@ -620,16 +625,15 @@ class DynamicLossScaler(LossScaler):
         """
         if self._host_error is None or blocking:
             pending = float(self._error_flag.item())  # CPU: free; CUDA + blocking: one sync
-        elif self._event_recorded and self._error_event.query():
+            iteration = self._cur_iter
+        elif (self._event_recorded and self._error_event.query()) or self._host_copy_captured:
             pending = float(self._host_error.item())  # pinned host memory: no device sync
-        elif self._host_copy_captured:
-            pending = float(self._host_error.item())
+            iteration = self._host_iter  # copied with the flag
         else:
             return
         if pending != 0.0:
             self._clear_error()
-            # Reading cur_iter may sync, but we are about to raise anyway.
-            raise MinLossScaleError(_min_scale_message(self._min_scale, self.cur_iter))
+            raise MinLossScaleError(_min_scale_message(self._min_scale, int(iteration.item())))
 
     # ---- checkpointing ---------------------------------------------------------------------
 

@@ -105,7 +105,7 @@ def _resolved(device: torch.device) -> tuple[dict[str, dict[str, int]], str]:
     return configs, source
 
 
-def _valid(config) -> bool:
+def usable(config) -> bool:
     """A usable configuration: powers of two, CHUNK a multiple of BLOCK (else programs'
     chunks would overlap and update elements twice)."""
     try:
@@ -119,7 +119,7 @@ def _valid(config) -> bool:
 def _merge(configs: dict, entries: dict, origin: str) -> None:
     """Take the valid entries of ``entries`` into ``configs``; warn about the others."""
     for kernel, config in entries.items():
-        if _valid(config):
+        if usable(config):
             configs[kernel] = {k: int(config[k]) for k in ("BLOCK", "CHUNK", "num_warps")}
         else:
             logger.warning(

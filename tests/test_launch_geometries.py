@@ -62,8 +62,8 @@ def geometries() -> list[dict[str, int]]:
 
 GEOMETRIES = geometries()
 KERNELS = tune.kernel_names()
-# Deliberately wrong: CHUNK is not a multiple of BLOCK, so a program's blocks run past its
-# chunk into the next program's, and those elements are updated (or counted) twice.
+# Deliberately wrong: CHUNK is not a multiple of BLOCK, so a program's blocks would run past
+# its chunk into the next program's, and those elements be updated (or counted) twice.
 OVERLAPPING = [
     {"BLOCK": 512, "CHUNK": 768, "num_warps": 4},
     {"BLOCK": 1024, "CHUNK": 512, "num_warps": 4},
@@ -85,15 +85,14 @@ def test_geometry_gives_the_reference_results(kernel, config):
     assert tune.check_candidate(kernel, config, DEVICE) is None
 
 
-# A copy written twice gives the same bits (the cast copy is idempotent): overlapping chunks
-# are harmless there and cannot be seen in its results (launch_config refuses such entries for
-# every kernel); a missed element can, below.
-@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "cast_copy"])
+# Refused before anything runs: the runs could not be relied on to see the overlap (the
+# cast copy is idempotent, and on a GPU two programs racing to write the same value can leave
+# the result exactly right, as an H200 showed for SGD and Muon).
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("config", OVERLAPPING, ids=["chunk-not-multiple", "chunk-below-block"])
 def test_overlapping_chunks_are_refused(kernel, config):
     problem = tune.check_candidate(kernel, config, DEVICE)
-    assert problem is not None
-    assert ("differ" in problem) or ("squared norm" in problem), problem
+    assert problem is not None and "chunks overlap" in problem, problem
 
 
 def _hide_last_element(kernel, monkeypatch):
@@ -172,7 +171,7 @@ SIZES = (1500, 7)  # the tuner's own scratch sizes, kept small for the interpret
 
 
 @pytest.mark.usefixtures("private_cache")
-def test_tune_refuses_a_candidate_that_differs_and_never_times_it(caplog):
+def test_tune_refuses_an_unusable_candidate_and_never_times_it(caplog):
     timed = []
 
     def timer(fn):
@@ -188,7 +187,7 @@ def test_tune_refuses_a_candidate_that_differs_and_never_times_it(caplog):
     assert timed == GOOD  # the refused candidate was never timed
     assert results["adam"]["config"] == GOOD[0]
     [(refused, why)] = results["adam"]["refused"]
-    assert refused == OVERLAPPING[0] and "differ" in why
+    assert refused == OVERLAPPING[0] and "chunks overlap" in why
     assert "refusing adam config" in caplog.text
 
 

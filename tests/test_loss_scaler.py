@@ -224,10 +224,12 @@ def test_tensor_path_is_one_triton_launch(monkeypatch):
     kernel = loss_scale._update_loss_scale_kernel
     original = kernel.run
     monkeypatch.setattr(kernel, "run", lambda *a, **k: launches.append(1) or original(*a, **k))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through the interpreter
     scaler = DynamicLossScaler(init_scale=8.0, hysteresis=1)
+    scaler.to(device)
     with triton_backend():
-        scaler.update_scale(torch.tensor(1.0))
-        scaler.update_scale(torch.tensor(True))  # a bool flag is cast, then launched
+        scaler.update_scale(torch.tensor(1.0, device=device))
+        scaler.update_scale(torch.tensor(True, device=device))  # a bool flag: cast, launched
     assert len(launches) == 2
     assert scaler.loss_scale == 2.0 and scaler.cur_iter == 2
 

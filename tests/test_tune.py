@@ -116,9 +116,9 @@ def test_invalid_configs_are_ignored_with_a_warning(caplog):
     """A CHUNK that is not a multiple of BLOCK would make programs' chunks overlap (elements
     updated twice): such entries fall back to the defaults."""
     for config in lc.CANDIDATES:
-        assert lc._valid(config)
+        assert lc.usable(config)
     bad = {"BLOCK": 512, "CHUNK": 768, "num_warps": 4}
-    assert not lc._valid(bad)
+    assert not lc.usable(bad)
     lc.cache_file().parent.mkdir(parents=True)
     entry = {"date": "today", "configs": {"adam": bad, "sgd": CANDIDATES[0]}}
     lc.cache_file().write_text(json.dumps({lc.device_key(CPU): entry}))
