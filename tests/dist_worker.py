@@ -23,6 +23,9 @@ import fp16_triton  # noqa: E402
 
 STEPS, MORE_STEPS, INF_STEP, INF_RANK = 5, 3, 2, 1
 SGD = {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}}
+BF16 = torch.bfloat16
+COMPACT = dict(lr=1e-2, master_weights=False, state_dtype=BF16, stochastic_rounding=True, seed=0)
+COMPACT["backend"] = "triton"
 
 
 def make_model(dtype=torch.float32) -> nn.Module:
@@ -226,6 +229,32 @@ def phase_train(out: str, rank: int, world: int):
             F.mse_loss(ddp(x), y).backward()
             opt.step()
             opt.zero_grad()
+        torch.save(full_params(model), f"{out}/{name}_rank{rank}.pt")
+
+    # Compact state (bf16 params, no masters, bf16 moments, stochastic rounding) under DDP,
+    # ZeRO-1 and FSDP2: every rank must round the same way where it holds the same values.
+    for name in ("ddp_compact", "zero_compact", "fsdp_compact"):
+        model = fsdp_model(torch.bfloat16) if name == "fsdp_compact" else make_model(BF16)
+        forward = nn.parallel.DistributedDataParallel(model) if name != "fsdp_compact" else model
+        if name == "zero_compact":
+            opt = ZeroRedundancyOptimizer(
+                model.parameters(), optimizer_class=fp16_triton.AdamW, **COMPACT
+            )
+            inner = opt.optim
+        else:
+            opt = inner = fp16_triton.AdamW(model.parameters(), **COMPACT)
+        for step in range(STEPS):
+            x, y = batch(step)
+            F.mse_loss(forward(x.to(BF16)).float(), y).backward()
+            opt.step()
+            opt.zero_grad()
+        kept = {
+            key: str(value.dtype)
+            for state in inner.state.values()
+            for key, value in state.items()
+            if isinstance(value, torch.Tensor)
+        }
+        results[f"{name}_state_dtypes"] = kept
         torch.save(full_params(model), f"{out}/{name}_rank{rank}.pt")
 
     with open(f"{out}/records_rank{rank}.json", "w") as f:

@@ -80,6 +80,9 @@ def assert_same(a: dict, b: dict):
         "fsdp_mp",
         "zero",
         "plain",
+        "ddp_compact",
+        "zero_compact",
+        "fsdp_compact",
     ],  # fmt: skip
 )
 def test_ranks_hold_identical_params(runs, name):
@@ -160,3 +163,17 @@ def test_zero_redundancy_optimizer_takes_our_adamw(runs):
     _, load = runs
     # Same kernel on the same values: ZeRO-1 partitioning must not change a single bit.
     assert_same(load("zero", 0), load("plain", 0))
+
+
+@pytest.mark.parametrize("name", ["ddp_compact", "zero_compact", "fsdp_compact"])
+def test_compact_state_trains_under_each_wrapper(runs, worker, name):
+    """bf16 params without masters, bf16 moments, stochastic rounding (issue 14) under DDP,
+    ZeRO-1 and FSDP2: the ranks agree (above), the state is the compact one (bf16 moments,
+    an int64 seed per param, no master), and training moved every weight to finite values."""
+    out, load = runs
+    kept = json.loads((out / "records_rank0.json").read_text())[f"{name}_state_dtypes"]
+    assert kept["exp_avg"] == kept["exp_avg_sq"] == "torch.bfloat16"
+    assert kept["sr_seed"] == "torch.int64" and "master_param" not in kept
+    trained, initial = load(name, 0), dict(worker.make_model(torch.bfloat16).named_parameters())
+    assert all(v.dtype == torch.bfloat16 and torch.isfinite(v).all() for v in trained.values())
+    assert all(not torch.equal(trained[k], initial[k].detach()) for k in trained)
