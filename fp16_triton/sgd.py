@@ -20,6 +20,7 @@ _STATE = {
     "step": "momentum != 0 (one element; torch's SGD has none, see the class docstring)",
     "momentum_buffer": "momentum != 0 (fp32, or the group's state_dtype)",
     "master_param": "fp16/bf16 params with master_weights",
+    "sr_seed": "stochastic_rounding (int64, one element: the seed of the param's rounding)",
 }
 """Per-param state on the param's device, and when each exists."""
 
@@ -38,12 +39,16 @@ class SGD(CompactState, FusedOptimizer):
             ``fp16_triton.Adam``.
         state_dtype: the momentum buffer's dtype, ``torch.float32`` (default) or
             ``torch.bfloat16`` (widened in the kernel, stored rounded to nearest-even), as
-            Adam's (``fp16_triton/compact_state.py``). No stochastic rounding.
+            Adam's (``fp16_triton/compact_state.py``).
+        stochastic_rounding, seed: as Adam's: a bf16 buffer and params without masters are
+            rounded stochastically. Needs ``momentum != 0`` (the random words are counted by
+            the momentum's step count); ``ValueError`` otherwise.
 
     State per param, fp32 on the param's device, when ``momentum != 0``: ``momentum_buffer``
     (it starts as the first grad, as in torch) and ``step``, a one-element count that tells the
     kernel which step is a param's first (torch's SGD has no ``step``; loading a torch state
-    dict derives it from whether a buffer exists). Plus ``master_param`` for fp16/bf16 params.
+    dict derives it from whether a buffer exists). Plus ``master_param`` for fp16/bf16 params
+    and ``sr_seed`` (int64) with ``stochastic_rounding``.
     """
 
     _state_names = tuple(name for name in _STATE if name != "master_param")
@@ -66,6 +71,8 @@ class SGD(CompactState, FusedOptimizer):
         backend: str = "auto",
         flat_buffers: bool = False,
         state_dtype: torch.dtype = torch.float32,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -75,9 +82,10 @@ class SGD(CompactState, FusedOptimizer):
             nesterov=nesterov,
             maximize=maximize,
             state_dtype=state_dtype,
+            stochastic_rounding=bool(stochastic_rounding),
             **torch_compat_options(foreach, None, differentiable, fused),
         )
-        self._init_compact(None, flat_buffers, state_dtype, False)
+        self._init_compact(seed, flat_buffers, state_dtype, stochastic_rounding)
         options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
         super().__init__(params, defaults, **options)
 
@@ -90,6 +98,11 @@ class SGD(CompactState, FusedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if group.get("stochastic_rounding", False) and group["momentum"] == 0:
+            raise ValueError(
+                "SGD(stochastic_rounding=True) needs momentum != 0: the random words are counted "
+                "by the momentum's step count; set a momentum or stochastic_rounding=False"
+            )
 
     def _state_kind(self, group: dict[str, Any]) -> tuple:
         return bool(group["master_weights"]), group["momentum"] != 0, *self._compact_kind(group)
@@ -103,7 +116,13 @@ class SGD(CompactState, FusedOptimizer):
             "momentum_buffer": torch.zeros_like(p, dtype=group.get("state_dtype", torch.float32)),
         }
 
+    def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        state = super()._new_state(p, group)
+        self._complete_state(p, group, state)  # the seed, made for the param itself
+        return state
+
     def _complete_state(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
+        self._complete_seed(p, group, state)
         if group["momentum"] == 0:
             return
         if state.get("momentum_buffer") is None:
@@ -125,6 +144,8 @@ class SGD(CompactState, FusedOptimizer):
             maximize=group["maximize"],
             **scaling,
         )
+        if group.get("stochastic_rounding", False):
+            kwargs["sr_seeds"] = bucket.state["sr_seed"]
         args = (bucket.local_params, grads, bucket.state["momentum_buffer"], bucket.state["step"])
         return ALGORITHM.launch(bucket.backend, *args, cache=bucket.cache, **kwargs)
 
@@ -145,6 +166,7 @@ def sgd_(
     maximize: bool = False,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    sr_seeds: Sequence[torch.Tensor] | None = None,
     backend: str = "auto",
     cache=None,
 ) -> None:
@@ -156,7 +178,8 @@ def sgd_(
     initialises to the grad, torch's first-step rule). ``state_steps``: optional fp32
     one-element counts, 0 before a param's first step, advanced unless ``found_inf``; without
     them a param's first step is the one where its buffer was ``None`` (torch's rule; one
-    small tensor per param per call). Other arguments as in ``fp16_triton.adam.adam_``.
+    small tensor per param per call). ``sr_seeds``: int64 one-element seeds, one per param,
+    for stochastic rounding (needs momentum). Other arguments as in ``fp16_triton.adam.adam_``.
     """
     if len(params) == 0:
         return
@@ -175,7 +198,7 @@ def sgd_(
         backend_for(backend, params), params, grads, buffers, state_steps, masters=masters,
         lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
         nesterov=nesterov, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-        cache=cache,
+        sr_seeds=sr_seeds, cache=cache,
     )()  # fmt: skip
 
 

@@ -238,15 +238,30 @@ def sgd_step(
     found_inf: torch.Tensor | None = None,
     norm_sq: torch.Tensor | None = None,
     max_norm: float = 0.0,
+    sr_seeds: Sequence[torch.Tensor] | None = None,
     cache=None,
 ) -> None:
-    """Reference of ``kernels.sgd.sgd_step`` (same arguments and semantics)."""
+    """Reference of ``kernels.sgd.sgd_step`` (same arguments and semantics; with ``sr_seeds``
+    the kernel's random words, bit for bit, as ``adam_step``'s)."""
     if momentum != 0 and (momentum_buffers is None or steps is None):
         raise ValueError("momentum != 0 needs momentum_buffers and steps")
+    compact = momentum != 0 and bool(params) and momentum_buffers[0].dtype != torch.float32
+    masterless = masters is None and bool(params) and params[0].dtype != torch.float32
+    if sr_seeds is not None and (compact or masterless) and momentum == 0:
+        raise ValueError(
+            "stochastic rounding in SGD needs momentum != 0: its random words are counted by "
+            "the momentum step count"
+        )
     start = step_inputs(params, grads, masters, grad_scale, found_inf, norm_sq, max_norm, maximize)
     if start is None:
         return
     weights, g = start
+    words = [None] * len(params)
+    if sr_seeds is not None and (compact or masterless):
+        words = [
+            random_words_reference(int(seed.item()), step.item() + 1.0, p)
+            for seed, step, p in zip(sr_seeds, steps, params)
+        ]
     lr = float(lr)  # a tensor lr is read on the host: the reference may sync
     if weight_decay != 0:
         g = torch._foreach_add(g, weights, alpha=weight_decay)
@@ -262,14 +277,17 @@ def sgd_step(
             later_bufs = [bufs[i] for i in later]
             torch._foreach_mul_(later_bufs, momentum)
             torch._foreach_add_(later_bufs, [g[i] for i in later], alpha=1.0 - dampening)
-        _store_compact(stored, bufs)
+        _store_compact(stored, bufs, [w and w[1] for w in words])
         if nesterov:
             g = torch._foreach_add(g, bufs, alpha=momentum)
         else:
             g = bufs
         torch._foreach_add_(list(steps), 1.0)
     torch._foreach_add_(weights, g, alpha=-lr)
-    write_back(params, weights)
+    if masters is None:
+        _store_compact(list(params), weights, [w and w[0] for w in words])
+    else:
+        write_back(params, weights)
 
 
 def update_loss_scale(

@@ -12,6 +12,9 @@ coefficient folded in as in ``adam``::
 
 The "first step" is read from the tensor's device step count (0 before its first update), so
 a skipped step cannot consume it. With ``momentum == 0`` there is no buffer and no step count.
+With ``sr_seeds`` a bf16 buffer and a param without a master are rounded stochastically
+instead, from Philox words counted by the step count, as Adam's (``kernels/stochastic.py``:
+word 0 the param, word 1 the buffer); that needs the step count, hence momentum.
 
 Bytes per element (fp16 param and grad, fp32 master and momentum buffer): reads grad 2 +
 master 4 + param 2 (is it still the master's rounding? see ``kernels/adam.py``) + buf 4 = 12,
@@ -41,6 +44,7 @@ from .common import (
     widen,
 )
 from .multi_tensor import TableCache
+from .stochastic import random_words, stochastic_round
 
 __all__ = ["sgd_step", "prepare_sgd_step"]
 
@@ -52,6 +56,7 @@ def _sgd_kernel(
     master_ptrs,  # int64 [T]: fp32 master weights (read if HAS_MASTER)
     momentum_buffer_ptrs,  # int64 [T]: momentum buffers, STATE_DTYPE (if HAS_MOMENTUM)
     step_ptrs,  # int64 [T]: fp32 one-element step counts, 0 before the first step (if HAS_MOMENTUM)
+    sr_seed_ptrs,  # int64 [T]: int64 one-element seeds of stochastic rounding (if STOCHASTIC)
     numels,  # int64 [T]: elements in each tensor
     chunk_map,  # int64 [2, P]: tensor index and first element of each program's chunk
     n_programs,  # P, the row stride of chunk_map
@@ -75,6 +80,7 @@ def _sgd_kernel(
     HAS_FOUND_INF: tl.constexpr,  # skip everything when *found_inf_ptr != 0
     HAS_CLIP: tl.constexpr,  # clip by the global norm in *norm_sq_ptr
     LR_ON_DEVICE: tl.constexpr,  # read the learning rate from *lr_ptr (no host sync)
+    STOCHASTIC: tl.constexpr,  # round a bf16 buffer and master-less params stochastically
     ALIGNED: tl.constexpr,  # every address 16-byte aligned and every size a multiple of 8
     BLOCK: tl.constexpr,  # elements per vector operation
     CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
@@ -91,8 +97,13 @@ def _sgd_kernel(
     master = tensor_ptr(master_ptrs, tensor, tl.float32, ALIGNED)
     buf_ptr = tensor_ptr(momentum_buffer_ptrs, tensor, STATE_DTYPE, ALIGNED)
     first_step = False
+    step = 0.0
     if HAS_MOMENTUM:
-        first_step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))) == 0
+        step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32)))
+        first_step = step == 0
+    seed = 0
+    if STOCHASTIC:
+        seed = tl.load(tl.load(sr_seed_ptrs + tensor).to(tl.pointer_type(tl.int64)))
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr)
     inv_scale, clip_coef = unscale_and_clip_factors(
@@ -107,16 +118,24 @@ def _sgd_kernel(
             HAS_MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE,
         )  # fmt: skip
         g = g + weight_decay * p
+        if STOCHASTIC:
+            r_param, r_buf, _, _ = random_words(seed, step + 1.0, offsets)
         if HAS_MOMENTUM:
             buf = widen(tl.load(buf_ptr + offsets, mask=mask, other=0.0), STATE_DTYPE)
             buf = tl.where(first_step, g, buf * momentum + one_minus_dampening * g)
-            tl.store(buf_ptr + offsets, round_to(buf, STATE_DTYPE), mask=mask)
+            if STOCHASTIC:
+                tl.store(buf_ptr + offsets, stochastic_round(buf, r_buf, STATE_DTYPE), mask=mask)
+            else:
+                tl.store(buf_ptr + offsets, round_to(buf, STATE_DTYPE), mask=mask)
             if NESTEROV:
                 g = g + momentum * buf
             else:
                 g = buf
         p = p - lr * g
-        store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
+        if STOCHASTIC and not HAS_MASTER:
+            tl.store(param + offsets, stochastic_round(p, r_param, PARAM_DTYPE), mask=mask)
+        else:
+            store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
 
 
 def prepare_sgd_step(
@@ -136,6 +155,7 @@ def prepare_sgd_step(
     found_inf: torch.Tensor | None = None,
     norm_sq: torch.Tensor | None = None,
     max_norm: float = 0.0,
+    sr_seeds: Sequence[torch.Tensor] | None = None,
     cache: TableCache | None = None,
 ) -> Callable[[], None]:
     """Check the inputs and build the tables of a fused SGD step; return its launch (see
@@ -146,8 +166,10 @@ def prepare_sgd_step(
     ``momentum_buffers`` (fp32, or bf16: widened on load, rounded to nearest-even on store)
     and ``steps`` (fp32 one-element counts, 0 before a tensor's
     first step, advanced unless ``found_inf``) are required when ``momentum != 0`` and ignored
-    otherwise. Other arguments as in ``adam_step``. Launches: one, plus one for the step counts
-    when momentum is on.
+    otherwise. ``sr_seeds``: int64 one-element seeds, one per param: round a bf16 buffer and
+    params without masters stochastically (needs momentum: the words are counted by the step
+    count); ignored where nothing is low precision without a master. Other arguments as in
+    ``adam_step``. Launches: one, plus one for the step counts when momentum is on.
     """
     has_momentum = momentum != 0
     if has_momentum and (momentum_buffers is None or steps is None):
@@ -156,11 +178,20 @@ def prepare_sgd_step(
     state["momentum_buffers"] = momentum_buffers if has_momentum else None
     state["steps"] = steps if has_momentum else None
     buffer_dtype = momentum_buffers[0].dtype if has_momentum and momentum_buffers else None
+    compact = buffer_dtype not in (None, torch.float32)
+    masterless = masters is None and bool(params) and params[0].dtype != torch.float32
+    stochastic = sr_seeds is not None and (compact or masterless)
+    if stochastic and not has_momentum:
+        raise ValueError(
+            "stochastic rounding in SGD needs momentum != 0: its random words are counted by "
+            "the momentum step count"
+        )
+    state["sr_seeds"] = sr_seeds if stochastic else None
     return prepare_step(
         _sgd_kernel, "sgd", params, grads, masters, state,
-        rows=("params", "grads", "masters", "momentum_buffers", "steps"),
+        rows=("params", "grads", "masters", "momentum_buffers", "steps", "sr_seeds"),
         hyperparameters=(float(momentum), 1.0 - float(dampening), float(weight_decay)),
-        flags=dict(HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov),
+        flags=dict(HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov), STOCHASTIC=stochastic,
                    STATE_DTYPE=TORCH_TO_TRITON.get(buffer_dtype, tl.float32)),
         compact_state=("momentum_buffers",), count_steps=has_momentum, lr=lr, maximize=maximize,
         grad_scale=grad_scale, found_inf=found_inf, norm_sq=norm_sq, max_norm=max_norm,
@@ -176,7 +207,8 @@ def sgd_step(*args, **kwargs) -> None:
 
 def compile_variants(compile) -> dict[str, dict]:
     """The variants ``tests/gpu_compile.py`` compiles for sm_90 (see ``adam.compile_variants``):
-    fp16 with masters, momentum and Nesterov, both alignments, fp32 and bf16 buffers."""
+    fp16 with masters, momentum and Nesterov, both alignments, fp32 and bf16 buffers; bf16
+    without masters with a bf16 buffer, rounded stochastically."""
     results = {}
     for aligned in (False, True):
         for state_name, state_dtype in (("", tl.float32), ("-bf16-state", tl.bfloat16)):
@@ -186,7 +218,17 @@ def compile_variants(compile) -> dict[str, dict]:
                     PARAM_DTYPE=tl.float16, GRAD_DTYPE=tl.float16, STATE_DTYPE=state_dtype,
                     HAS_MASTER=True, HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=False,
                     HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True, LR_ON_DEVICE=True,
-                    ALIGNED=aligned, BLOCK=1024, CHUNK=4096,
+                    STOCHASTIC=False, ALIGNED=aligned, BLOCK=1024, CHUNK=4096,
                 ),
             )  # fmt: skip
+        # Stochastic rounding of a bf16 buffer and of bf16 params without masters.
+        results[f"sgd-bf16-nomaster-bf16-state-stochastic-aligned{aligned}"] = compile(
+            _sgd_kernel,
+            dict(
+                PARAM_DTYPE=tl.bfloat16, GRAD_DTYPE=tl.bfloat16, STATE_DTYPE=tl.bfloat16,
+                HAS_MASTER=False, HAS_MOMENTUM=True, NESTEROV=False, MAXIMIZE=False,
+                HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=False, LR_ON_DEVICE=False,
+                STOCHASTIC=True, ALIGNED=aligned, BLOCK=1024, CHUNK=4096,
+            ),
+        )  # fmt: skip
     return results

@@ -92,6 +92,8 @@ def test_every_key():
             "nesterov": True,
             "maximize": False,
             "state_dtype": torch.float32,  # ours: the buffer's storage (compact state)
+            "stochastic_rounding": False,  # ours (compact state)
+            "seed": None,
         },
         flat_buffers=True,
     )

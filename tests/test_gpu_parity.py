@@ -88,6 +88,10 @@ CASES = {
         fp16_triton.SGD,
         dict(lr=0.05, momentum=0.9, state_dtype=torch.bfloat16),
     ),
+    "sgd-bf16-state-sr": (
+        fp16_triton.SGD,
+        dict(lr=0.05, momentum=0.9, state_dtype=torch.bfloat16, stochastic_rounding=True, seed=5),
+    ),
     "lion": (fp16_triton.Lion, dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)),
     "lion-bf16-state": (fp16_triton.Lion, dict(lr=1e-4, state_dtype=torch.bfloat16)),
     "lamb": (fp16_triton.Lamb, dict(lr=1e-2, weight_decay=0.01)),
@@ -117,6 +121,7 @@ def _mode_cases():
     # Without masters: the params themselves are the fp32-computed values rounded (SR: at random).
     yield pytest.param("adamw-bf16-state-sr", torch.bfloat16, False, id="sr-bf16-no-master")
     yield pytest.param("adamw-bf16-state", torch.bfloat16, False, id="bf16-no-master")
+    yield pytest.param("sgd-bf16-state-sr", torch.bfloat16, False, id="sgd-sr-bf16-no-master")
 
 
 def _log(record: dict) -> None:

@@ -288,3 +288,93 @@ def test_switching_stochastic_rounding_keeps_seeds_a_function_of_seed_and_index(
     fresh.init_state()
     assert_bitwise([fresh.state[p]["sr_seed"] for p in params], seeds[0], "from the start")
     assert len({int(s) for s in seeds[0]}) == 3  # one stream per param
+
+
+# ------------------------------------------------------------------------------------ SGD
+def sgd_run(backend, steps=6, opt=None, params=None, start=0, seed=0):
+    """bf16 params without masters (2000 and 300 elements), a bf16 momentum buffer, stochastic
+    rounding, seeded grads. Returns ``(params, optimizer)``."""
+    if params is None:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n).to(BF16)) for n in (2000, 300)]
+    opt = opt or fp16_triton.SGD(
+        params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.01, master_weights=False,
+        state_dtype=BF16, stochastic_rounding=True, seed=seed, backend=backend,
+    )  # fmt: skip
+    for i in range(start, steps):
+        data = torch.Generator().manual_seed(i)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=data).to(BF16)
+        opt.step()
+    return params, opt
+
+
+def test_sgd_backends_draw_the_same_bits():
+    """SGD's kernel and reference round alike (see test_backends_draw_the_same_bits)."""
+    (p, q), a = sgd_run("triton")
+    (p2, q2), b = sgd_run("torch")
+    buffers = (a.state[p]["momentum_buffer"], b.state[p2]["momentum_buffer"])
+    for x, y in ((p, p2), (q, q2), buffers):
+        assert (x.view(torch.int16) != y.view(torch.int16)).sum().item() <= 3
+    (p3, _), _ = sgd_run("torch", seed=1)
+    assert (p3.view(torch.int16) != p2.view(torch.int16)).any(), "another seed, another run"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_resumes_bitwise(backend):
+    (p, q), opt = sgd_run(backend)
+    params, half = sgd_run(backend, steps=3)
+    resumed = fp16_triton.SGD(
+        params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.01, master_weights=False,
+        state_dtype=BF16, stochastic_rounding=True, seed=99, backend=backend,
+    )  # fmt: skip
+    resumed.load_state_dict(half.state_dict())
+    (p2, q2), resumed = sgd_run(backend, opt=resumed, params=params, start=3)
+    assert_bitwise([p2, q2], [p, q], "resumed params")
+    assert_bitwise(resumed.state_dict(), opt.state_dict(), "resumed state")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_updates_far_below_half_an_ulp_survive_on_average(backend):
+    """As Adam's test: 4096 bf16 params at 1.5 (ulp 2^-7), grad 1, momentum 0.9 with dampening
+    0.9, so the buffer is 1 at every step (torch's first step sets it to the grad) and each
+    update is lr = ulp/64. Nearest-even never moves them; stochastically the mean over the
+    elements after 64 steps is ``torch.optim.SGD``'s fp32 trajectory within Bernstein's bound."""
+    n, steps, lr = 4096, 64, 2.0**-13
+    exact = torch.nn.Parameter(torch.full((n,), 1.5))
+    reference = torch.optim.SGD([exact], lr=lr, momentum=0.9, dampening=0.9)
+    rounded = {sr: torch.nn.Parameter(torch.full((n,), 1.5, dtype=BF16)) for sr in (False, True)}
+    opts = {
+        sr: fp16_triton.SGD([p], lr=lr, momentum=0.9, dampening=0.9, master_weights=False,
+                            state_dtype=BF16, stochastic_rounding=sr, seed=3, backend=backend)
+        for sr, p in rounded.items()
+    }  # fmt: skip
+    for _ in range(steps):
+        exact.grad = torch.ones(n)
+        reference.step()
+        for sr, p in rounded.items():
+            p.grad = torch.ones(n, dtype=BF16)
+            opts[sr].step()
+    assert bool((rounded[False] == 1.5).all()), "nearest-even loses every update"
+    ulp = 2.0**-7
+    moved = (1.5 - rounded[True].double().mean().item()) / ulp
+    expected = (1.5 - exact.double().mean().item()) / ulp  # 1 ulp
+    assert 0.9 < expected < 1.1
+    bound = steps * bernstein(n * steps, 1 / 64)  # ~0.1 ulp
+    assert abs(moved - expected) <= bound, (moved, expected, bound)
+
+
+def test_sgd_stochastic_rounding_needs_momentum():
+    """Without momentum SGD keeps no step count to count the random words by: refused when
+    the group is made, and when momentum is switched off later, before the step writes."""
+    p = torch.nn.Parameter(torch.randn(8).to(BF16))
+    with pytest.raises(ValueError, match="needs momentum"):
+        fp16_triton.SGD([p], lr=0.1, master_weights=False, stochastic_rounding=True)
+    opt = fp16_triton.SGD([p], lr=0.1, momentum=0.9, master_weights=False,
+                          stochastic_rounding=True)  # fmt: skip
+    opt.param_groups[0]["momentum"] = 0.0
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="needs momentum"):
+        opt.step()
+    assert_bitwise(p.detach(), before, "refused step")
