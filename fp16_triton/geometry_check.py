@@ -251,7 +251,8 @@ def check_candidate(kernel: str, config: dict, device) -> str | None:
     if not lc.usable(config):
         return (
             f"{config} is not a usable launch configuration: BLOCK, CHUNK and num_warps must "
-            "be powers of two and CHUNK a multiple of BLOCK (else programs' chunks overlap)"
+            "be powers of two, num_warps <= 32, BLOCK <= 65536 and CHUNK a multiple of BLOCK "
+            "(else programs' chunks overlap)"
         )
     device = torch.device(device)
     try:

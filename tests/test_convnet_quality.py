@@ -7,7 +7,7 @@ test_stochastic_rounding.py; the figures of both are in docs/compact-state.md.
 Final loss: the mean of the last 20 of 300 steps (batch 64). Within 5% of fp32 AdamW: fp32
 masters with fp32 or bf16 moments, and no masters with stochastic rounding. Without masters and
 with nearest-even rounding the run is reported beside them and expected worse: at lr 2e-3 an
-Adam update (about lr) is below half a bf16 ulp of every weight above 0.5 in magnitude, so
+Adam update (about lr) is below half a bf16 ulp of every weight above 1 in magnitude, so
 nearest-even leaves those weights where they are.
 
 Backend "auto": the reference on the CPU (test_gpu_parity.py ties the kernels to it).

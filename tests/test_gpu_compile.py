@@ -58,3 +58,47 @@ def test_fp32_fmas_only_where_a_kernel_asks_for_one(variants):
     kernel may contain an FMA, which the compiler would have contracted from ``a * b + c``."""
     assert any(v["fma"] for name, v in variants.items() if "muon" in name)
     assert not [name for name, v in variants.items() if v["fma"] and "muon" not in name]
+
+
+def test_every_launch_passes_exact_arithmetic(monkeypatch):
+    """Every kernel launch carries ``EXACT_ARITHMETIC`` (``enable_fp_fusion=False``). The
+    interpreter ignores the option and the compile above sets it itself, so only this catches
+    a launch that forgot it: one step of each algorithm (LAMB with its clipping pass), the
+    recipe's check pass and loss-scale update, unscaling and the cast copy, with the launches
+    recorded (in this process, through the interpreter)."""
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import fp16_triton
+    from fp16_triton.kernels import cast_copy, nonfinite
+
+    launches = []
+    real_run = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        launches.append((self.fn.__name__, kwargs.get("enable_fp_fusion")))
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    monkeypatch.setenv("FP16_TRITON_BACKEND", "triton")  # the loss-scale update's kernel too
+
+    def grads(params):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        return params
+
+    vector = lambda dtype: [torch.nn.Parameter(torch.randn(40).to(dtype))]  # noqa: E731
+    scaler = fp16_triton.DynamicLossScaler(init_scale=4.0)
+    inner = fp16_triton.AdamW(grads(vector(torch.float16)), backend="triton")
+    fp16_triton.FP16Optimizer(inner, loss_scaler=scaler, clip_grad=1.0).step()
+    fp16_triton.SGD(grads(vector(torch.float16)), momentum=0.9, backend="triton").step()
+    fp16_triton.Lion(grads(vector(torch.float16)), backend="triton").step()
+    fp16_triton.Lamb(grads(vector(torch.float32)), max_grad_norm=1.0, backend="triton").step()
+    matrix = [torch.nn.Parameter(torch.randn(8, 6))]
+    fp16_triton.Muon(grads(matrix), backend="triton").step()
+    halves = [torch.randn(40).half()]
+    nonfinite.unscale_and_check_(halves, torch.zeros(()), torch.tensor(0.5))
+    cast_copy.cast_copy_([torch.empty(40)], halves)
+    names = {name for name, _ in launches}
+    assert len(names) == 12, sorted(names)  # every kernel of kernels/
+    assert all(option is False for _, option in launches), launches

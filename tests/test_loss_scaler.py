@@ -686,7 +686,8 @@ def test_cuda_tensor_path_makes_no_host_sync():
         assert scaler.scale_tensor.device.type == "cuda"
         try:
             scaler.raise_if_error(blocking=False)  # may or may not see the copy yet
-        except MinLossScaleError:
+        except MinLossScaleError as e:
+            assert "iteration 4" in str(e)  # read from the pinned copy, without a sync
             raised += 1  # raising is allowed here, syncing is not
     finally:
         torch.cuda.set_sync_debug_mode(0)
