@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .backend import backend_for, kernels
-from .buckets import Bucket
+from .buckets import Bucket, local
 from .compact_state import CONFIG_KINDS, CompactState
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
@@ -23,6 +23,8 @@ __all__ = ["Lion"]
 _STATE = {
     "exp_avg": "always: the momentum (fp32, or the group's state_dtype)",
     "master_param": "fp16/bf16 params with master_weights",
+    "step": "stochastic_rounding (fp32, one element: counts the random words; kept once made)",
+    "sr_seed": "stochastic_rounding (int64, one element: the seed of the param's rounding)",
 }
 """Per-param state on the param's device, and when each exists."""
 
@@ -42,11 +44,15 @@ class Lion(CompactState, FusedOptimizer):
             ``fp16_triton.Adam``.
         state_dtype: the momentum's dtype, ``torch.float32`` (default) or ``torch.bfloat16``
             (widened in the kernel, stored rounded to nearest-even), as Adam's
-            (``fp16_triton/compact_state.py``). No stochastic rounding: Lion keeps no step
-            count to advance its random stream.
+            (``fp16_triton/compact_state.py``).
+        stochastic_rounding, seed: as Adam's: a bf16 momentum and params without masters are
+            rounded stochastically. Lion has no step count of its own; a param then keeps one
+            (``step``) to count its random words.
 
-    State per param on the param's device: ``exp_avg`` (the momentum, in ``state_dtype``) and
-    ``master_param`` (fp32) for fp16/bf16 params. No step count: Lion has no bias correction.
+    State per param on the param's device: ``exp_avg`` (the momentum, in ``state_dtype``),
+    ``master_param`` (fp32) for fp16/bf16 params, and with stochastic rounding ``sr_seed``
+    (int64) and ``step`` (fp32; kept if stochastic rounding is switched off, so that switching
+    it on again draws new words). No bias correction, so no step count otherwise.
     """
 
     _state_names = tuple(name for name in _STATE if name != "master_param")
@@ -68,6 +74,8 @@ class Lion(CompactState, FusedOptimizer):
         backend: str = "auto",
         flat_buffers: bool = False,
         state_dtype: torch.dtype = torch.float32,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -75,9 +83,10 @@ class Lion(CompactState, FusedOptimizer):
             weight_decay=weight_decay,
             maximize=maximize,
             state_dtype=state_dtype,
+            stochastic_rounding=bool(stochastic_rounding),
             **torch_compat_options(foreach, None, differentiable, fused),
         )
-        self._init_compact(None, flat_buffers, state_dtype, False)
+        self._init_compact(seed, flat_buffers, state_dtype, stochastic_rounding)
         options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
         super().__init__(params, defaults, **options)
 
@@ -99,8 +108,20 @@ class Lion(CompactState, FusedOptimizer):
         dtype = group.get("state_dtype", torch.float32)
         return {"exp_avg": torch.zeros_like(p, dtype=dtype)}
 
+    def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        state = super()._new_state(p, group)
+        self._complete_state(p, group, state)  # the seed and count, made for the param itself
+        return state
+
+    def _complete_state(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
+        self._complete_seed(p, group, state)
+        if group.get("stochastic_rounding", False) and state.get("step") is None:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
+
     def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
         beta1, beta2 = map(float, group["betas"])
+        if group.get("stochastic_rounding", False):
+            scaling.update(steps=bucket.state["step"], sr_seeds=bucket.state["sr_seed"])
         return ALGORITHM.launch(
             bucket.backend,
             bucket.local_params,
@@ -133,17 +154,31 @@ def lion_step(
     found_inf: torch.Tensor | None = None,
     norm_sq: torch.Tensor | None = None,
     max_norm: float = 0.0,
+    steps: Sequence[torch.Tensor] | None = None,
+    sr_seeds: Sequence[torch.Tensor] | None = None,
     cache=None,
 ) -> None:
     """Reference of ``kernels.lion.lion_step`` (same arguments and semantics), in torch's
-    foreach ops in the kernel's order: the CPU fallback and the tests' second oracle."""
+    foreach ops in the kernel's order: the CPU fallback and the tests' second oracle. With
+    ``sr_seeds`` the kernel's random words, bit for bit, as Adam's reference."""
     reference = kernels("reference")
+    compact = bool(exp_avgs) and exp_avgs[0].dtype != torch.float32
+    masterless = masters is None and bool(params) and params[0].dtype != torch.float32
+    stochastic = sr_seeds is not None and (compact or masterless)
+    if stochastic and steps is None:
+        raise ValueError("stochastic rounding (sr_seeds) needs steps: the words' counts")
     start = reference.step_inputs(
         params, grads, masters, grad_scale, found_inf, norm_sq, max_norm, maximize
     )
     if start is None:
         return
     weights, g = start
+    words = [None] * len(params)
+    if stochastic:
+        words = [
+            kernels("stochastic").random_words_reference(int(seed.item()), step.item() + 1.0, p)
+            for seed, step, p in zip(sr_seeds, steps, params)
+        ]
     lr, weight_decay, stored = float(lr), float(weight_decay), list(exp_avgs)
     exp_avgs = [m.float() for m in stored]  # bf16 momenta: fp32 copies, stored back rounded
     c = torch._foreach_mul(exp_avgs, beta1)
@@ -153,10 +188,14 @@ def lion_step(
     torch._foreach_add_(weights, torch._foreach_sign(c), alpha=-lr)
     torch._foreach_mul_(exp_avgs, beta2)
     torch._foreach_add_(exp_avgs, torch._foreach_mul(g, 1.0 - beta2))
-    compact = [(t, m) for t, m in zip(stored, exp_avgs) if t is not m]
-    if compact:  # copy_ rounds fp32 to bf16 to nearest-even, as the kernel's store
-        torch._foreach_copy_([t for t, _ in compact], [m for _, m in compact])
-    reference.write_back(params, weights)
+    # bf16 momenta: rounded to nearest-even (copy_), or stochastically with word 1.
+    reference.store_compact(stored, exp_avgs, [w and w[1] for w in words])
+    if masters is None:
+        reference.store_compact(list(params), weights, [w and w[0] for w in words])
+    else:
+        reference.write_back(params, weights)
+    if stochastic:
+        torch._foreach_add_(list(steps), 1.0)
 
 
 # ------------------------------------------------------------------------------ functional

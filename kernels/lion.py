@@ -12,8 +12,11 @@ folded in as in ``adam``::
     param = round_to_nearest_even(p)        # when a low-precision param has an fp32 master
 
 ``sign(0) = 0`` as in the paper and in ``torch.sign``: an element whose interpolation is
-exactly zero does not move (DeepSpeed's FusedLion moves it by ``+lr``). There is no step
-count: Lion has no bias correction. If ``found_inf`` is non-zero nothing is written.
+exactly zero does not move (DeepSpeed's FusedLion moves it by ``+lr``). Lion has no bias
+correction and no step count, except with ``sr_seeds`` (stochastic rounding of a bf16 momentum
+and of params without masters, from Philox words as Adam's, ``kernels/stochastic.py``: word 0
+the param, word 1 the momentum), whose words are counted by a step count kept for them. If
+``found_inf`` is non-zero nothing is written.
 
 A momentum kept in bf16 (``STATE_DTYPE``, the optimizer's ``state_dtype=torch.bfloat16``) is
 widened to fp32 on load, used and updated in fp32 as above, and stored rounded to nearest-even.
@@ -44,6 +47,7 @@ from .common import (
     widen,
 )
 from .multi_tensor import TableCache
+from .stochastic import random_words, stochastic_round
 
 __all__ = ["lion_step", "prepare_lion_step"]
 
@@ -54,6 +58,8 @@ def _lion_kernel(
     grad_ptrs,  # int64 [T]: grads, read only
     master_ptrs,  # int64 [T]: fp32 master weights (read if HAS_MASTER)
     exp_avg_ptrs,  # int64 [T]: momenta (STATE_DTYPE)
+    step_ptrs,  # int64 [T]: fp32 one-element counts of the random words (if STOCHASTIC)
+    sr_seed_ptrs,  # int64 [T]: int64 one-element seeds of stochastic rounding (if STOCHASTIC)
     numels,  # int64 [T]: elements in each tensor
     chunk_map,  # int64 [2, P]: tensor index and first element of each program's chunk
     n_programs,  # P, the row stride of chunk_map
@@ -77,6 +83,7 @@ def _lion_kernel(
     HAS_FOUND_INF: tl.constexpr,  # skip everything when *found_inf_ptr != 0
     HAS_CLIP: tl.constexpr,  # clip by the global norm in *norm_sq_ptr
     LR_ON_DEVICE: tl.constexpr,  # read the learning rate from *lr_ptr (no host sync)
+    STOCHASTIC: tl.constexpr,  # round a bf16 momentum and master-less params stochastically
     ALIGNED: tl.constexpr,  # every address 16-byte aligned and every size a multiple of 8
     BLOCK: tl.constexpr,  # elements per vector operation
     CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
@@ -91,6 +98,11 @@ def _lion_kernel(
     exp_avg = tensor_ptr(exp_avg_ptrs, tensor, STATE_DTYPE, ALIGNED)
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr)
+    step = 0.0
+    seed = 0
+    if STOCHASTIC:
+        step = tl.load(tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))) + 1.0
+        seed = tl.load(tl.load(sr_seed_ptrs + tensor).to(tl.pointer_type(tl.int64)))
     decay = (1.0 - tl.cast(lr, tl.float64) * tl.cast(weight_decay, tl.float64)).to(tl.float32)
     inv_scale, clip_coef = unscale_and_clip_factors(
         grad_scale_ptr, norm_sq_ptr, max_norm, HAS_GRAD_SCALE, HAS_CLIP
@@ -108,8 +120,15 @@ def _lion_kernel(
         direction = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
         p = p * decay - lr * direction
         m = beta2 * m + one_minus_beta2 * g
-        tl.store(exp_avg + offsets, round_to(m, STATE_DTYPE), mask=mask)
-        store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
+        if STOCHASTIC:
+            r_param, r_m, _, _ = random_words(seed, step, offsets)
+            tl.store(exp_avg + offsets, stochastic_round(m, r_m, STATE_DTYPE), mask=mask)
+        else:
+            tl.store(exp_avg + offsets, round_to(m, STATE_DTYPE), mask=mask)
+        if STOCHASTIC and not HAS_MASTER:
+            tl.store(param + offsets, stochastic_round(p, r_param, PARAM_DTYPE), mask=mask)
+        else:
+            store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
 
 
 def prepare_lion_step(
@@ -127,23 +146,36 @@ def prepare_lion_step(
     found_inf: torch.Tensor | None = None,
     norm_sq: torch.Tensor | None = None,
     max_norm: float = 0.0,
+    steps: Sequence[torch.Tensor] | None = None,
+    sr_seeds: Sequence[torch.Tensor] | None = None,
     cache: TableCache | None = None,
 ) -> Callable[[], None]:
     """Check the inputs and build the tables of a fused Lion step (in place, no host sync,
     every tensor of a group in one launch); return the launch. Arguments as in
     ``kernels.adam.prepare_adam_step``; ``exp_avgs`` are the momenta, fp32 or bf16 (widened on
-    load, rounded to nearest-even on store).
+    load, rounded to nearest-even on store). ``sr_seeds`` (int64 one-element seeds) with
+    ``steps`` (fp32 one-element counts, advanced unless ``found_inf``): round a bf16 momentum
+    and params without masters stochastically; ignored where nothing is low precision
+    without a master.
 
-    Launches: one, whatever the number of tensors (Lion keeps no step count).
+    Launches: one, whatever the number of tensors; two with stochastic rounding (its counts).
     """
+    compact = bool(exp_avgs) and exp_avgs[0].dtype != torch.float32
+    masterless = masters is None and bool(params) and params[0].dtype != torch.float32
+    stochastic = sr_seeds is not None and (compact or masterless)
+    if stochastic and steps is None:
+        raise ValueError("stochastic rounding (sr_seeds) needs steps: the words' counts")
     state = {"exp_avgs": exp_avgs, "masters": masters}
+    state["steps"] = steps if stochastic else None
+    state["sr_seeds"] = sr_seeds if stochastic else None
     return prepare_step(
         _lion_kernel, "lion", params, grads, masters, state,
-        rows=("params", "grads", "masters", "exp_avgs"),
+        rows=("params", "grads", "masters", "exp_avgs", "steps", "sr_seeds"),
         hyperparameters=(float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
                          float(weight_decay)),
-        flags=dict(STATE_DTYPE=TORCH_TO_TRITON.get(exp_avgs[0].dtype) if exp_avgs else None),
-        compact_state=("exp_avgs",), count_steps=False, lr=lr, maximize=maximize,
+        flags=dict(STATE_DTYPE=TORCH_TO_TRITON.get(exp_avgs[0].dtype) if exp_avgs else None,
+                   STOCHASTIC=stochastic),
+        compact_state=("exp_avgs",), count_steps=stochastic, lr=lr, maximize=maximize,
         grad_scale=grad_scale, found_inf=found_inf, norm_sq=norm_sq, max_norm=max_norm,
         cache=cache,
     )  # fmt: skip
@@ -157,27 +189,35 @@ def lion_step(*args, **kwargs) -> None:
 
 def compile_variants(compile) -> dict[str, dict]:
     """The variants ``tests/gpu_compile.py`` compiles for sm_90: fp16 and bf16 with masters,
-    loss scale, skip and clipping, both alignments, fp32 and bf16 momenta; fp32 plain."""
+    loss scale, skip and clipping, both alignments, fp32 and bf16 momenta; without masters
+    with a bf16 momentum, rounded stochastically; fp32 plain."""
     common = dict(BLOCK=1024, CHUNK=4096)
     flags = dict(MAXIMIZE=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True)
+    plain = dict(STOCHASTIC=False)
     results = {}
     for dtype_name, dtype in (("fp16", tl.float16), ("bf16", tl.bfloat16)):
         for aligned in (False, True):
             results[f"lion-{dtype_name}-master-aligned{aligned}"] = compile(
                 _lion_kernel,
                 dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=True, LR_ON_DEVICE=True,
-                     ALIGNED=aligned, STATE_DTYPE=tl.float32, **flags, **common),
+                     ALIGNED=aligned, STATE_DTYPE=tl.float32, **flags, **common, **plain),
             )  # fmt: skip
             results[f"lion-{dtype_name}-master-bf16-state-aligned{aligned}"] = compile(
                 _lion_kernel,
                 dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=True, LR_ON_DEVICE=True,
-                     ALIGNED=aligned, STATE_DTYPE=tl.bfloat16, **flags, **common),
+                     ALIGNED=aligned, STATE_DTYPE=tl.bfloat16, **flags, **common, **plain),
+            )  # fmt: skip
+            results[f"lion-{dtype_name}-nomaster-bf16-state-stochastic-aligned{aligned}"] = compile(
+                _lion_kernel,
+                dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=False, LR_ON_DEVICE=False,
+                     ALIGNED=aligned, STATE_DTYPE=tl.bfloat16, **flags, **common,
+                     STOCHASTIC=True),
             )  # fmt: skip
     results["lion-fp32-plain"] = compile(
         _lion_kernel,
         dict(PARAM_DTYPE=tl.float32, GRAD_DTYPE=tl.float32, STATE_DTYPE=tl.float32,
              HAS_MASTER=False, MAXIMIZE=True,
              HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_CLIP=False, LR_ON_DEVICE=False,
-             ALIGNED=False, **common),
+             STOCHASTIC=False, ALIGNED=False, **common),
     )  # fmt: skip
     return results

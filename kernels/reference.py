@@ -193,7 +193,7 @@ def adam_step(
         torch._foreach_maximum_(maxima, exp_avg_sqs)
         second = maxima
     for k, (lst, values) in enumerate(zip(stored, (exp_avgs, exp_avg_sqs, maxima))):
-        _store_compact(lst, values, [w and w[k + 1] for w in words])
+        store_compact(lst, values, [w and w[k + 1] for w in words])
     new_steps = [s.item() + 1.0 for s in steps]
     step_sizes = [-lr / (1.0 - beta1**s) for s in new_steps]
     bc2_sqrts = [math.sqrt(1.0 - beta2**s) for s in new_steps]
@@ -202,13 +202,13 @@ def adam_step(
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(weights, exp_avgs, denom, step_sizes)
     if masters is None:
-        _store_compact(list(params), weights, [w and w[0] for w in words])
+        store_compact(list(params), weights, [w and w[0] for w in words])
     else:
         write_back(params, weights)
     torch._foreach_add_(list(steps), 1.0)
 
 
-def _store_compact(tensors: list[torch.Tensor], values: list[torch.Tensor], words=None) -> None:
+def store_compact(tensors: list[torch.Tensor], values: list[torch.Tensor], words=None) -> None:
     """Write fp32 ``values`` into bf16/fp16 ``tensors`` rounded to nearest-even (``copy_``),
     or stochastically with the random ``words`` of each (where not None); fp32 tensors were
     updated in place (``.float()`` returned them), nothing to do."""
@@ -277,7 +277,7 @@ def sgd_step(
             later_bufs = [bufs[i] for i in later]
             torch._foreach_mul_(later_bufs, momentum)
             torch._foreach_add_(later_bufs, [g[i] for i in later], alpha=1.0 - dampening)
-        _store_compact(stored, bufs, [w and w[1] for w in words])
+        store_compact(stored, bufs, [w and w[1] for w in words])
         if nesterov:
             g = torch._foreach_add(g, bufs, alpha=momentum)
         else:
@@ -285,7 +285,7 @@ def sgd_step(
         torch._foreach_add_(list(steps), 1.0)
     torch._foreach_add_(weights, g, alpha=-lr)
     if masters is None:
-        _store_compact(list(params), weights, [w and w[0] for w in words])
+        store_compact(list(params), weights, [w and w[0] for w in words])
     else:
         write_back(params, weights)
 

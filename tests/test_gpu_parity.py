@@ -101,6 +101,10 @@ CASES = {
     ),
     "lion": (fp16_triton.Lion, dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)),
     "lion-bf16-state": (fp16_triton.Lion, dict(lr=1e-4, state_dtype=torch.bfloat16)),
+    "lion-bf16-state-sr": (
+        fp16_triton.Lion,
+        dict(lr=1e-4, state_dtype=torch.bfloat16, stochastic_rounding=True, seed=9),
+    ),
     "lamb": (fp16_triton.Lamb, dict(lr=1e-2, weight_decay=0.01)),
     "lamb-clip": (fp16_triton.Lamb, dict(lr=1e-2, weight_decay=0.01, max_grad_norm=1.0)),
     "muon": (fp16_triton.Muon, dict(lr=0.02, weight_decay=0.01)),
@@ -129,6 +133,7 @@ def _mode_cases():
     yield pytest.param("adamw-bf16-state-sr", torch.bfloat16, False, id="sr-bf16-no-master")
     yield pytest.param("adamw-bf16-state", torch.bfloat16, False, id="bf16-no-master")
     yield pytest.param("sgd-bf16-state-sr", torch.bfloat16, False, id="sgd-sr-bf16-no-master")
+    yield pytest.param("lion-bf16-state-sr", torch.bfloat16, False, id="lion-sr-bf16-no-master")
 
 
 def _log(record: dict) -> None:

@@ -182,6 +182,8 @@ def test_the_config_takes_deepspeed_lion_params():
     assert cfg.optimizer.params == {
         "lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "maximize": False,
         "state_dtype": torch.float32,  # ours: the momentum's storage (compact state)
+        "stochastic_rounding": False,  # ours (compact state)
+        "seed": None,
     }  # fmt: skip
     bf16 = load_config({"optimizer": {"type": "Lion", "params": {"state_dtype": "bf16"}}})
     assert bf16.optimizer.params["state_dtype"] == torch.bfloat16

@@ -378,3 +378,89 @@ def test_sgd_stochastic_rounding_needs_momentum():
     with pytest.raises(ValueError, match="needs momentum"):
         opt.step()
     assert_bitwise(p.detach(), before, "refused step")
+
+
+# ----------------------------------------------------------------------------------- Lion
+def lion_run(backend, steps=6, opt=None, params=None, start=0, seed=0):
+    """bf16 params without masters (2000 and 300 elements), a bf16 momentum, stochastic
+    rounding, seeded grads. Returns ``(params, optimizer)``."""
+    if params is None:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n).to(BF16)) for n in (2000, 300)]
+    opt = opt or fp16_triton.Lion(
+        params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, master_weights=False,
+        state_dtype=BF16, stochastic_rounding=True, seed=seed, backend=backend,
+    )  # fmt: skip
+    for i in range(start, steps):
+        data = torch.Generator().manual_seed(i)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=data).to(BF16)
+        opt.step()
+    return params, opt
+
+
+def test_lion_backends_draw_the_same_bits():
+    """Lion's kernel and reference round alike (see test_backends_draw_the_same_bits); each
+    param counts its steps for its words."""
+    (p, q), a = lion_run("triton")
+    (p2, q2), b = lion_run("torch")
+    momenta = (a.state[p]["exp_avg"], b.state[p2]["exp_avg"])
+    for x, y in ((p, p2), (q, q2), momenta):
+        assert (x.view(torch.int16) != y.view(torch.int16)).sum().item() <= 3
+    assert a.state[p]["step"].item() == b.state[p2]["step"].item() == 6
+    (p3, _), _ = lion_run("torch", seed=1)
+    assert (p3.view(torch.int16) != p2.view(torch.int16)).any(), "another seed, another run"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lion_resumes_bitwise(backend):
+    (p, q), opt = lion_run(backend)
+    params, half = lion_run(backend, steps=3)
+    resumed = fp16_triton.Lion(
+        params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, master_weights=False,
+        state_dtype=BF16, stochastic_rounding=True, seed=99, backend=backend,
+    )  # fmt: skip
+    resumed.load_state_dict(half.state_dict())
+    (p2, q2), resumed = lion_run(backend, opt=resumed, params=params, start=3)
+    assert_bitwise([p2, q2], [p, q], "resumed params")
+    assert_bitwise(resumed.state_dict(), opt.state_dict(), "resumed state")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lion_updates_far_below_half_an_ulp_survive_on_average(backend):
+    """As Adam's test: 4096 bf16 params at 1.5 (ulp 2^-7), grad 1 at every step, so Lion's
+    update is lr = ulp/64 each step. Nearest-even never moves them; stochastically the mean
+    after 64 steps is the fp32 trajectory (``p - steps * lr``, exact in fp32 here) within
+    Bernstein's bound."""
+    n, steps, lr = 4096, 64, 2.0**-13
+    rounded = {sr: torch.nn.Parameter(torch.full((n,), 1.5, dtype=BF16)) for sr in (False, True)}
+    opts = {
+        sr: fp16_triton.Lion([p], lr=lr, master_weights=False, state_dtype=BF16,
+                             stochastic_rounding=sr, seed=3, backend=backend)
+        for sr, p in rounded.items()
+    }  # fmt: skip
+    for _ in range(steps):
+        for sr, p in rounded.items():
+            p.grad = torch.ones(n, dtype=BF16)
+            opts[sr].step()
+    assert bool((rounded[False] == 1.5).all()), "nearest-even loses every update"
+    ulp = 2.0**-7
+    moved = (1.5 - rounded[True].double().mean().item()) / ulp
+    expected = steps * lr / ulp  # 1 ulp
+    bound = steps * bernstein(n * steps, 1 / 64)  # ~0.1 ulp
+    assert abs(moved - expected) <= bound, (moved, expected, bound)
+
+
+def test_lion_keeps_its_count_when_stochastic_rounding_is_switched_off():
+    """Switched off, the seed goes (as Adam's) but the count stays, so that switching on again
+    draws words not drawn before; switched on again, the same seed."""
+    (p, _), opt = lion_run("torch", steps=2)
+    seed = opt.state[p]["sr_seed"].clone()
+    opt.param_groups[0]["stochastic_rounding"] = False
+    for q in opt.param_groups[0]["params"]:
+        q.grad = torch.ones_like(q)
+    opt.step()
+    assert "sr_seed" not in opt.state[p] and opt.state[p]["step"].item() == 2
+    opt.param_groups[0]["stochastic_rounding"] = True
+    opt.step()
+    assert opt.state[p]["sr_seed"] == seed and opt.state[p]["step"].item() == 3
