@@ -4,8 +4,8 @@
 # their tensors on the GPU, tuning, and the quick benchmark. Everything comes back as
 # $OUT/gpu_check.tgz plus $OUT/summary.txt ($OUT: the device tool's output folder, else
 # ./gpu_check_out). Each step has its own timeout, so one hang cannot eat the rest; together
-# they end within 470 s of an H200 (the first run, 2026-11-30, took 220 s). Run it with a
-# device timeout of 500 s.
+# they end within 510 s of an H200 (the first run, 2026-11-30, took 220-310 s). Run it with a
+# device timeout of 540 s.
 # (The other test files build CPU tensors and need the interpreter: they run in CI.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +37,8 @@ grep -E "^(FAILED|ERROR)|passed|failed" "$LOG/pytest.log" | tail -45 | tee -a "$
 step tune
 timeout 140 python3 -m fp16_triton tune --quick > "$LOG/tune.log" 2>&1
 python3 -m fp16_triton tune --show 2>&1 | tee -a "$LOG/tune.log" | tail -12 >> "$SUMMARY"
+step "configs: in effect vs defaults"
+timeout 40 python3 bench/configs_ab.py 2>&1 | tee "$LOG/configs_ab.log" | tail -8 >> "$SUMMARY"
 step "bench elementwise"
 timeout 60 python3 bench/run.py --quick --sizes 1e8 --out "$LOG/bench_a" \
     --skip deepspeed,compiled,ours-muon,torch-muon,small 2>&1 | grep -v "it/s" \

@@ -37,6 +37,20 @@ def fake_timer(fn):
 
 # ------------------------------------------------------------------------ end to end
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of the script")
+def test_configs_ab_says_it_needs_a_gpu():
+    """``bench/configs_ab.py`` (tuned vs default launch configurations) only means something on
+    a GPU: elsewhere it says so and exits non-zero, importing everything it needs first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "configs_ab.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "needs a CUDA GPU" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of the script")
 def test_quick_cpu_run_writes_three_well_formed_outputs(tmp_path, capsys):
     rows = run.main(
         ["--quick", "--sizes", "1000", "--out", str(tmp_path), "--copy-mb", "8"]
