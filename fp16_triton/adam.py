@@ -10,7 +10,7 @@ import torch
 
 from .backend import backend_for
 from .buckets import Bucket
-from .compact_state import CONFIG_KINDS, CompactState
+from .compact_state import CONFIG_KINDS, CompactState, bucket_shard
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
 
@@ -190,7 +190,7 @@ class Adam(CompactState, FusedOptimizer):
             **scaling,
         )
         if group.get("stochastic_rounding", False):
-            kwargs["sr_seeds"] = bucket.state["sr_seed"]
+            kwargs.update(sr_seeds=bucket.state["sr_seed"], sr_shard=bucket_shard(bucket))
         args = (
             bucket.local_params,
             grads,

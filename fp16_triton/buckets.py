@@ -57,6 +57,20 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def shard_position(t: torch.Tensor) -> int:
+    """This rank's position among the shards of a DTensor: its mesh coordinate over the mesh
+    dimensions the tensor is sharded on (replicated ones hold the same values, so they count
+    as one), as one number; 0 for a plain tensor."""
+    if DTensor is None or not isinstance(t, DTensor):
+        return 0
+    coordinate = t.device_mesh.get_coordinate() or []
+    position = 0
+    for placement, index, size in zip(t.placements, coordinate, t.device_mesh.shape):
+        if placement.is_shard():
+            position = position * size + index
+    return position
+
+
 def like_param(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Wrap a local state tensor as a DTensor sharded like ``p`` (so distributed checkpoints
     see sharded state, as with torch's optimizers); plain params keep plain state."""
@@ -91,6 +105,9 @@ class Bucket:
     cache: Any = None  # kernels.multi_tensor.TableCache on the Triton backend
     indices: list[int] | None = None  # positions in the group's list of grads; None: all
     sharded: bool = False  # DTensor params: kernels see their local shards
+    # This rank's shard among a sharded tensor's shards (0 unsharded), counting the random
+    # words of stochastic rounding apart per shard; None when the params disagree.
+    shard: int | None = 0
     flat: FlatBuffers | None = None  # flat_buffers=True: the bucket's storage
     # Per-tensor storage: what the bucket was built from, compared at every step.
     addresses: tuple[int, ...] = ()
@@ -115,8 +132,10 @@ class Bucket:
             if p.numel() > 1 and g.stride() != p.stride()
         }
         contiguous = all(map(_is_contiguous, local_params)) and all(map(_is_contiguous, grads))
+        positions = {shard_position(p) for p in params} if sharded else {0}
         return cls(
             params, local_params, {}, backend, grads[0].dtype, cache, indices, sharded,
+            shard=positions.pop() if len(positions) == 1 else None,
             addresses=tuple(map(_data_ptr, local_params)),
             numels=tuple(map(_numel, local_params)),
             grad_strides=None if contiguous else list(map(_stride, grads)),

@@ -20,7 +20,7 @@ import torch
 from .buckets import local
 from .param_state import SEED_STATE
 
-__all__ = ["CompactState", "STATE_DTYPES", "CONFIG_KINDS", "param_seed"]
+__all__ = ["CompactState", "STATE_DTYPES", "CONFIG_KINDS", "param_seed", "bucket_shard"]
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 """The dtypes ``state_dtype`` may name (int8 moments are not built yet)."""
@@ -94,6 +94,21 @@ class CompactState:
         self._sr_seed = state.pop("sr_seed_base", 0)
         self._sr_index = {}
         super().__setstate__(state)
+
+
+def bucket_shard(bucket) -> int:
+    """The shard number a bucket's stochastic rounding counts its words by: its params' shard
+    position (``buckets.shard_position``), so that the shards of one FSDP2 tensor, which share
+    its seed and their local element indices, draw different words. Params of one bucket at
+    different positions (different meshes or placements) cannot share one number: refused,
+    before anything is written."""
+    if bucket.shard is None:
+        raise ValueError(
+            "stochastic_rounding: the sharded params of one param group sit at different "
+            "shard positions (different device meshes or placements); put them in separate "
+            "param groups, or turn stochastic rounding off"
+        )
+    return bucket.shard
 
 
 def param_seed(seed: int, index: int) -> int:

@@ -14,7 +14,7 @@ import torch
 
 from .backend import backend_for, kernels
 from .buckets import Bucket, local
-from .compact_state import CONFIG_KINDS, CompactState
+from .compact_state import CONFIG_KINDS, CompactState, bucket_shard
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
 
@@ -122,6 +122,7 @@ class Lion(CompactState, FusedOptimizer):
         beta1, beta2 = map(float, group["betas"])
         if group.get("stochastic_rounding", False):
             scaling.update(steps=bucket.state["step"], sr_seeds=bucket.state["sr_seed"])
+            scaling["sr_shard"] = bucket_shard(bucket)
         return ALGORITHM.launch(
             bucket.backend,
             bucket.local_params,
@@ -156,6 +157,7 @@ def lion_step(
     max_norm: float = 0.0,
     steps: Sequence[torch.Tensor] | None = None,
     sr_seeds: Sequence[torch.Tensor] | None = None,
+    sr_shard: int = 0,
     cache=None,
 ) -> None:
     """Reference of ``kernels.lion.lion_step`` (same arguments and semantics), in torch's
@@ -176,7 +178,9 @@ def lion_step(
     words = [None] * len(params)
     if stochastic:
         words = [
-            kernels("stochastic").random_words_reference(int(seed.item()), step.item() + 1.0, p)
+            kernels("stochastic").random_words_reference(
+                int(seed.item()), step.item() + 1.0, p, sr_shard
+            )
             for seed, step, p in zip(sr_seeds, steps, params)
         ]
     lr, weight_decay, stored = float(lr), float(weight_decay), list(exp_avgs)

@@ -10,7 +10,7 @@ import torch
 
 from .backend import backend_for
 from .buckets import Bucket, like_param, local
-from .compact_state import CONFIG_KINDS, CompactState
+from .compact_state import CONFIG_KINDS, CompactState, bucket_shard
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
 
@@ -145,7 +145,7 @@ class SGD(CompactState, FusedOptimizer):
             **scaling,
         )
         if group.get("stochastic_rounding", False):
-            kwargs["sr_seeds"] = bucket.state["sr_seed"]
+            kwargs.update(sr_seeds=bucket.state["sr_seed"], sr_shard=bucket_shard(bucket))
         args = (bucket.local_params, grads, bucket.state["momentum_buffer"], bucket.state["step"])
         return ALGORITHM.launch(bucket.backend, *args, cache=bucket.cache, **kwargs)
 

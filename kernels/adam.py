@@ -111,6 +111,7 @@ def _adam_kernel(
     one_minus_beta2,  # fp32: 1 - beta2, computed in fp64 on the host, rounded to fp32
     eps,  # fp32: added after the bias-corrected square root
     weight_decay,  # fp32: L2 (Adam) or decoupled (AdamW) weight decay
+    sr_shard,  # fp32: this rank's shard of sharded params, counting random words (STOCHASTIC)
     PARAM_DTYPE: tl.constexpr,  # element type of the params
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
     STATE_DTYPE: tl.constexpr,  # element type of the moments: fp32, or bf16 (rounded on store)
@@ -180,7 +181,7 @@ def _adam_kernel(
         v = v * beta2 + (one_minus_beta2 * g) * g
         if STOCHASTIC:
             # One Philox draw per element: a word for the param and for each moment.
-            r_param, r_m, r_v, r_max = random_words(seed, step, offsets)
+            r_param, r_m, r_v, r_max = random_words(seed, step, offsets, sr_shard)
             tl.store(exp_avg + offsets, stochastic_round(m, r_m, STATE_DTYPE), mask=mask)
             tl.store(exp_avg_sq + offsets, stochastic_round(v, r_v, STATE_DTYPE), mask=mask)
         else:
@@ -224,6 +225,7 @@ def prepare_adam_step(
     norm_sq: torch.Tensor | None = None,
     max_norm: float = 0.0,
     sr_seeds: Sequence[torch.Tensor] | None = None,
+    sr_shard: int = 0,
     cache: TableCache | None = None,
 ) -> Callable[[], None]:
     """Check the inputs and build the tables of a fused Adam/AdamW step (in place, no host
@@ -256,6 +258,8 @@ def prepare_adam_step(
         sr_seeds: int64 one-element seeds, one per param: round the bf16 moments and params
             without masters stochastically (``kernels/stochastic.py``); None (default) rounds
             them to nearest-even. Ignored where nothing is low precision without a master.
+        sr_shard: this rank's shard of sharded (FSDP2) params, 0 otherwise: counts the random
+            words apart per shard (``kernels/stochastic.py``).
         cache: optional ``TableCache`` the caller keeps for this group.
 
     Launches: two (the step and the step-count increment), whatever the number of tensors.
@@ -273,7 +277,7 @@ def prepare_adam_step(
         rows=("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps",
               "sr_seeds"),
         hyperparameters=(float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
-                         float(eps), float(weight_decay)),
+                         float(eps), float(weight_decay), float(sr_shard)),
         flags=dict(DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
                    STOCHASTIC=stochastic,
                    STATE_DTYPE=TORCH_TO_TRITON.get(exp_avgs[0].dtype) if exp_avgs else None),

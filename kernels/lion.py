@@ -74,6 +74,7 @@ def _lion_kernel(
     one_minus_beta1,  # fp32: 1 - beta1, computed on the host
     one_minus_beta2,  # fp32: 1 - beta2, computed on the host
     weight_decay,  # fp32: decoupled weight decay
+    sr_shard,  # fp32: this rank's shard of sharded params, counting random words (STOCHASTIC)
     PARAM_DTYPE: tl.constexpr,  # element type of the params
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
     STATE_DTYPE: tl.constexpr,  # element type of the momenta: fp32, or bf16 (rounded on store)
@@ -121,7 +122,7 @@ def _lion_kernel(
         p = p * decay - lr * direction
         m = beta2 * m + one_minus_beta2 * g
         if STOCHASTIC:
-            r_param, r_m, _, _ = random_words(seed, step, offsets)
+            r_param, r_m, _, _ = random_words(seed, step, offsets, sr_shard)
             tl.store(exp_avg + offsets, stochastic_round(m, r_m, STATE_DTYPE), mask=mask)
         else:
             tl.store(exp_avg + offsets, round_to(m, STATE_DTYPE), mask=mask)
@@ -148,6 +149,7 @@ def prepare_lion_step(
     max_norm: float = 0.0,
     steps: Sequence[torch.Tensor] | None = None,
     sr_seeds: Sequence[torch.Tensor] | None = None,
+    sr_shard: int = 0,
     cache: TableCache | None = None,
 ) -> Callable[[], None]:
     """Check the inputs and build the tables of a fused Lion step (in place, no host sync,
@@ -156,7 +158,7 @@ def prepare_lion_step(
     load, rounded to nearest-even on store). ``sr_seeds`` (int64 one-element seeds) with
     ``steps`` (fp32 one-element counts, advanced unless ``found_inf``): round a bf16 momentum
     and params without masters stochastically; ignored where nothing is low precision
-    without a master.
+    without a master; ``sr_shard`` as in ``adam_step``.
 
     Launches: one, whatever the number of tensors; two with stochastic rounding (its counts).
     """
@@ -172,7 +174,7 @@ def prepare_lion_step(
         _lion_kernel, "lion", params, grads, masters, state,
         rows=("params", "grads", "masters", "exp_avgs", "steps", "sr_seeds"),
         hyperparameters=(float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
-                         float(weight_decay)),
+                         float(weight_decay), float(sr_shard)),
         flags=dict(STATE_DTYPE=TORCH_TO_TRITON.get(exp_avgs[0].dtype) if exp_avgs else None,
                    STOCHASTIC=stochastic),
         compact_state=("exp_avgs",), count_steps=stochastic, lr=lr, maximize=maximize,

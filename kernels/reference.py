@@ -157,6 +157,7 @@ def adam_step(
     norm_sq: torch.Tensor | None = None,
     max_norm: float = 0.0,
     sr_seeds: Sequence[torch.Tensor] | None = None,
+    sr_shard: int = 0,
     cache=None,
 ) -> None:
     """Reference of ``kernels.adam.adam_step`` (same arguments and semantics). With
@@ -172,7 +173,7 @@ def adam_step(
     masterless = masters is None and params[0].dtype != torch.float32
     if sr_seeds is not None and (exp_avgs[0].dtype != torch.float32 or masterless):
         words = [
-            random_words_reference(int(seed.item()), step.item() + 1.0, p)
+            random_words_reference(int(seed.item()), step.item() + 1.0, p, sr_shard)
             for seed, step, p in zip(sr_seeds, steps, params)
         ]
     lr, weight_decay = float(lr), float(weight_decay)
@@ -239,6 +240,7 @@ def sgd_step(
     norm_sq: torch.Tensor | None = None,
     max_norm: float = 0.0,
     sr_seeds: Sequence[torch.Tensor] | None = None,
+    sr_shard: int = 0,
     cache=None,
 ) -> None:
     """Reference of ``kernels.sgd.sgd_step`` (same arguments and semantics; with ``sr_seeds``
@@ -259,7 +261,7 @@ def sgd_step(
     words = [None] * len(params)
     if sr_seeds is not None and (compact or masterless):
         words = [
-            random_words_reference(int(seed.item()), step.item() + 1.0, p)
+            random_words_reference(int(seed.item()), step.item() + 1.0, p, sr_shard)
             for seed, step, p in zip(sr_seeds, steps, params)
         ]
     lr = float(lr)  # a tensor lr is read on the host: the reference may sync

@@ -69,6 +69,7 @@ def _sgd_kernel(
     momentum,  # fp32: momentum factor
     one_minus_dampening,  # fp32: 1 - dampening, computed on the host
     weight_decay,  # fp32: L2 weight decay
+    sr_shard,  # fp32: this rank's shard of sharded params, counting random words (STOCHASTIC)
     PARAM_DTYPE: tl.constexpr,  # element type of the params
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
     STATE_DTYPE: tl.constexpr,  # element type of the buffers: fp32, or bf16 (rounded on store)
@@ -119,7 +120,7 @@ def _sgd_kernel(
         )  # fmt: skip
         g = g + weight_decay * p
         if STOCHASTIC:
-            r_param, r_buf, _, _ = random_words(seed, step + 1.0, offsets)
+            r_param, r_buf, _, _ = random_words(seed, step + 1.0, offsets, sr_shard)
         if HAS_MOMENTUM:
             buf = widen(tl.load(buf_ptr + offsets, mask=mask, other=0.0), STATE_DTYPE)
             buf = tl.where(first_step, g, buf * momentum + one_minus_dampening * g)
@@ -156,6 +157,7 @@ def prepare_sgd_step(
     norm_sq: torch.Tensor | None = None,
     max_norm: float = 0.0,
     sr_seeds: Sequence[torch.Tensor] | None = None,
+    sr_shard: int = 0,
     cache: TableCache | None = None,
 ) -> Callable[[], None]:
     """Check the inputs and build the tables of a fused SGD step; return its launch (see
@@ -168,7 +170,8 @@ def prepare_sgd_step(
     first step, advanced unless ``found_inf``) are required when ``momentum != 0`` and ignored
     otherwise. ``sr_seeds``: int64 one-element seeds, one per param: round a bf16 buffer and
     params without masters stochastically (needs momentum: the words are counted by the step
-    count); ignored where nothing is low precision without a master. Other arguments as in
+    count); ignored where nothing is low precision without a master. ``sr_shard`` as in
+    ``adam_step``. Other arguments as in
     ``adam_step``. Launches: one, plus one for the step counts when momentum is on.
     """
     has_momentum = momentum != 0
@@ -190,7 +193,8 @@ def prepare_sgd_step(
     return prepare_step(
         _sgd_kernel, "sgd", params, grads, masters, state,
         rows=("params", "grads", "masters", "momentum_buffers", "steps", "sr_seeds"),
-        hyperparameters=(float(momentum), 1.0 - float(dampening), float(weight_decay)),
+        hyperparameters=(float(momentum), 1.0 - float(dampening), float(weight_decay),
+                         float(sr_shard)),
         flags=dict(HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov), STOCHASTIC=stochastic,
                    STATE_DTYPE=TORCH_TO_TRITON.get(buffer_dtype, tl.float32)),
         compact_state=("momentum_buffers",), count_steps=has_momentum, lr=lr, maximize=maximize,

@@ -3,7 +3,9 @@ random bits: Triton's Philox4x32-10 (``tl.philox``), re-implemented in torch int
 that both backends draw bit-identical numbers.
 
 The stream of one tensor is keyed by its own 64-bit seed (an int64 state tensor, ``sr_seed``)
-and counted by ``(element index in memory order, step number)``: it depends neither on the
+and counted by ``(element index in memory order, step number, shard)``, ``shard`` being this
+rank's shard of a sharded (FSDP2) tensor, 0 otherwise, so that the shards of one tensor,
+which share its seed and local indices, draw different words. It depends neither on the
 launch geometry (chunk sizes, programs) nor on which other tensors are stepped with it, and a
 resumed run that restores the seeds and step counts draws the same numbers. One Philox call
 gives four 32-bit words per element: word 0 rounds the param, words 1-3 the moments
@@ -45,14 +47,16 @@ _FP16_MAX = 65504.0
 
 
 @triton.jit
-def random_words(seed, step, offsets):
+def random_words(seed, step, offsets, shard):
     """Four blocks of uint32 words for the elements at ``offsets`` (int64) of a tensor keyed by
-    ``seed`` (int64 scalar), at step number ``step`` (fp32 scalar, exact below 2^24)."""
+    ``seed`` (int64 scalar), at step number ``step`` and shard ``shard`` (fp32 scalars, exact
+    below 2^24)."""
     c0 = offsets.to(tl.uint32)
     c1 = (offsets >> 32).to(tl.uint32)
     zero = c0 * 0
     c2 = zero + step.to(tl.int32).to(tl.uint32)
-    return tl.philox(seed, c0, c1, c2, zero)
+    c3 = zero + tl.cast(shard, tl.int32).to(tl.uint32)
+    return tl.philox(seed, c0, c1, c2, c3)
 
 
 @triton.jit
@@ -113,7 +117,9 @@ def philox_reference(seed: int, c0, c1, c2, c3) -> list[torch.Tensor]:
     return [c0, c1, c2, c3]
 
 
-def random_words_reference(seed: int, step: float, like: torch.Tensor) -> list[torch.Tensor]:
+def random_words_reference(
+    seed: int, step: float, like: torch.Tensor, shard: int = 0
+) -> list[torch.Tensor]:
     """``random_words`` for every element of the dense tensor ``like``: int64 tensors of its
     shape and strides holding uint32 words, element ``i`` of memory order drawn at offset
     ``i`` as the kernels draw it."""
@@ -121,7 +127,8 @@ def random_words_reference(seed: int, step: float, like: torch.Tensor) -> list[t
     flat = index.as_strided((like.numel(),), (1,))
     flat.copy_(torch.arange(like.numel(), dtype=torch.int64, device=like.device))
     zero = torch.zeros_like(index)
-    return philox_reference(seed, index & _M32, index >> 32, zero + (int(step) & _M32), zero)
+    c2, c3 = zero + (int(step) & _M32), zero + (int(shard) & _M32)
+    return philox_reference(seed, index & _M32, index >> 32, c2, c3)
 
 
 def stochastic_round_reference(x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype):

@@ -257,6 +257,35 @@ def phase_train(out: str, rank: int, world: int):
         results[f"{name}_state_dtypes"] = kept
         torch.save(full_params(model), f"{out}/{name}_rank{rank}.pt")
 
+    # Stochastic rounding per shard: a DTensor whose two shards (one per rank) hold the same
+    # values and get the same grads at every step. Rounded with the same words on both shards
+    # (the control: every shard counted as shard 0) the halves stay identical; with each
+    # shard's own words they do not.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from fp16_triton import compact_state
+
+    mesh = init_device_mesh("cpu", (world,))
+    half = torch.randn(16, 8, generator=torch.Generator().manual_seed(5))
+    for name in ("fsdp_sr_shards", "fsdp_sr_control"):
+        full = torch.cat([half] * world).to(BF16)
+        param = nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
+        patched = (fp16_triton.adam, fp16_triton.sgd, fp16_triton.lion)
+        if name == "fsdp_sr_control":
+            for module in patched:
+                module.bucket_shard = lambda bucket: 0
+        try:
+            opt = fp16_triton.AdamW([param], **COMPACT)
+            for step in range(STEPS):
+                g = torch.randn(16, 8, generator=torch.Generator().manual_seed(50 + step))
+                param.grad = distribute_tensor(torch.cat([g] * world).to(BF16), mesh, [Shard(0)])
+                opt.step()
+        finally:
+            for module in patched:
+                module.bucket_shard = compact_state.bucket_shard
+        torch.save({"weight": param.full_tensor()}, f"{out}/{name}_rank{rank}.pt")
+
     with open(f"{out}/records_rank{rank}.json", "w") as f:
         json.dump(results, f)
 

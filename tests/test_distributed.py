@@ -177,3 +177,18 @@ def test_compact_state_trains_under_each_wrapper(runs, worker, name):
     trained, initial = load(name, 0), dict(worker.make_model(torch.bfloat16).named_parameters())
     assert all(v.dtype == torch.bfloat16 and torch.isfinite(v).all() for v in trained.values())
     assert all(not torch.equal(trained[k], initial[k].detach()) for k in trained)
+
+
+def test_fsdp2_shards_round_with_their_own_words(runs):
+    """Shards of one DTensor share its seed and their local element indices; the shard
+    position in the Philox counter gives each its own words. A tensor whose two shards hold
+    the same values and get the same grads: rounded with the same words (the control) its
+    halves stay bitwise equal through every step, so the difference below is the rounding's."""
+    _, load = runs
+    control = load("fsdp_sr_control", 0)["weight"].view(torch.int16)
+    shards = load("fsdp_sr_shards", 0)["weight"].view(torch.int16)
+    assert torch.equal(control[:16], control[16:])
+    assert not torch.equal(shards, control)  # the shard-0 half alike, the other not
+    assert torch.equal(shards[:16], control[:16])
+    differ = (shards[:16] != shards[16:]).float().mean().item()
+    assert differ > 0.05, differ  # independent roundings of 128 values over 5 steps

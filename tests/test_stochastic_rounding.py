@@ -55,7 +55,7 @@ def bernstein(n: int, var: float) -> float:
 def _round_kernel(x_ptr, seed_ptr, step_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offsets < n
-    words = random_words(tl.load(seed_ptr), tl.load(step_ptr), offsets)
+    words = random_words(tl.load(seed_ptr), tl.load(step_ptr), offsets, tl.load(step_ptr) * 0)
     rounded = stochastic_round(tl.load(x_ptr + offsets, mask=mask), words[1], DTYPE)
     tl.store(out_ptr + offsets, rounded, mask=mask)
 
