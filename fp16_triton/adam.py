@@ -161,11 +161,6 @@ class Adam(CompactState, FusedOptimizer):
             state["max_exp_avg_sq"] = zeros()
         return state
 
-    def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        state = super()._new_state(p, group)
-        self._complete_state(p, group, state)  # the seed, made for the param itself
-        return state
-
     def _complete_state(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
         if group["amsgrad"] and state.get("max_exp_avg_sq") is None and "exp_avg_sq" in state:
             # amsgrad switched on after state was made (torch creates the maximum at the first

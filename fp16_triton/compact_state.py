@@ -31,7 +31,8 @@ class CompactState:
     ``state_dtype``, ``stochastic_rounding`` and ``seed``. The subclass names the states kept
     in ``state_dtype`` (``_compact_state``), calls ``_init_compact`` in its ``__init__`` and
     ``_check_compact`` in ``_check_hyperparameters``, adds ``_compact_kind`` to its
-    ``_state_kind`` and ``_complete_seed`` to its ``_complete_state``."""
+    ``_state_kind`` and ``_complete_seed`` to its ``_complete_state`` (which the mixin's
+    ``_new_state`` runs on a new param's state too)."""
 
     _compact_state: tuple[str, ...] = ()
     # A loaded state dict does not override how this optimizer stores its state; the loaded
@@ -66,6 +67,11 @@ class CompactState:
         if name in self._compact_state:
             return group.get("state_dtype", torch.float32)
         return torch.float32
+
+    def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        state = super()._new_state(p, group)
+        self._complete_state(p, group, state)  # the seed (and what it needs), made for p itself
+        return state
 
     def _complete_seed(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
         """Give ``p`` its seed when its group rounds stochastically, drop it otherwise: a

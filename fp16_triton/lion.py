@@ -108,11 +108,6 @@ class Lion(CompactState, FusedOptimizer):
         dtype = group.get("state_dtype", torch.float32)
         return {"exp_avg": torch.zeros_like(p, dtype=dtype)}
 
-    def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        state = super()._new_state(p, group)
-        self._complete_state(p, group, state)  # the seed and count, made for the param itself
-        return state
-
     def _complete_state(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
         self._complete_seed(p, group, state)
         if group.get("stochastic_rounding", False) and state.get("step") is None:
@@ -164,9 +159,7 @@ def lion_step(
     foreach ops in the kernel's order: the CPU fallback and the tests' second oracle. With
     ``sr_seeds`` the kernel's random words, bit for bit, as Adam's reference."""
     reference = kernels("reference")
-    compact = bool(exp_avgs) and exp_avgs[0].dtype != torch.float32
-    masterless = masters is None and bool(params) and params[0].dtype != torch.float32
-    stochastic = sr_seeds is not None and (compact or masterless)
+    stochastic = kernels("multi_tensor").rounds_stochastically(sr_seeds, params, masters, exp_avgs)
     if stochastic and steps is None:
         raise ValueError("stochastic rounding (sr_seeds) needs steps: the words' counts")
     start = reference.step_inputs(
@@ -177,12 +170,7 @@ def lion_step(
     weights, g = start
     words = [None] * len(params)
     if stochastic:
-        words = [
-            kernels("stochastic").random_words_reference(
-                int(seed.item()), step.item() + 1.0, p, sr_shard
-            )
-            for seed, step, p in zip(sr_seeds, steps, params)
-        ]
+        words = kernels("stochastic").step_words_reference(sr_seeds, steps, params, sr_shard)
     lr, weight_decay, stored = float(lr), float(weight_decay), list(exp_avgs)
     exp_avgs = [m.float() for m in stored]  # bf16 momenta: fp32 copies, stored back rounded
     c = torch._foreach_mul(exp_avgs, beta1)

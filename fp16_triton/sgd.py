@@ -116,11 +116,6 @@ class SGD(CompactState, FusedOptimizer):
             "momentum_buffer": torch.zeros_like(p, dtype=group.get("state_dtype", torch.float32)),
         }
 
-    def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        state = super()._new_state(p, group)
-        self._complete_state(p, group, state)  # the seed, made for the param itself
-        return state
-
     def _complete_state(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
         self._complete_seed(p, group, state)
         if group["momentum"] == 0:

@@ -65,7 +65,7 @@ from .common import (
     unscale_and_clip_factors,
     widen,
 )
-from .multi_tensor import TableCache
+from .multi_tensor import TableCache, rounds_stochastically
 from .stochastic import random_words, stochastic_round
 
 __all__ = ["adam_step", "prepare_adam_step"]
@@ -268,9 +268,7 @@ def prepare_adam_step(
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     state = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps, "masters": masters}
     state["max_exp_avg_sqs"] = max_exp_avg_sqs if amsgrad else None
-    compact = bool(exp_avgs) and exp_avgs[0].dtype != torch.float32
-    masterless = masters is None and bool(params) and params[0].dtype != torch.float32
-    stochastic = sr_seeds is not None and (compact or masterless)
+    stochastic = rounds_stochastically(sr_seeds, params, masters, exp_avgs)
     state["sr_seeds"] = sr_seeds if stochastic else None
     return prepare_step(
         _adam_kernel, "adam", params, grads, masters, state,
@@ -315,25 +313,17 @@ def compile_variants(compile) -> dict[str, dict]:
                         STOCHASTIC=False, **flags, **common,
                     ),
                 )  # fmt: skip
-            # bf16 moments (state_dtype=torch.bfloat16): 2-byte state loads and stores.
-            name = f"adam-{dtype_name}-master-amsgrad-bf16state-aligned{aligned}"
-            results[name] = compile(
-                _adam_kernel,
-                dict(
-                    PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=True, AMSGRAD=True,
-                    LR_ON_DEVICE=False, ALIGNED=aligned, STATE_DTYPE=tl.bfloat16,
-                    STOCHASTIC=False, **flags, **common,
-                ),
-            )  # fmt: skip
-            # Stochastic rounding: Philox words, bf16 moments and the param without a master.
-            for master in (True, False):
-                name = f"adam-{dtype_name}-sr-master{master}-amsgrad-bf16state-aligned{aligned}"
+            # bf16 moments (state_dtype=torch.bfloat16): 2-byte state loads and stores, rounded
+            # to nearest-even, or stochastically (Philox words) with or without a master.
+            for stochastic, master in ((False, True), (True, True), (True, False)):
+                sr = f"sr{stochastic}-master{master}"
+                name = f"adam-{dtype_name}-{sr}-amsgrad-bf16state-aligned{aligned}"
                 results[name] = compile(
                     _adam_kernel,
                     dict(
                         PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, HAS_MASTER=master, AMSGRAD=True,
                         LR_ON_DEVICE=False, ALIGNED=aligned, STATE_DTYPE=tl.bfloat16,
-                        STOCHASTIC=True, **flags, **common,
+                        STOCHASTIC=stochastic, **flags, **common,
                     ),
                 )  # fmt: skip
     results["adam-fp32-plain"] = compile(

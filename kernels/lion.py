@@ -46,7 +46,7 @@ from .common import (
     unscale_and_clip_factors,
     widen,
 )
-from .multi_tensor import TableCache
+from .multi_tensor import TableCache, rounds_stochastically
 from .stochastic import random_words, stochastic_round
 
 __all__ = ["lion_step", "prepare_lion_step"]
@@ -162,9 +162,7 @@ def prepare_lion_step(
 
     Launches: one, whatever the number of tensors; two with stochastic rounding (its counts).
     """
-    compact = bool(exp_avgs) and exp_avgs[0].dtype != torch.float32
-    masterless = masters is None and bool(params) and params[0].dtype != torch.float32
-    stochastic = sr_seeds is not None and (compact or masterless)
+    stochastic = rounds_stochastically(sr_seeds, params, masters, exp_avgs)
     if stochastic and steps is None:
         raise ValueError("stochastic rounding (sr_seeds) needs steps: the words' counts")
     state = {"exp_avgs": exp_avgs, "masters": masters}

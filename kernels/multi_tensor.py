@@ -113,6 +113,16 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 ONE_ELEMENT_ROWS = ("steps", "sr_seeds")
 """Table rows of one-element tensors per param (step counts, int64 rounding seeds)."""
 
+
+def rounds_stochastically(sr_seeds, params, masters, state) -> bool:
+    """Whether a step given ``sr_seeds`` has anything to round stochastically: a bf16 state
+    list (``state``, None where there is none) or low-precision params without masters."""
+    if sr_seeds is None:
+        return False
+    compact = bool(state) and state[0].dtype != torch.float32
+    return compact or (masters is None and bool(params) and params[0].dtype != torch.float32)
+
+
 COMPACT_STATE_DTYPES = (torch.float32, torch.bfloat16)
 """The dtypes a kernel that takes a ``STATE_DTYPE`` flag reads its compact state lists in."""
 

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .stochastic import random_words_reference, stochastic_round_reference
+from .multi_tensor import rounds_stochastically
+from .stochastic import step_words_reference, stochastic_round_reference
 
 __all__ = [
     "nonfinite_check_and_norm",
@@ -170,12 +171,8 @@ def adam_step(
         return
     weights, g = start
     words = [None] * len(params)
-    masterless = masters is None and params[0].dtype != torch.float32
-    if sr_seeds is not None and (exp_avgs[0].dtype != torch.float32 or masterless):
-        words = [
-            random_words_reference(int(seed.item()), step.item() + 1.0, p, sr_shard)
-            for seed, step, p in zip(sr_seeds, steps, params)
-        ]
+    if rounds_stochastically(sr_seeds, params, masters, exp_avgs):
+        words = step_words_reference(sr_seeds, steps, params, sr_shard)
     lr, weight_decay = float(lr), float(weight_decay)
     # bf16 moments: updated as fp32 copies, stored back rounded to nearest-even below (copy_
     # rounds so; this step's update uses the fp32 values, as the kernel does).
@@ -247,9 +244,10 @@ def sgd_step(
     the kernel's random words, bit for bit, as ``adam_step``'s)."""
     if momentum != 0 and (momentum_buffers is None or steps is None):
         raise ValueError("momentum != 0 needs momentum_buffers and steps")
-    compact = momentum != 0 and bool(params) and momentum_buffers[0].dtype != torch.float32
-    masterless = masters is None and bool(params) and params[0].dtype != torch.float32
-    if sr_seeds is not None and (compact or masterless) and momentum == 0:
+    stochastic = rounds_stochastically(
+        sr_seeds, params, masters, momentum_buffers if momentum != 0 else None
+    )
+    if stochastic and momentum == 0:
         raise ValueError(
             "stochastic rounding in SGD needs momentum != 0: its random words are counted by "
             "the momentum step count"
@@ -259,11 +257,8 @@ def sgd_step(
         return
     weights, g = start
     words = [None] * len(params)
-    if sr_seeds is not None and (compact or masterless):
-        words = [
-            random_words_reference(int(seed.item()), step.item() + 1.0, p, sr_shard)
-            for seed, step, p in zip(sr_seeds, steps, params)
-        ]
+    if stochastic:
+        words = step_words_reference(sr_seeds, steps, params, sr_shard)
     lr = float(lr)  # a tensor lr is read on the host: the reference may sync
     if weight_decay != 0:
         g = torch._foreach_add(g, weights, alpha=weight_decay)

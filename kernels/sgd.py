@@ -43,7 +43,7 @@ from .common import (
     unscale_and_clip_factors,
     widen,
 )
-from .multi_tensor import TableCache
+from .multi_tensor import TableCache, rounds_stochastically
 from .stochastic import random_words, stochastic_round
 
 __all__ = ["sgd_step", "prepare_sgd_step"]
@@ -181,9 +181,7 @@ def prepare_sgd_step(
     state["momentum_buffers"] = momentum_buffers if has_momentum else None
     state["steps"] = steps if has_momentum else None
     buffer_dtype = momentum_buffers[0].dtype if has_momentum and momentum_buffers else None
-    compact = buffer_dtype not in (None, torch.float32)
-    masterless = masters is None and bool(params) and params[0].dtype != torch.float32
-    stochastic = sr_seeds is not None and (compact or masterless)
+    stochastic = rounds_stochastically(sr_seeds, params, masters, state["momentum_buffers"])
     if stochastic and not has_momentum:
         raise ValueError(
             "stochastic rounding in SGD needs momentum != 0: its random words are counted by "

@@ -36,7 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["philox_reference", "random_words", "stochastic_round", "stochastic_round_reference"]
+__all__ = [
+    "philox_reference",
+    "random_words",
+    "step_words_reference",
+    "stochastic_round",
+    "stochastic_round_reference",
+]
 
 _M32 = 0xFFFFFFFF
 # Triton's Philox4x32 constants (triton/language/random.py: philox_impl), the Random123 ones.
@@ -129,6 +135,15 @@ def random_words_reference(
     zero = torch.zeros_like(index)
     c2, c3 = zero + (int(step) & _M32), zero + (int(shard) & _M32)
     return philox_reference(seed, index & _M32, index >> 32, c2, c3)
+
+
+def step_words_reference(sr_seeds, steps, params, shard: int = 0) -> list[list[torch.Tensor]]:
+    """The words of each param's step (``random_words_reference`` at its count after the
+    step, as the kernels draw them), one list per param."""
+    return [
+        random_words_reference(int(seed.item()), step.item() + 1.0, p, shard)
+        for seed, step, p in zip(sr_seeds, steps, params)
+    ]
 
 
 def stochastic_round_reference(x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype):
