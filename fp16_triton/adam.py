@@ -103,7 +103,7 @@ class Adam(CompactState, FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
-        master_weights: bool = True,
+        master_weights: bool | str = True,
         backend: str = "auto",
         flat_buffers: bool = False,
         state_dtype: torch.dtype = torch.float32,
@@ -145,7 +145,7 @@ class Adam(CompactState, FusedOptimizer):
 
     def _state_kind(self, group: dict[str, Any]) -> tuple:
         # The compact options too: a switch converts the moments before the next step.
-        return bool(group["master_weights"]), bool(group["amsgrad"]), *self._compact_kind(group)
+        return group["master_weights"], bool(group["amsgrad"]), *self._compact_kind(group)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         # Moments with the param's strides (channels_last too), as torch's zeros_like: the
@@ -172,7 +172,7 @@ class Adam(CompactState, FusedOptimizer):
         # Floats now (a tensor beta included), so that nothing can fail once a launch began.
         beta1, beta2 = map(float, group["betas"])
         kwargs = dict(
-            masters=bucket.state["master_param"],
+            masters=bucket.masters,
             max_exp_avg_sqs=bucket.state["max_exp_avg_sq"],
             lr=group["lr"],
             beta1=beta1,
@@ -214,7 +214,7 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
-        master_weights: bool = True,
+        master_weights: bool | str = True,
         backend: str = "auto",
         flat_buffers: bool = False,
         state_dtype: torch.dtype = torch.float32,

@@ -120,6 +120,13 @@ class Bucket:
     relaid: dict[int, torch.Tensor] = field(default_factory=dict)
     kept_storages: list = field(default_factory=list)  # see FusedOptimizer._refresh_state_lists
 
+    @property
+    def masters(self) -> list[torch.Tensor] | None:
+        """The masters the kernels read: fp32 ``master_param`` tensors, int16
+        ``master_remainder`` ones (bf16 params with ``master_weights="remainder"``:
+        ``kernels/remainder.py``), or None."""
+        return self.state.get("master_param") or self.state.get("master_remainder")
+
     @classmethod
     def per_tensor(cls, params, grads, backend, cache, indices) -> Bucket:
         """A bucket over ``params`` (validated) and their current (local) ``grads``."""

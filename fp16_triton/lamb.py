@@ -76,7 +76,7 @@ class Lamb(FusedOptimizer):
         max_coeff: float = 10.0,
         min_coeff: float = 0.01,
         *,
-        master_weights: bool = True,
+        master_weights: bool | str = True,
         backend: str = "auto",
         flat_buffers: bool = False,
     ):
@@ -214,7 +214,7 @@ class Lamb(FusedOptimizer):
             bucket.state["exp_avg"],
             bucket.state["exp_avg_sq"],
             bucket.state["step"],
-            masters=bucket.state["master_param"],
+            masters=bucket.masters,
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -316,7 +316,7 @@ def lamb_step(
         # fp32 as in the kernel: step_size rounded, then the product rounded.
         scales.append(float(torch.tensor(step_size, dtype=torch.float32) * c))
     torch._foreach_sub_(weights, torch._foreach_mul(update, scales))
-    reference.write_back(params, weights)
+    reference.write_back(params, weights, masters)
     if coeffs is not None:
         coeffs.copy_(coeff)
 

@@ -70,7 +70,7 @@ class Lion(CompactState, FusedOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
-        master_weights: bool = True,
+        master_weights: bool | str = True,
         backend: str = "auto",
         flat_buffers: bool = False,
         state_dtype: torch.dtype = torch.float32,
@@ -101,7 +101,7 @@ class Lion(CompactState, FusedOptimizer):
 
     def _state_kind(self, group: dict[str, Any]) -> tuple:
         # The momentum's dtype too: a switch converts it before the next step.
-        return bool(group["master_weights"]), *self._compact_kind(group)
+        return group["master_weights"], *self._compact_kind(group)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         # The param's strides (channels_last too): the kernel pairs elements by memory position.
@@ -123,7 +123,7 @@ class Lion(CompactState, FusedOptimizer):
             bucket.local_params,
             grads,
             bucket.state["exp_avg"],
-            masters=bucket.state["master_param"],
+            masters=bucket.masters,
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -185,7 +185,7 @@ def lion_step(
     if masters is None:
         reference.store_compact(list(params), weights, [w and w[0] for w in words])
     else:
-        reference.write_back(params, weights)
+        reference.write_back(params, weights, masters)
     if stochastic:
         torch._foreach_add_(list(steps), 1.0)
 

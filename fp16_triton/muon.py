@@ -76,7 +76,7 @@ class Muon(FusedOptimizer):
         adjust_lr_fn: str | None = None,
         *,
         betas: tuple[float, float] = (0.9, 0.95),
-        master_weights: bool = True,
+        master_weights: bool | str = True,
         backend: str = "auto",
         flat_buffers: bool = False,
     ):
@@ -142,7 +142,7 @@ class Muon(FusedOptimizer):
             raise ValueError(f"Invalid epsilon value: {group['eps']}")
 
     def _state_kind(self, group: dict[str, Any]) -> tuple:
-        return bool(group["master_weights"]), bool(group["use_muon"])
+        return group["master_weights"], bool(group["use_muon"])
 
     def _group_cache(self, group: dict[str, Any]):
         """The base's, plus torch.optim.Muon's rule whenever it checks a group's params again
@@ -184,7 +184,7 @@ class Muon(FusedOptimizer):
         return {"step": step, "exp_avg": zeros(), "exp_avg_sq": zeros()}
 
     def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
-        state, masters = bucket.state, bucket.state["master_param"]
+        state, masters = bucket.state, bucket.masters
         if not group["use_muon"]:
             beta1, beta2 = map(float, group["betas"])
             return ADAM.launch(
@@ -270,7 +270,7 @@ def muon_step(
         muon.newton_schulz_(update, ns_coefficients, ns_steps, eps)
         weight.mul_(1.0 - lr * weight_decay)
         weight.add_(update[0], alpha=-lr * muon.lr_ratio(weight.shape, adjust_lr_fn))
-    reference.write_back(params, weights)
+    reference.write_back(params, weights, masters)
 
 
 # ------------------------------------------------------------------------------ functional

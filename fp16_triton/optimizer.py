@@ -49,6 +49,15 @@ from .flat_buffers import (
     zero_grads,
 )
 from .kernels.multi_tensor import TableCache, is_aligned, is_dense
+from .masters import (
+    MASTER,
+    MASTER_STATES,
+    REMAINDER,
+    Fingerprints,
+    check_master_weights,
+    check_remainder_params,
+    fp32_master,
+)
 from .param_state import SUPPORTED_DTYPES, ParamStateRules, check_unshared
 from .tracked import OptimizerState, ParamList
 
@@ -57,6 +66,10 @@ __all__ = ["FusedOptimizer"]
 _MAX_CACHED_ACTIVE_SETS = 8  # distinct "which params have grads" patterns kept per group
 _FLAT = "flat"  # key of a group's plan with flat_buffers=True
 _ALL = None  # key of a group's plan when every param has a grad
+_FLAT_REMAINDER = (
+    "master_weights='remainder' is not supported with flat_buffers=True (flat buffers keep "
+    "fp32 masters); use flat_buffers=False"
+)
 
 
 @dataclass
@@ -124,7 +137,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         params: Iterable,
         defaults: dict[str, Any],
         *,
-        master_weights: bool = True,
+        master_weights: bool | str = True,
         backend: str = "auto",
         flat_buffers: bool = False,
     ):
@@ -139,7 +152,11 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         # Each param's dtype when its state was last made whole: a cast between fp16 and bf16
         # remakes its master (weak references: the optimizer does not keep params alive).
         self._dtypes: dict[int, tuple[weakref.ref, torch.dtype]] = {}
-        defaults = dict(defaults, master_weights=bool(master_weights))
+        self._fingerprints = Fingerprints()  # remainder masters: writes between steps
+        master_weights = check_master_weights(master_weights)
+        if master_weights == "remainder" and self.flat_buffers:
+            raise ValueError(_FLAT_REMAINDER)
+        defaults = dict(defaults, master_weights=master_weights)
         super().__init__(params, defaults)
 
     @property
@@ -174,6 +191,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         self.__dict__.setdefault("flat_buffers", False)
         self._warned_readopt = False
         self._logged = set()
+        self._fingerprints = Fingerprints()
         self.state = optimizer_state  # also drops cached plans: they hold the original's tensors
         self._dtypes = {id(p): (weakref.ref(p), dtype) for p, dtype in dtypes.items()}
 
@@ -194,6 +212,14 @@ class FusedOptimizer(ParamStateRules, Optimizer):
             )
         super().add_param_group(param_group)
         param_group["params"] = ParamList(param_group["params"])
+        self._check_masters(param_group, tensors)
+
+    def _check_masters(self, group: dict[str, Any], params) -> None:
+        """Raise unless the group's ``master_weights`` is a valid setting for its params."""
+        setting = check_master_weights(group["master_weights"])
+        if setting == "remainder" and self.flat_buffers:
+            raise ValueError(_FLAT_REMAINDER)
+        check_remainder_params(group, params)
 
     def _check_params(self, params: list[torch.Tensor]) -> None:
         """Raise unless every param can be stepped: once per group, a supported dtype, dense
@@ -227,7 +253,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
     def _state_kind(self, group: dict[str, Any]) -> tuple:
         """The group settings that decide which state its params carry (changing one
         rebuilds the group's buckets and completes or trims the state)."""
-        return (bool(group["master_weights"]),)
+        return (group["master_weights"],)
 
     def _group_cache(self, group: dict[str, Any]) -> _GroupCache:
         """The group's plans, reset (and its params checked again) whenever the group dict,
@@ -273,9 +299,11 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         extra precision."""
         for group in self.param_groups:
             for p in group["params"]:
-                master = self.state.get(p, {}).get("master_param")
-                if master is not None:
-                    master.copy_(p)
+                state = self.state.get(p, {})
+                if state.get(MASTER) is not None:
+                    state[MASTER].copy_(p)
+                if state.get(REMAINDER) is not None:
+                    state[REMAINDER].zero_()  # the master is then the param's value
 
     def refresh_master_weights(self) -> None:
         """Deprecated name of :meth:`refresh_fp32_params`."""
@@ -331,6 +359,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         param, grad and state tensor checked (with flat buffers, every param that requires
         grad, and the group's one step count)."""
         group = rebuild.group
+        self._check_masters(group, group["params"])
         if self.flat_buffers:
             adopted = adopted_params(group["params"])
             rebuild.active = adopted
@@ -424,7 +453,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         replaced); a flat bucket first adopts them. Returns the number of params whose data
         or grad a flat bucket had to move."""
         moved = 0
-        names = list(self._state_names) + ["master_param"]
+        names = list(self._state_names) + list(MASTER_STATES)
         if bucket.flat is not None:
             moved = bucket.flat.adopt(self.state)
             bucket.state = bucket.flat.launch_state(names)
@@ -525,7 +554,12 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         bucket's device without a sync. ``work`` is this step's ``_gather()``, if the caller
         made it. Every bucket is checked before any is updated."""
         launches: list[Callable[[], None]] = []
-        for group, bucket, grads in work if work is not None else self._gather():
+        work = work if work is not None else self._gather()
+        remainders = [bucket for _, bucket, _ in work if bucket.state.get(REMAINDER)]
+        for bucket in remainders:  # params written since the last step: see masters.py
+            for i in self._fingerprints.stale(bucket.local_params):
+                bucket.state[REMAINDER][i].zero_()
+        for group, bucket, grads in work:
             device = bucket.local_params[0].device
             launches.append(
                 self._prepare_bucket(
@@ -540,6 +574,8 @@ class FusedOptimizer(ParamStateRules, Optimizer):
             )
         for launch in launches:
             launch()
+        for bucket in remainders:
+            self._fingerprints.note(bucket.local_params)
 
     def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
         raise NotImplementedError
@@ -586,6 +622,11 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         # torch packs the live per-param dicts: copy each (as a plain dict) before replacing
         # its step; groups' params lists become plain lists too.
         sd["state"] = {index: dict(s) for index, s in sd["state"].items()}
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, s in sd["state"].items():
+            if REMAINDER in s:  # saved as the fp32 master: the same checkpoint as True's
+                s[MASTER] = fp32_master(params[index], s)
+                del s[REMAINDER]
         for s in sd["state"].values():
             if isinstance(s.get("step"), torch.Tensor):
                 s["step"] = s["step"].detach().to("cpu", torch.float32, copy=True)

@@ -24,6 +24,7 @@ import torch
 
 from .buckets import like_param, local
 from .kernels.multi_tensor import LOW_PRECISION, SUPPORTED_DTYPES
+from .masters import MASTER_STATES, REMAINDER, convert_master, master_kind, new_master
 
 logger = logging.getLogger("fp16_triton.optimizer")  # one logger for the optimizers' notes
 
@@ -60,11 +61,11 @@ class ParamStateRules:
     def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         """fp32 state for ``p`` on its device, with its strides: the subclass's tensors plus
         ``master_param`` (sharded like ``p`` when it is a DTensor)."""
-        shard = local(p)
-        state = self._init_state(shard, group)
-        if group["master_weights"] and p.dtype in LOW_PRECISION:
-            state["master_param"] = shard.detach().float().clone()  # keeps p's strides
-        return {name: like_param(t, p) for name, t in state.items()}
+        state = {name: like_param(t, p) for name, t in self._init_state(local(p), group).items()}
+        kind = master_kind(group, p.dtype)
+        if kind is not None:
+            state[kind] = new_master(p, kind)
+        return state
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -112,14 +113,20 @@ class ParamStateRules:
                     )
                 continue
             if not isinstance(value, torch.Tensor):
-                if value is not None and name in self._state_names + ("master_param",):
+                if value is not None and name in self._state_names + MASTER_STATES:
                     raise TypeError(
                         f"state {name!r} of {self._describe(p)} is a {type(value).__name__}; "
                         "it must be a tensor of the param's shape (or be deleted to start "
                         "afresh)"
                     )
                 continue
-            if not value.is_floating_point():
+            if name == REMAINDER:
+                if value.dtype != torch.int16:
+                    raise TypeError(
+                        f"state {name!r} of {self._describe(p)} is {value.dtype}; it must be "
+                        "int16 (the low bits of the fp32 master: kernels/remainder.py)"
+                    )
+            elif not value.is_floating_point():
                 raise TypeError(
                     f"state {name!r} of {self._describe(p)} is {value.dtype}; optimizer state "
                     "must be floating point (it is kept in float32)"
@@ -160,30 +167,34 @@ class ParamStateRules:
             self._dtypes[id(p)] = (weakref.ref(p), p.dtype)
 
     def _follow_dtype(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
-        """An fp16/bf16 param with masters on gets an fp32 master from its current value (after
-        ``model.half()``, a cast between fp16 and bf16, or state loaded without masters); an
-        fp32 param (or masters off) drops its master and is its own master."""
-        wants_master = bool(group["master_weights"]) and p.dtype in LOW_PRECISION
+        """Give ``p`` the master its group's ``master_weights`` and its dtype ask for
+        (``masters.py``): an fp16/bf16 param gets one from its current value (after
+        ``model.half()``, a cast between fp16 and bf16, or state loaded without masters), or
+        converted from the other kind; an fp32 param (or masters off) drops its master and is
+        its own master from its current value."""
+        kind = master_kind(group, p.dtype)
         seen = self._dtypes.get(id(p))
-        if wants_master and seen is not None and seen[0]() is p and seen[1] != p.dtype:
-            state.pop("master_param", None)  # cast from the other low precision: remade below
-        if wants_master and "master_param" not in state:
-            state["master_param"] = like_param(local(p).detach().float().clone(), p)
+        if kind is not None and seen is not None and seen[0]() is p and seen[1] != p.dtype:
+            for name in MASTER_STATES:  # cast from the other low precision: remade below
+                state.pop(name, None)
+        done = convert_master(p, state, kind)
+        if kind == REMAINDER and done is not None:
+            self._fingerprints.forget(local(p))  # made from the param as it is now
+        if done == "added":
             self._log_once(
                 "master-added",
-                "a %s param of shape %s had no fp32 master (its dtype changed after its state "
-                "was made, or its state was loaded without masters): made one from its current "
+                "a %s param of shape %s had no master (its dtype changed after its state was "
+                "made, or its state was loaded without masters): made one from its current "
                 "value; logged once",
                 p.dtype,
                 tuple(p.shape),
             )
-        elif not wants_master and "master_param" in state:
-            del state["master_param"]
+        elif done == "dropped":
             self._log_once(
                 "master-dropped",
-                "a %s param of shape %s had an fp32 master it no longer needs (its dtype "
-                "changed, or master_weights was switched off): dropped it, the param is its own "
-                "master from its current value; logged once",
+                "a %s param of shape %s had a master it no longer needs (its dtype changed, or "
+                "master_weights was switched off): dropped it, the param is its own master "
+                "from its current value; logged once",
                 p.dtype,
                 tuple(p.shape),
             )
@@ -207,6 +218,18 @@ class ParamStateRules:
                 continue
             if not isinstance(value, torch.Tensor):
                 value = torch.tensor(float(value))
+            if name == REMAINDER:  # exact: int16 bits, not a number
+                if value.dtype != torch.int16:
+                    raise TypeError(
+                        f"loaded state {name!r} of param {key!r} is {value.dtype}, not int16"
+                    )
+                if value.shape != p.shape:
+                    raise ValueError(
+                        f"loaded state {name!r} of param {key!r} has shape "
+                        f"{tuple(value.shape)}, the param has shape {tuple(p.shape)}"
+                    )
+                out[name] = value.detach().to(local(p).device, copy=True)
+                continue
             if name == "step":
                 if value.numel() != 1:
                     raise ValueError(f"loaded 'step' of param {key!r} must be a single number")
@@ -223,11 +246,11 @@ class ParamStateRules:
         self._check_state(p, group, out)
         _normalize_state(p, out, lambda name: self._state_dtype(name, group))
         self._complete_state(p, group, out)
-        wants_master = bool(group["master_weights"]) and p.dtype in LOW_PRECISION
-        if wants_master and "master_param" not in out:
-            out["master_param"] = like_param(local(p).detach().float().clone(), p)
-        elif not wants_master:
-            out.pop("master_param", None)
+        kind = master_kind(group, p.dtype)
+        if kind != REMAINDER:
+            convert_master(p, out, kind)
+        # else: converted at the next step (``_follow_dtype``), from the params as they are
+        # then: a model loaded after the optimizer keeps the loaded masters exact.
         return out
 
 
@@ -254,9 +277,14 @@ def _normalize_state(p: torch.Tensor, state: dict[str, Any], dtype_of) -> None:
             ):
                 state[name] = value.detach().to(shard.device, torch.float32).reshape(())
             continue
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        if not isinstance(value, torch.Tensor):
             continue
-        dtype = dtype_of(name)
+        if name == REMAINDER:  # int16 bits: moved and laid out like the param, never cast
+            dtype = torch.int16
+        elif not value.is_floating_point():
+            continue
+        else:
+            dtype = dtype_of(name)
         lv = local(value)
         if lv is not value:  # a DTensor (FSDP2): sharded like the param
             if lv.device != shard.device or value.dtype != dtype:

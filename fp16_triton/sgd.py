@@ -67,7 +67,7 @@ class SGD(CompactState, FusedOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
-        master_weights: bool = True,
+        master_weights: bool | str = True,
         backend: str = "auto",
         flat_buffers: bool = False,
         state_dtype: torch.dtype = torch.float32,
@@ -105,7 +105,7 @@ class SGD(CompactState, FusedOptimizer):
             )
 
     def _state_kind(self, group: dict[str, Any]) -> tuple:
-        return bool(group["master_weights"]), group["momentum"] != 0, *self._compact_kind(group)
+        return group["master_weights"], group["momentum"] != 0, *self._compact_kind(group)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         if group["momentum"] == 0:
@@ -130,7 +130,7 @@ class SGD(CompactState, FusedOptimizer):
 
     def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
         kwargs = dict(
-            masters=bucket.state["master_param"],
+            masters=bucket.masters,
             lr=group["lr"],
             momentum=float(group["momentum"]),
             dampening=float(group["dampening"]),

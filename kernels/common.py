@@ -16,8 +16,10 @@ from .multi_tensor import (
     check_step_inputs,
     device_guard,
     learning_rate,
+    master_mode,
     tables_for,
 )
+from .remainder import join, remainder_of, round_master
 
 TORCH_TO_TRITON = {
     torch.float16: tl.float16,
@@ -117,13 +119,29 @@ def unscale_and_clip_factors(
 
 
 @triton.jit
+def round_param(p, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr):
+    """The param of fp32 weight ``p``: a bf16 param with a master is its master rounded ties
+    away from zero (``remainder.py`` says why), every other to nearest-even."""
+    if HAS_MASTER and PARAM_DTYPE == tl.bfloat16:
+        return round_master(p)
+    else:
+        return round_to(p, PARAM_DTYPE)
+
+
+@triton.jit
 def load_weight(param, master, offsets, mask, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr):
-    """A block's fp32 weight: the master, unless the param's bits are no longer the master's
-    rounding (see ``load_grad_and_weight``); without a master, the widened param."""
-    if HAS_MASTER:
+    """A block's fp32 weight. ``HAS_MASTER`` 1 (fp32 masters): the master, unless the param's
+    bits are no longer the master's rounding (see ``load_grad_and_weight``). 2 (int16
+    remainders of bf16 params, ``remainder.py``): the master the param and its remainder hold.
+    0: the widened param."""
+    if HAS_MASTER == 2:
+        q = tl.load(param + offsets, mask=mask, other=0.0)
+        r = tl.load(master.to(tl.pointer_type(tl.int16)) + offsets, mask=mask, other=0)
+        return join(q, r)
+    elif HAS_MASTER:
         p = tl.load(master + offsets, mask=mask, other=0.0)
         q = tl.load(param + offsets, mask=mask, other=0.0)
-        written = round_to(p, PARAM_DTYPE).to(tl.uint16, bitcast=True) != q.to(
+        written = round_param(p, PARAM_DTYPE, HAS_MASTER).to(tl.uint16, bitcast=True) != q.to(
             tl.uint16, bitcast=True
         )
         return tl.where(written, widen(q, PARAM_DTYPE), p)
@@ -160,11 +178,13 @@ def load_grad_and_weight(
 def store_weight(
     param, master, offsets, mask, p, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr
 ):
-    """The step kernels' last write: the fp32 weight into the master, if there is one, and
-    rounded to nearest-even into the param."""
-    if HAS_MASTER:
+    """The step kernels' last write: the fp32 weight into the master (fp32, or the int16
+    remainder), if there is one, and rounded into the param (``round_param``)."""
+    if HAS_MASTER == 2:
+        tl.store(master.to(tl.pointer_type(tl.int16)) + offsets, remainder_of(p), mask=mask)
+    elif HAS_MASTER:
         tl.store(master + offsets, p, mask=mask)
-    tl.store(param + offsets, round_to(p, PARAM_DTYPE), mask=mask)
+    tl.store(param + offsets, round_param(p, PARAM_DTYPE, HAS_MASTER), mask=mask)
 
 
 @triton.jit
@@ -260,7 +280,7 @@ def prepare_step(
     kwargs = dict(
         PARAM_DTYPE=TORCH_TO_TRITON[params[0].dtype],
         GRAD_DTYPE=TORCH_TO_TRITON[grads[0].dtype],
-        HAS_MASTER=masters is not None,
+        HAS_MASTER=master_mode(masters),
         MAXIMIZE=bool(maximize),
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,

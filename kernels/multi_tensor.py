@@ -123,6 +123,14 @@ def rounds_stochastically(sr_seeds, params, masters, state) -> bool:
     return compact or (masters is None and bool(params) and params[0].dtype != torch.float32)
 
 
+def master_mode(masters) -> int:
+    """The kernels' ``HAS_MASTER`` flag for a masters list: 0 none, 1 fp32 masters, 2 int16
+    remainders of bf16 params (``kernels/remainder.py``)."""
+    if masters is None:
+        return 0
+    return 2 if len(masters) and masters[0].dtype == torch.int16 else 1
+
+
 COMPACT_STATE_DTYPES = (torch.float32, torch.bfloat16)
 """The dtypes a kernel that takes a ``STATE_DTYPE`` flag reads its compact state lists in."""
 
@@ -145,9 +153,22 @@ def check_step_inputs(
         raise ValueError(
             f"masters must be None for {param_dtype} params: they are their own master"
         )
+    if masters is not None and len(masters):
+        if masters[0].dtype == torch.int16 and param_dtype != torch.bfloat16:
+            raise TypeError(
+                f"int16 masters (remainders) hold only bf16 params' masters, got {param_dtype} "
+                "params; give fp16 params fp32 masters"
+            )
+        if masters[0].dtype not in (torch.float32, torch.int16):
+            raise TypeError(
+                f"masters must be float32 (or int16 remainders of bf16 params), got "
+                f"{masters[0].dtype}"
+            )
     compact_dtypes = {}
     for name, lst in state_lists.items():
         if lst is None or not len(lst):
+            continue
+        if name == "masters":  # checked above
             continue
         if name == "sr_seeds":
             if lst[0].dtype != torch.int64:

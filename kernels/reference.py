@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from .multi_tensor import rounds_stochastically
+from .remainder import join_reference, round_master_reference, split_reference
 from .stochastic import step_words_reference, stochastic_round_reference
 
 __all__ = [
@@ -106,20 +107,42 @@ def fp32_weights(params, masters) -> list[torch.Tensor]:
     """The fp32 weights the update runs on: the masters, else the params (fp32 copies of
     low-precision params without a master, written back rounded by ``write_back``). A master
     whose rounding is no longer its param's bits (the param was written since the last step)
-    takes the param's value there first, as the kernels do."""
+    takes the param's value there first, as the kernels do. int16 masters are remainders
+    (``remainder.py``): the weights are the fp32 masters they hold with their params."""
     if masters is None:
         return [p.float() for p in params]
     masters = list(masters)
+    if masters and masters[0].dtype == torch.int16:
+        return [join_reference(p, r) for p, r in zip(params, masters)]
     for p, m in zip(params, masters):
-        written = m.to(p.dtype).view(torch.int16) != p.view(torch.int16)
+        written = round_param(m, p.dtype).view(torch.int16) != p.view(torch.int16)
         m.copy_(torch.where(written, p.float(), m))
     return masters
 
 
-def write_back(params, weights) -> None:
-    low = [(p, w) for p, w in zip(params, weights) if p.dtype != torch.float32]
-    if low:
-        torch._foreach_copy_([p for p, _ in low], [w for _, w in low])
+def round_param(master: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The param of an fp32 master (``common.round_param``): bf16 ties away from zero, fp16 to
+    nearest-even."""
+    if dtype == torch.bfloat16:
+        return round_master_reference(master)
+    return master.to(dtype)
+
+
+def write_back(params, weights, masters=None) -> None:
+    """Write the updated fp32 ``weights`` into low-precision params: the rounding of their
+    master (``round_param``) with ``masters`` (int16 ones get the new remainders too), to
+    nearest-even without (fp32 params were updated in place)."""
+    for i, (p, w) in enumerate(zip(params, weights)):
+        if p.dtype == torch.float32:
+            continue
+        if masters is None:
+            p.copy_(w)
+        elif masters[i].dtype == torch.int16:
+            param, rest = split_reference(w)
+            p.copy_(param)
+            masters[i].copy_(rest)
+        else:
+            p.copy_(round_param(w, p.dtype))
 
 
 def skipped(found_inf: torch.Tensor | None) -> bool:
@@ -202,7 +225,7 @@ def adam_step(
     if masters is None:
         store_compact(list(params), weights, [w and w[0] for w in words])
     else:
-        write_back(params, weights)
+        write_back(params, weights, masters)
     torch._foreach_add_(list(steps), 1.0)
 
 
@@ -284,7 +307,7 @@ def sgd_step(
     if masters is None:
         store_compact(list(params), weights, [w and w[0] for w in words])
     else:
-        write_back(params, weights)
+        write_back(params, weights, masters)
 
 
 def update_loss_scale(

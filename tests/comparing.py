@@ -94,3 +94,23 @@ def snapshot(opt, params):
             for g in opt.param_groups
         ],
     }
+
+
+def master_rounded(master: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The low-precision param the optimizers keep beside an fp32 master, from the definition:
+    fp16 to nearest-even (torch's cast); bf16 to the nearer in float64 of the two bf16 numbers
+    around the master (its bits cut to 16, and the next one away from zero), away from zero on
+    a tie (``kernels/remainder.py`` says why). Non-finite masters: torch's cast."""
+    if dtype != torch.bfloat16:
+        return master.to(dtype)
+    x = master.detach().float().cpu().contiguous()
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    low = (bits >> 16) & 0xFFFF
+    as_bf16 = lambda b: torch.where(b >= 0x8000, b - 0x10000, b).to(torch.int16).view(dtype)  # noqa: E731
+    lo, hi = as_bf16(low), as_bf16((low + 1) & 0xFFFF)  # hi: one step away from zero
+    d_lo, d_hi = (lo.double() - x.double()).abs(), (hi.double() - x.double()).abs()
+    out = torch.where(d_hi <= d_lo, hi, lo)
+    out = torch.where(x.isfinite() & hi.isfinite(), out, x.to(dtype))
+    big = x.isfinite() & ~hi.isfinite()  # the next bf16 away from zero is infinite
+    out = torch.where(big & (d_hi <= d_lo), hi, out)
+    return out.to(master.device)

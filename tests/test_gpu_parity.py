@@ -53,7 +53,7 @@ import os
 
 import pytest
 import torch
-from comparing import assert_bitwise
+from comparing import assert_bitwise, master_rounded
 
 import fp16_triton
 
@@ -244,9 +244,9 @@ def test_kernels_match_the_reference(case, dtype, master_weights):
         for i, p in enumerate(params):
             master = opt.state[p].get("master_param")
             if master is not None:
-                assert torch.equal(p.detach().cpu(), master.cpu().to(p.dtype)), (
-                    f"step {step + 1}: param{i} is not its master rounded to nearest-even"
-                )  # torch's CPU casts round to nearest-even
+                assert torch.equal(p.detach().cpu(), master_rounded(master.cpu(), p.dtype)), (
+                    f"step {step + 1}: param{i} is not its master rounded"
+                )
         # The next step starts both sides from ours.
         live_ref = _tensors(*sides["ref"])
         for key, value in _tensors(*sides["ours"]).items():

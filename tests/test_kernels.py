@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from comparing import master_rounded
 from exploring import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -500,7 +501,7 @@ def make_params(case, gen):
         w = random_values(gen, shape_of(n), torch.float32, case["param_exp"] - 2, case["param_exp"])
         if case["has_master"]:
             masters.append(w)
-            params.append(w.to(case["param_dtype"]))
+            params.append(master_rounded(w, case["param_dtype"]))
         else:
             params.append(w.to(case["param_dtype"]))
     return params, (masters if case["has_master"] else None)
@@ -745,8 +746,10 @@ def test_adam_step(case, hp):
                 assert_within_ulps(got, want64, scale, k, f"{what} {name} vs fp64")
                 assert_within_ulps(got, want_ref, scale, k, f"{what} {name} vs reference")
             if masters is not None:
-                # Bitwise: the kernel rounds to nearest-even exactly as torch's cast does.
-                assert_bitwise(params[i], masters[i].to(params[i].dtype), f"{what} param")
+                # Bitwise: the param is its master rounded (tests/comparing.py: master_rounded).
+                assert_bitwise(
+                    params[i], master_rounded(masters[i], params[i].dtype), f"{what} param"
+                )
             elif params[i].dtype != torch.float32:
                 scale = model["p_scale"]
                 k = ADAM_K["weight"]
@@ -887,7 +890,9 @@ def test_sgd_step(case, hp):
                 assert_within_ulps(got, want64, scale, k, f"{what} {name} vs fp64")
                 assert_within_ulps(got, want_ref, scale, k, f"{what} {name} vs reference")
             if masters is not None:
-                assert_bitwise(params[i], masters[i].to(params[i].dtype), f"{what} param")
+                assert_bitwise(
+                    params[i], master_rounded(masters[i], params[i].dtype), f"{what} param"
+                )
             elif params[i].dtype != torch.float32:
                 scale = model["p_scale"]
                 k = SGD_K["weight"]

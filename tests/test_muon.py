@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comparing import assert_bitwise
+from comparing import assert_bitwise, master_rounded
 from comparing import one_thread as one_thread  # noqa: F401  (autouse: one CPU thread)
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -95,7 +95,9 @@ def _run_both(backend, dtype, kwargs, steps=3, seed=0, shapes=SHAPES):
         ref.step()
         for p in ours:
             if dtype != torch.float32:
-                assert_bitwise(p.detach(), opt.state[p]["master_param"].to(dtype), "rounded")
+                assert_bitwise(
+                    p.detach(), master_rounded(opt.state[p]["master_param"], dtype), "rounded"
+                )
     return opt, ref, ours, theirs
 
 

@@ -1,0 +1,397 @@
+"""``master_weights="remainder"``: bf16 params whose fp32 masters are the params' bits plus an
+int16 remainder (``kernels/remainder.py``, ``fp16_triton/masters.py``).
+
+The encoding is checked against an oracle written from the definition (``comparing.py:
+master_rounded``: the nearest bf16 by float64 distance, ties away from zero) over random fp32 bit patterns, the kernels' device
+functions bit for bit against the torch reference, and the optimizers' runs against
+``master_weights=True`` bit for bit: same params at every step, same state dicts. Nothing here
+has a tolerance: every comparison is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from comparing import assert_bitwise, master_rounded
+from comparing import one_thread as one_thread  # noqa: F401  (autouse: one CPU thread)
+from exploring import examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fp16_triton
+from fp16_triton.kernels import remainder
+from fp16_triton.train import GPTConfig, MarkovTask, TinyGPT
+
+BF16 = torch.bfloat16
+
+
+def random_floats(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-(2**31), 2**31, (n,), generator=g, dtype=torch.int64)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(seed=st.integers(0, 2**31))
+def test_split_and_join_are_exact_and_the_param_is_the_nearest(seed):
+    x = random_floats(4096, seed)
+    # Exact ties and their neighbours, where the two roundings differ.
+    tie = torch.tensor([1.0 + 2**-8, -(1.0 + 2**-8), 1.0 + 3 * 2**-8, 2.0**-130 + 2**-134])
+    x = torch.cat([x, tie, tie.nextafter(torch.zeros(())), tie.nextafter(tie * 2)])
+    param, rest = remainder.split_reference(x)
+    assert param.dtype == BF16 and rest.dtype == torch.int16
+    finite = x.isfinite() & (x.abs() < 3.3e38)  # beyond, the nearest bf16 is infinity
+    assert_bitwise(param[finite], master_rounded(x[finite], BF16), "param")
+    back = remainder.join_reference(param, rest)
+    nan = x.isnan()
+    assert_bitwise(back[~nan], x[~nan], "master")
+    assert back[nan].isnan().all() and param[nan].isnan().all()
+
+
+def test_ties_go_away_from_zero_where_nearest_even_goes_down():
+    x = torch.tensor([1.0 + 2**-8, -(1.0 + 2**-8)])  # half-way between 1 and 1 + 2^-7
+    assert_bitwise(
+        remainder.round_master_reference(x), torch.tensor([1 + 2**-7, -1 - 2**-7], dtype=BF16)
+    )
+    assert_bitwise(x.to(BF16), torch.tensor([1.0, -1.0], dtype=BF16))  # nearest-even: down
+
+
+def test_a_zeroed_param_reads_back_as_zero_never_nan():
+    x = torch.tensor([1.0 + 2**-8 + 2**-20, -(3.0 + 2**-7 + 2**-20)])  # both rounded up
+    _, rest = remainder.split_reference(x)
+    assert (rest < 0).all()
+    zeros = torch.tensor([0.0, -0.0], dtype=BF16)
+    assert_bitwise(remainder.join_reference(zeros, rest), torch.tensor([0.0, -0.0]))
+
+
+@triton.jit
+def _device_functions(x_ptr, param_ptr, rest_ptr, joined_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    param = remainder.round_master(x)
+    rest = remainder.remainder_of(x)
+    tl.store(param_ptr + offsets, param, mask=mask)
+    tl.store(rest_ptr + offsets, rest, mask=mask)
+    tl.store(joined_ptr + offsets, remainder.join(param, rest), mask=mask)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_device_functions_are_the_reference_bit_for_bit(seed):
+    x = random_floats(3000, seed)
+    x[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0 + 2**-8])
+    param = torch.empty(x.shape, dtype=BF16)
+    rest = torch.empty(x.shape, dtype=torch.int16)
+    joined = torch.empty_like(x)
+    _device_functions[(triton.cdiv(x.numel(), 1024),)](
+        x, param, rest, joined, x.numel(), BLOCK=1024
+    )
+    ref_param, ref_rest = remainder.split_reference(x)
+    assert_bitwise(param, ref_param, "param")
+    assert_bitwise(rest, ref_rest, "remainder")
+    assert_bitwise(joined, remainder.join_reference(ref_param, ref_rest), "joined")
+    # A stale negative remainder under a zero param: both read back the zero.
+    zeros = torch.zeros(8, dtype=BF16)
+    stale = torch.full((8,), -5, dtype=torch.int16)
+    out = torch.empty(8)
+    _join_only[(1,)](zeros, stale, out, 8, BLOCK=8)
+    assert_bitwise(out, remainder.join_reference(zeros, stale))
+    assert_bitwise(out, torch.zeros(8))
+
+
+@triton.jit
+def _join_only(param_ptr, rest_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < n
+    param = tl.load(param_ptr + offsets, mask=mask, other=0.0)
+    rest = tl.load(rest_ptr + offsets, mask=mask, other=0)
+    tl.store(out_ptr + offsets, remainder.join(param, rest), mask=mask)
+
+
+# --------------------------------------------------------------------------- optimizer runs
+def _model_and_batches(kind: str):
+    """The tiny GPT (100k params; the torch backend) or, for the Triton interpreter (about a
+    second per tiny-GPT step), a two-layer MLP; a loss function of the model and a batch."""
+    torch.manual_seed(0)
+    data = torch.Generator().manual_seed(1)
+    if kind == "gpt":
+        model, task = TinyGPT(GPTConfig()).to(BF16), MarkovTask(GPTConfig().vocab, 0)
+
+        def loss():
+            seq = task.batch(8, GPTConfig().seq_len, data)
+            logits = model(seq[:, :-1]).float()
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1))
+
+    else:
+        model = torch.nn.Sequential(
+            torch.nn.Linear(16, 48), torch.nn.Tanh(), torch.nn.Linear(48, 4)
+        ).to(BF16)
+
+        def loss():
+            x = torch.randn(8, 16, generator=data).to(BF16)
+            return model(x).float().sin().sum()
+
+    return model, loss
+
+
+def _run(master_weights, backend, kind, steps, on_step):
+    """``steps`` bf16 steps of fp16_triton.AdamW under FP16Optimizer (clipping at 1), calling
+    ``on_step(model, optimizer)`` after each; returns the model and the optimizer."""
+    model, loss = _model_and_batches(kind)
+    opt = fp16_triton.AdamW(
+        model.parameters(), lr=3e-3, weight_decay=0.01, master_weights=master_weights,
+        backend=backend,
+    )  # fmt: skip
+    wrapped = fp16_triton.FP16Optimizer(opt, clip_grad=1.0)
+    for _ in range(steps):
+        wrapped.zero_grad()
+        wrapped.backward(loss())
+        wrapped.step()
+        on_step(model, opt)
+    return model, opt
+
+
+@pytest.mark.parametrize("backend, kind", [("torch", "gpt"), ("triton", "mlp")])
+def test_a_200_step_bf16_run_is_bitwise_the_run_with_fp32_masters(backend, kind):
+    """Same params after every step and the same state dict at the end. The tiny GPT's run
+    meets exact ties (masters half-way between two bf16 numbers), where nearest-even params
+    would differ: counted from the fp32 masters, and required there (the MLP's 1,000 params
+    rarely meet one; ``test_exact_ties_...`` puts them in front of the kernel)."""
+    steps, ties = 200, []
+    with_masters, with_remainders = [], []
+
+    def record(into):
+        def on_step(model, opt):
+            into.append([p.detach().clone() for p in model.parameters()])
+            if into is with_masters:
+                ties.append(sum(_ties(s["master_param"]) for s in opt.state.values()))
+
+        return on_step
+
+    _, opt_a = _run(True, backend, kind, steps, record(with_masters))
+    model_b, opt_b = _run("remainder", backend, kind, steps, record(with_remainders))
+    if kind == "gpt":
+        assert sum(ties) > 0, "no exact tie met: the run cannot tell the roundings apart"
+    for step, (a, b) in enumerate(zip(with_masters, with_remainders)):
+        assert_bitwise(b, a, f"params after step {step + 1}")
+    sd_a, sd_b = opt_a.state_dict(), opt_b.state_dict()
+    assert_bitwise(sd_b["state"], sd_a["state"], "state dict")
+    for p in model_b.parameters():
+        assert set(opt_b.state[p]) == {"step", "exp_avg", "exp_avg_sq", "master_remainder"}
+        assert opt_b.state[p]["master_remainder"].dtype == torch.int16
+
+
+def _ties(master: torch.Tensor) -> int:
+    return int(((master.view(torch.int32) & 0xFFFF) == 0x8000).sum())
+
+
+def test_exact_ties_are_met_and_rounded_away_from_zero_with_fp32_masters():
+    """A master written exactly half-way (lr 0 keeps it there): the param is rounded away
+    from zero in both modes, so the two stay bitwise equal where nearest-even would not."""
+    master = torch.tensor([1.0 + 2**-8, -(1.0 + 2**-8), 1.0 + 3 * 2**-8, 0.5])
+    results = []
+    for mode in (True, "remainder"):
+        p = torch.nn.Parameter(remainder.round_master_reference(master))  # its rounding
+        opt = fp16_triton.AdamW(
+            [p], lr=0.0, weight_decay=0.0, master_weights=mode, backend="triton"
+        )
+        opt.init_state()
+        sd = opt.state_dict()
+        sd["state"][0]["master_param"] = master.clone()
+        opt.load_state_dict(sd)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        results.append((p.detach().clone(), opt.state_dict()["state"][0]["master_param"]))
+        assert _ties(results[-1][1]) == 3
+    assert_bitwise(results[1], results[0])
+    assert_bitwise(results[0][0], remainder.round_master_reference(master))
+    assert not torch.equal(results[0][0].view(torch.int16), master.to(BF16).view(torch.int16))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda params, **kw: fp16_triton.SGD(params, lr=0.05, momentum=0.9, **kw),
+        lambda params, **kw: fp16_triton.Lion(params, lr=1e-3, weight_decay=0.1, **kw),
+        lambda params, **kw: fp16_triton.Adam(params, lr=1e-2, amsgrad=True, **kw),
+    ],
+    ids=["sgd-momentum", "lion", "adam-amsgrad"],
+)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_other_algorithms_are_bitwise_the_run_with_fp32_masters(make, backend):
+    runs = []
+    for mode in (True, "remainder"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n).to(BF16)) for n in (5, 1100)]
+        opt = make(params, master_weights=mode, backend=backend)
+        g = torch.Generator().manual_seed(3)
+        trace = []
+        for _ in range(30):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(BF16)
+            opt.step()
+            trace.append([p.detach().clone() for p in params])
+        runs.append((trace, opt.state_dict()["state"]))
+    assert_bitwise(runs[1], runs[0])
+
+
+def test_fp16_params_are_refused_with_a_clear_error():
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="bf16 params only.*master_weights=True"):
+        fp16_triton.AdamW([p], master_weights="remainder")
+    with pytest.raises(ValueError, match="True, False or 'remainder'"):
+        fp16_triton.AdamW([p], master_weights="half")
+    with pytest.raises(ValueError, match="flat_buffers"):
+        fp16_triton.AdamW([torch.nn.Parameter(torch.zeros(4, dtype=BF16))],
+                          master_weights="remainder", flat_buffers=True)  # fmt: skip
+
+
+def test_a_param_cast_to_fp16_later_is_refused_before_anything_is_written():
+    p = torch.nn.Parameter(torch.randn(8).to(BF16))
+    opt = fp16_triton.AdamW([p], master_weights="remainder")
+    p.grad = torch.randn(8).to(BF16)
+    opt.step()
+    p.data = p.data.half()
+    p.grad = torch.randn(8).half()
+    before = (p.detach().clone(), copy.deepcopy(dict(opt.state[p])))
+    with pytest.raises(ValueError, match="bf16 params only"):
+        opt.step()
+    assert_bitwise((p.detach(), dict(opt.state[p])), before)
+
+
+def _adamw_pair(n=300, seed=0):
+    """Two optimizers over equal bf16 params, fp32 masters and remainders, stepped 5 times."""
+    out = []
+    for mode in (True, "remainder"):
+        torch.manual_seed(seed)
+        p = torch.nn.Parameter(torch.randn(n).to(BF16))
+        opt = fp16_triton.AdamW(
+            [p], lr=1e-2, weight_decay=0.1, master_weights=mode, backend="triton"
+        )
+        g = torch.Generator().manual_seed(seed + 1)
+        for _ in range(5):
+            p.grad = torch.randn(n, generator=g).to(BF16)
+            opt.step()
+        out.append((p, opt))
+    return out
+
+
+def _step_both(pairs, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(pairs[0][0].shape, generator=g).to(BF16) for _ in range(3)]
+    for p, opt in pairs:
+        for grad in grads:
+            p.grad = grad.clone()
+            opt.step()
+    assert_bitwise(pairs[1][0].detach(), pairs[0][0].detach(), "params")
+    assert_bitwise(pairs[1][1].state_dict()["state"], pairs[0][1].state_dict()["state"], "state")
+
+
+def test_state_dicts_cross_between_modes_and_resume_bitwise():
+    (pa, opt_a), (pb, opt_b) = _adamw_pair()
+    saved = torch.load(_saved(opt_b.state_dict()), weights_only=True)
+    assert "master_remainder" not in saved["state"][0]
+    assert saved["state"][0]["master_param"].dtype == torch.float32
+    # Into a fresh remainder optimizer, the optimizer loaded before the model (the params are
+    # written after the load): the next steps are bitwise those of the fp32-master run.
+    p2 = torch.nn.Parameter(torch.zeros_like(pb))
+    opt2 = fp16_triton.AdamW(
+        [p2], lr=1e-2, weight_decay=0.1, master_weights="remainder", backend="triton"
+    )
+    opt2.load_state_dict(saved)
+    with torch.no_grad():
+        p2.copy_(pb)
+    _step_both([(pa, opt_a), (p2, opt2)])
+
+
+def test_an_fp32_torch_state_dict_loads_into_remainder_mode():
+    torch.manual_seed(0)
+    w = torch.randn(50)
+    ref = torch.nn.Parameter(w.clone())
+    torch_opt = torch.optim.AdamW([ref], lr=1e-2)
+    ref.grad = torch.randn(50)
+    torch_opt.step()
+    p = torch.nn.Parameter(ref.detach().to(BF16))
+    opt = fp16_triton.AdamW([p], lr=1e-2, master_weights="remainder")
+    opt.load_state_dict(torch_opt.state_dict())
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert_bitwise(opt.state[p][name], torch_opt.state[ref][name], name)
+    p.grad = torch.zeros(50, dtype=BF16)
+    opt.step()  # the master is made from the param (as with master_weights=True)
+    assert opt.state[p]["master_remainder"].dtype == torch.int16
+    assert opt.state[p]["step"].item() == 2
+
+
+def _saved(sd) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(sd, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_switching_modes_between_steps_is_exact():
+    (pa, opt_a), (pb, opt_b) = _adamw_pair()
+    opt_b.param_groups[0]["master_weights"] = True
+    _step_both([(pa, opt_a), (pb, opt_b)], seed=8)
+    assert "master_param" in opt_b.state[pb] and "master_remainder" not in opt_b.state[pb]
+    opt_b.param_groups[0]["master_weights"] = "remainder"
+    _step_both([(pa, opt_a), (pb, opt_b)], seed=9)
+    assert "master_remainder" in opt_b.state[pb]
+
+
+def test_deepcopy_and_pickle_keep_the_remainders():
+    (pa, opt_a), (pb, opt_b) = _adamw_pair()
+    copied = copy.deepcopy((pb, opt_b))
+    _step_both([(pa, opt_a), copied])
+
+
+@pytest.mark.parametrize("write", ["fill", "zero", "copy"])
+def test_a_param_written_between_steps_is_stepped_from_what_it_holds(write):
+    """torch.optim steps from what the param holds. With fp32 masters the kernel sees that
+    every element's bits changed; with remainders the optimizer sees the param's version
+    counter move. Writes that change every element: both modes are bitwise equal."""
+    pairs = _adamw_pair()
+    source = torch.randn(300).to(BF16)
+    for p, _ in pairs:
+        with torch.no_grad():
+            if write == "fill":
+                p.fill_(0.3)
+            elif write == "zero":
+                p.zero_()
+            else:
+                p.copy_(source)
+    _step_both(pairs)
+
+
+def test_refresh_fp32_params_after_a_write_through_data():
+    """``p.data`` writes advance no version counter: ``refresh_fp32_params`` is the way (as
+    with DeepSpeed), and then the master is what the param holds."""
+    (pa, opt_a), (pb, opt_b) = _adamw_pair()
+    pa.data.fill_(0.25)
+    pb.data.fill_(0.25)
+    opt_a.refresh_fp32_params()  # with fp32 masters too: bits equal before are not seen
+    opt_b.refresh_fp32_params()
+    _step_both([(pa, opt_a), (pb, opt_b)])
+
+
+def test_remainders_take_two_bytes_per_element():
+    p = torch.nn.Parameter(torch.randn(1000).to(BF16))
+    q = torch.nn.Parameter(torch.randn(1000).to(BF16))
+    a = fp16_triton.AdamW([p], master_weights="remainder", state_dtype=torch.bfloat16)
+    b = fp16_triton.AdamW([q], master_weights=True, state_dtype=torch.bfloat16)
+    a.init_state()
+    b.init_state()
+
+    def kept(opt, param):
+        return (
+            sum(t.untyped_storage().nbytes() for t in opt.state[param].values() if t.numel() > 1)
+            / param.numel()
+        )
+
+    assert kept(a, p) == 6 and kept(b, q) == 8
