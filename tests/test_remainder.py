@@ -2,8 +2,9 @@
 int16 remainder (``kernels/remainder.py``, ``fp16_triton/masters.py``).
 
 The encoding is checked against an oracle written from the definition (``comparing.py:
-master_rounded``: the nearest bf16 by float64 distance, ties away from zero) over random fp32 bit patterns, the kernels' device
-functions bit for bit against the torch reference, and the optimizers' runs against
+master_rounded``: the nearest bf16 by float64 distance, ties away from zero) over random fp32
+bit patterns, the kernels' device functions bit for bit against the torch reference, and the
+optimizers' runs against
 ``master_weights=True`` bit for bit: same params at every step, same state dicts. Nothing here
 has a tolerance: every comparison is exact.
 """
