@@ -11,6 +11,7 @@ import torch
 from .backend import backend_for
 from .buckets import Bucket
 from .compact_state import CONFIG_KINDS, CompactState, bucket_shard
+from .masters import MASTER_STATES
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
 
@@ -21,7 +22,8 @@ _STATE = {
     "exp_avg": "always",
     "exp_avg_sq": "always",
     "max_exp_avg_sq": "amsgrad",
-    "master_param": "fp16/bf16 params with master_weights",
+    "master_param": "fp16/bf16 params with master_weights=True",
+    "master_remainder": 'bf16 params with master_weights="remainder" (int16)',
     "sr_seed": "stochastic_rounding (int64, one element: the seed of the param's rounding)",
 }
 """Per-param state on the param's device, in torch's names, and when each exists: fp32, but
@@ -47,8 +49,13 @@ class Adam(CompactState, FusedOptimizer):
             ops (torch backend), and never syncs on the Triton backend.
         differentiable: only False (the fused step runs outside autograd).
         master_weights: keep an fp32 master copy of each fp16/bf16 param in
-            ``state[p]["master_param"]`` and write the param back rounded to nearest-even
-            after every step (default True). fp32 params are their own master.
+            ``state[p]["master_param"]`` and write the param back rounded to nearest (fp16:
+            ties to even; bf16: ties away from zero, see docs/numerics.md) after every step
+            (default True). ``"remainder"`` (bf16 params only): keep the same master in 2
+            bytes, ``state[p]["master_remainder"]`` (int16, the master's low bits, which the
+            param's bits complete: ``kernels/remainder.py``), bitwise the same run; state
+            dicts hold the joined fp32 ``master_param`` either way. False: no master. fp32
+            params are their own master.
         backend: ``"triton"`` (fused kernels), ``"torch"`` (the pure-torch reference) or
             ``"auto"`` (Triton for params on a GPU, torch otherwise). The environment
             variable ``FP16_TRITON_BACKEND`` overrides it.
@@ -84,7 +91,7 @@ class Adam(CompactState, FusedOptimizer):
     (int64, with ``stochastic_rounding``).
     """
 
-    _state_names = tuple(name for name in _STATE if name != "master_param")
+    _state_names = tuple(name for name in _STATE if name not in MASTER_STATES)
     _required_state = ("step", "exp_avg", "exp_avg_sq")
     _compact_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # kept in state_dtype
 
@@ -319,7 +326,9 @@ def _traffic(
 ):
     """Adam/AdamW: ``exp_avg``, ``exp_avg_sq`` (and amsgrad's maximum) read and written once.
     fp16 params and grads with masters: read 2 + 2 + 4 x 3, write 2 + 4 x 3 = 30 B/param;
-    with bf16 moments read 2 + 2 + 4 + 2 + 2, write 2 + 4 + 2 + 2 = 22, kept 12."""
+    with bf16 moments read 2 + 2 + 4 + 2 + 2, write 2 + 4 + 2 + 2 = 22, kept 12. bf16 params
+    with ``master="remainder"``: the master takes 2 bytes, not 4: 26 B/param moved with fp32
+    moments, 18 with bf16 ones (kept 10)."""
     size = torch.empty((), dtype=state_dtype).element_size()
     return elementwise_traffic(param_dtype, grad_dtype, master, 3 if amsgrad else 2, size)
 

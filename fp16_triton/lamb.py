@@ -17,6 +17,7 @@ import torch
 from .backend import backend_for, kernels
 from .buckets import Bucket
 from .kernels.multi_tensor import TableCache
+from .masters import MASTER_STATES
 from .optimizer import FusedOptimizer, check_lr
 from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
 
@@ -26,7 +27,8 @@ _STATE = {
     "step": "always (one element; a skipped step does not advance it)",
     "exp_avg": "always",
     "exp_avg_sq": "always",
-    "master_param": "fp16/bf16 params with master_weights",
+    "master_param": "fp16/bf16 params with master_weights=True",
+    "master_remainder": 'bf16 params with master_weights="remainder" (int16)',
 }
 """Per-param state, all fp32 on the param's device, and when each exists."""
 
@@ -60,7 +62,7 @@ class Lamb(FusedOptimizer):
     coefficients.
     """
 
-    _state_names = tuple(name for name in _STATE if name != "master_param")
+    _state_names = tuple(name for name in _STATE if name not in MASTER_STATES)
     _required_state = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(

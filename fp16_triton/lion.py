@@ -15,6 +15,7 @@ import torch
 from .backend import backend_for, kernels
 from .buckets import Bucket, local
 from .compact_state import CONFIG_KINDS, CompactState, bucket_shard
+from .masters import MASTER_STATES
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
 
@@ -22,7 +23,8 @@ __all__ = ["Lion"]
 
 _STATE = {
     "exp_avg": "always: the momentum (fp32, or the group's state_dtype)",
-    "master_param": "fp16/bf16 params with master_weights",
+    "master_param": "fp16/bf16 params with master_weights=True",
+    "master_remainder": 'bf16 params with master_weights="remainder" (int16)',
     "step": "stochastic_rounding (fp32, one element: counts the random words; kept once made)",
     "sr_seed": "stochastic_rounding (int64, one element: the seed of the param's rounding)",
 }
@@ -55,7 +57,7 @@ class Lion(CompactState, FusedOptimizer):
     it on again draws new words). No bias correction, so no step count otherwise.
     """
 
-    _state_names = tuple(name for name in _STATE if name != "master_param")
+    _state_names = tuple(name for name in _STATE if name not in MASTER_STATES)
     _required_state = ("exp_avg",)
     _compact_state = ("exp_avg",)  # kept in state_dtype
 

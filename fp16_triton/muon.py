@@ -18,6 +18,7 @@ import torch
 from .adam import ALGORITHM as ADAM
 from .backend import backend_for, kernels
 from .buckets import Bucket
+from .masters import MASTER_STATES
 from .optimizer import FusedOptimizer
 from .spec import Algorithm, Traffic, elementwise_traffic, register
 
@@ -28,7 +29,8 @@ _STATE = {
     "step": "groups with use_muon=False (AdamW)",
     "exp_avg": "groups with use_muon=False (AdamW)",
     "exp_avg_sq": "groups with use_muon=False (AdamW)",
-    "master_param": "fp16/bf16 params with master_weights",
+    "master_param": "fp16/bf16 params with master_weights=True",
+    "master_remainder": 'bf16 params with master_weights="remainder" (int16)',
 }
 """Per-param state, fp32 on the param's device, and when each exists."""
 
@@ -61,7 +63,7 @@ class Muon(FusedOptimizer):
     ``master_param`` for fp16/bf16 params.
     """
 
-    _state_names = tuple(name for name in _STATE if name != "master_param")
+    _state_names = tuple(name for name in _STATE if name not in MASTER_STATES)
 
     def __init__(
         self,

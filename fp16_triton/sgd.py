@@ -11,6 +11,7 @@ import torch
 from .backend import backend_for
 from .buckets import Bucket, like_param, local
 from .compact_state import CONFIG_KINDS, CompactState, bucket_shard
+from .masters import MASTER_STATES
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
 
@@ -19,7 +20,8 @@ __all__ = ["SGD"]
 _STATE = {
     "step": "momentum != 0 (one element; torch's SGD has none, see the class docstring)",
     "momentum_buffer": "momentum != 0 (fp32, or the group's state_dtype)",
-    "master_param": "fp16/bf16 params with master_weights",
+    "master_param": "fp16/bf16 params with master_weights=True",
+    "master_remainder": 'bf16 params with master_weights="remainder" (int16)',
     "sr_seed": "stochastic_rounding (int64, one element: the seed of the param's rounding)",
 }
 """Per-param state on the param's device, and when each exists."""
@@ -51,7 +53,7 @@ class SGD(CompactState, FusedOptimizer):
     and ``sr_seed`` (int64) with ``stochastic_rounding``.
     """
 
-    _state_names = tuple(name for name in _STATE if name != "master_param")
+    _state_names = tuple(name for name in _STATE if name not in MASTER_STATES)
     _compact_state = ("momentum_buffer",)  # kept in state_dtype
 
     def __init__(

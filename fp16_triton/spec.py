@@ -50,10 +50,11 @@ __all__ = [
 
 # Constructor arguments that are not DeepSpeed config params: torch.optim's implementation
 # switches (recorded for compatibility, no effect here), what the engine decides itself
-# (``backend``; masters follow the fp16/bf16 sections) and torch spellings DeepSpeed names
-# otherwise (``decoupled_weight_decay`` is DeepSpeed's ``adam_w_mode``).
+# (``backend``) and torch spellings DeepSpeed names otherwise (``decoupled_weight_decay`` is
+# DeepSpeed's ``adam_w_mode``). ``master_weights`` is ours (true by default; "remainder" for
+# bf16 models): its check is shared by every algorithm (``_SHARED_CONFIG_KINDS``).
 _NOT_CONFIG_PARAMS = frozenset(
-    {"params", "foreach", "capturable", "differentiable", "fused", "backend", "master_weights",
+    {"params", "foreach", "capturable", "differentiable", "fused", "backend",
      "decoupled_weight_decay"}
 )  # fmt: skip
 
@@ -76,18 +77,23 @@ class Traffic:
 def elementwise_traffic(
     param_dtype: torch.dtype,
     grad_dtype: torch.dtype | None,
-    master: bool,
+    master: bool | str,
     state_tensors: int,
     state_size: int = 4,
 ) -> Traffic:
     """The traffic of a step that reads the param, its grad, its master (fp16/bf16 params with
-    masters, fp32) and ``state_tensors`` state tensors of ``state_size`` bytes per element (4:
-    fp32; 2: bf16 moments) once each, and writes all of them but the grad once. The param is
-    read even with a master: where its bits are no longer the master's rounding (the user wrote
-    it), the step starts from the param (``kernels/common.py``)."""
+    masters: fp32, or with ``master="remainder"`` the int16 low half of a bf16 param's fp32
+    master, ``kernels/remainder.py``) and ``state_tensors`` state tensors of ``state_size``
+    bytes per element (4: fp32; 2: bf16 moments) once each, and writes all of them but the grad
+    once. The param is read even with an fp32 master: where its bits are no longer the
+    master's rounding (the user wrote it), the step starts from the param
+    (``kernels/common.py``); with a remainder it is half of the master."""
     p = torch.empty((), dtype=param_dtype).element_size()
     g = torch.empty((), dtype=grad_dtype or param_dtype).element_size()
-    state = state_size * state_tensors + (4 if master and param_dtype != torch.float32 else 0)
+    master_size = 0
+    if master and param_dtype != torch.float32:
+        master_size = 2 if master == "remainder" else 4
+    state = state_size * state_tensors + master_size
     return Traffic(read=p + g + state, written=p + state, kept=p + g + state)
 
 
@@ -225,10 +231,26 @@ class Algorithm:
                 if arg.kind not in (arg.POSITIONAL_OR_KEYWORD, arg.KEYWORD_ONLY):
                     continue
                 default = self.config_defaults.get(arg.name, arg.default)
-                kind = self.config_kinds.get(arg.name) or _kind_of(cls, arg.name, default)
+                kind = (
+                    self.config_kinds.get(arg.name)
+                    or _SHARED_CONFIG_KINDS.get(arg.name)
+                    or _kind_of(cls, arg.name, default)
+                )
                 params[arg.name] = (kind, default)
         params.update(self.config_options)
         return MappingProxyType(params)
+
+
+def _check_config_master_weights(key: str, value) -> bool | str:
+    from .config import ConfigError
+    from .masters import check_master_weights
+
+    if isinstance(value, bool) or value == "remainder":
+        return check_master_weights(value)
+    raise ConfigError(f"config key '{key}' must be true, false or \"remainder\", got {value!r}")
+
+
+_SHARED_CONFIG_KINDS = {"master_weights": _check_config_master_weights}
 
 
 def _kind_of(cls: type, name: str, default: Any) -> str:

@@ -257,6 +257,35 @@ def phase_train(out: str, rank: int, world: int):
         results[f"{name}_state_dtypes"] = kept
         torch.save(full_params(model), f"{out}/{name}_rank{rank}.pt")
 
+    # Remainder masters (issue 14) under DDP, ZeRO-1 and FSDP2: bitwise the run with fp32
+    # masters, params and (this rank's part of) the state dict's fp32 masters.
+    for wrapper in ("ddp", "zero", "fsdp"):
+        for mode in (True, "remainder"):
+            torch.manual_seed(0)
+            model = fsdp_model(torch.bfloat16) if wrapper == "fsdp" else make_model(BF16)
+            forward = nn.parallel.DistributedDataParallel(model) if wrapper != "fsdp" else model
+            options = dict(lr=1e-2, weight_decay=0.1, master_weights=mode)
+            if wrapper == "zero":
+                opt = ZeroRedundancyOptimizer(
+                    model.parameters(), optimizer_class=fp16_triton.AdamW, **options
+                )
+                inner = opt.optim
+            else:
+                opt = inner = fp16_triton.AdamW(model.parameters(), **options)
+            for step in range(STEPS):
+                x, y = batch(step)
+                F.mse_loss(forward(x.to(BF16)).float(), y).backward()
+                opt.step()
+                opt.zero_grad()
+            name = f"{wrapper}_{'remainder' if mode == 'remainder' else 'masters'}"
+            masters = {
+                f"master{index}": getattr(s["master_param"], "_local_tensor", s["master_param"])
+                for index, s in inner.state_dict()["state"].items()
+            }
+            kept = sorted({key for s in inner.state.values() for key in s})
+            results[f"{name}_state_names"] = kept
+            torch.save({**full_params(model), **masters}, f"{out}/{name}_rank{rank}.pt")
+
     # Stochastic rounding per shard: a DTensor whose two shards (one per rank) hold the same
     # values and get the same grads at every step. Rounded with the same words on both shards
     # (the control: every shard counted as shard 0) the halves stay identical; with each

@@ -208,3 +208,33 @@ def test_a_spec_states_the_config_check_of_what_defaults_cannot_say():
     assert params["ns_coefficients"] == (coefficients, (3.4445, -4.775, 2.0315))
     assert params["ns_steps"] == ("pos_int", 5) and params["nesterov"] == ("bool", True)
     assert "adjust_lr_fn" not in params
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_bytes_of_remainder_masters_are_the_traffic_model(state_dtype):
+    """bf16 params with ``master_weights="remainder"``: the master's state is an int16 tensor
+    (2 B/param) whose bytes, with the moments', are the model's ``kept`` less the param and its
+    grad; a step writes exactly the model's ``written`` bytes per param (param, remainder,
+    moments)."""
+    sizes = (3, 1100)
+    params = [torch.nn.Parameter(torch.randn(n).to(torch.bfloat16)) for n in sizes]
+    opt = fp16_triton.AdamW(params, master_weights="remainder", state_dtype=state_dtype)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    tensors = [t for p in params for name, t in opt.state[p].items() if name != "step"]
+    before = [t.clone() for t in tensors] + [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    per_param = sum(t.untyped_storage().nbytes() for t in tensors) / sum(sizes)
+    after = tensors + [p.detach() for p in params]
+    changed = [t for t, b in zip(after, before) if not torch.equal(t, b)]
+    written = sum(t.numel() * t.element_size() for t in changed) / sum(sizes)
+    traffic = algorithms()["adam"].traffic(
+        torch.bfloat16, master="remainder", state_dtype=state_dtype
+    )
+    assert per_param == traffic.kept - 2 - 2
+    assert written == traffic.written
+    moments = 2 * (4 if state_dtype == torch.float32 else 2)
+    assert traffic.moved == 2 + 2 + 2 + moments + 2 + 2 + moments  # 26 or 18 B/param

@@ -179,6 +179,20 @@ def test_compact_state_trains_under_each_wrapper(runs, worker, name):
     assert all(not torch.equal(trained[k], initial[k].detach()) for k in trained)
 
 
+@pytest.mark.parametrize("wrapper", ["ddp", "zero", "fsdp"])
+def test_remainder_masters_are_bitwise_fp32_masters_under_each_wrapper(runs, wrapper):
+    """bf16 params with ``master_weights="remainder"`` (issue 14) under DDP, ZeRO-1 and FSDP2
+    (remainders sharded like their params): on every rank the params and this rank's fp32
+    masters in the state dict are bitwise those of the run with ``master_weights=True``, and
+    the kept state has int16 remainders, no fp32 master."""
+    out, load = runs
+    records = json.loads((out / "records_rank0.json").read_text())
+    assert "master_remainder" in records[f"{wrapper}_remainder_state_names"]
+    assert "master_param" not in records[f"{wrapper}_remainder_state_names"]
+    for rank in (0, 1):
+        assert_same(load(f"{wrapper}_remainder", rank), load(f"{wrapper}_masters", rank))
+
+
 def test_fsdp2_shards_round_with_their_own_words(runs):
     """Shards of one DTensor share its seed and their local element indices; the shard
     position in the Philox counter gives each its own words. A tensor whose two shards hold
