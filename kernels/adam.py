@@ -90,7 +90,7 @@ def bias_correction(one_minus_beta, step):
 def _adam_kernel(
     param_ptrs,  # int64 [T]: params, written (rounded from the master when there is one)
     grad_ptrs,  # int64 [T]: grads, read only
-    master_ptrs,  # int64 [T]: fp32 master weights (read if HAS_MASTER)
+    master_ptrs,  # int64 [T]: fp32 masters, or int16 remainders of bf16 params (HAS_MASTER)
     exp_avg_ptrs,  # int64 [T]: first moments (STATE_DTYPE)
     exp_avg_sq_ptrs,  # int64 [T]: second moments (STATE_DTYPE)
     max_exp_avg_sq_ptrs,  # int64 [T]: running max of the second moments (if AMSGRAD)
@@ -115,7 +115,7 @@ def _adam_kernel(
     PARAM_DTYPE: tl.constexpr,  # element type of the params
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
     STATE_DTYPE: tl.constexpr,  # element type of the moments: fp32, or bf16 (rounded on store)
-    HAS_MASTER: tl.constexpr,  # low-precision params with an fp32 master (else updated in place)
+    HAS_MASTER: tl.constexpr,  # 0: none (params updated in place), 1: fp32 masters, 2: remainders
     DECOUPLED: tl.constexpr,  # AdamW (decoupled weight decay) rather than Adam
     AMSGRAD: tl.constexpr,  # keep and use the running max of the second moments
     MAXIMIZE: tl.constexpr,  # ascend rather than descend
@@ -326,6 +326,17 @@ def compile_variants(compile) -> dict[str, dict]:
                         STOCHASTIC=stochastic, **flags, **common,
                     ),
                 )  # fmt: skip
+    # bf16 params with int16 remainders of their masters (HAS_MASTER=2: kernels/remainder.py).
+    for aligned in (False, True):
+        for state_name, state_dtype in (("", tl.float32), ("-bf16state", tl.bfloat16)):
+            results[f"adam-bf16-remainder{state_name}-aligned{aligned}"] = compile(
+                _adam_kernel,
+                dict(
+                    PARAM_DTYPE=tl.bfloat16, GRAD_DTYPE=tl.bfloat16, HAS_MASTER=2, AMSGRAD=False,
+                    LR_ON_DEVICE=False, ALIGNED=aligned, STATE_DTYPE=state_dtype,
+                    STOCHASTIC=False, **flags, **common,
+                ),
+            )  # fmt: skip
     results["adam-fp32-plain"] = compile(
         _adam_kernel,
         dict(

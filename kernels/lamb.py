@@ -104,7 +104,7 @@ def _lamb_norms_kernel(
     weight_decay,  # fp32: added to the update as weight_decay * p
     PARAM_DTYPE: tl.constexpr,  # element type of the params
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
-    HAS_MASTER: tl.constexpr,  # low-precision params with an fp32 master
+    HAS_MASTER: tl.constexpr,  # 0: none, 1: fp32 masters, 2: int16 remainders (bf16 params)
     EPS_INSIDE_SQRT: tl.constexpr,  # sqrt(v + eps) rather than sqrt(v) + eps
     HAS_GRAD_SCALE: tl.constexpr,  # divide grads by *grad_scale_ptr
     HAS_FOUND_INF: tl.constexpr,  # skip everything when *found_inf_ptr != 0
@@ -196,7 +196,7 @@ def _lamb_update_kernel(
     max_coeff,  # fp32: upper clamp of the trust coefficient (applied first, as DeepSpeed)
     min_coeff,  # fp32: lower clamp of the trust coefficient
     PARAM_DTYPE: tl.constexpr,  # element type of the params
-    HAS_MASTER: tl.constexpr,  # low-precision params with an fp32 master
+    HAS_MASTER: tl.constexpr,  # 0: none, 1: fp32 masters, 2: int16 remainders (bf16 params)
     EPS_INSIDE_SQRT: tl.constexpr,  # sqrt(v + eps) rather than sqrt(v) + eps
     BIAS_CORRECTION: tl.constexpr,  # step_size = lr * sqrt(1 - beta2**t) / (1 - beta1**t)
     HAS_FOUND_INF: tl.constexpr,  # skip everything when *found_inf_ptr != 0

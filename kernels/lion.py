@@ -78,7 +78,7 @@ def _lion_kernel(
     PARAM_DTYPE: tl.constexpr,  # element type of the params
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
     STATE_DTYPE: tl.constexpr,  # element type of the momenta: fp32, or bf16 (rounded on store)
-    HAS_MASTER: tl.constexpr,  # low-precision params with an fp32 master (else updated in place)
+    HAS_MASTER: tl.constexpr,  # 0: none (params updated in place), 1: fp32 masters, 2: remainders
     MAXIMIZE: tl.constexpr,  # ascend rather than descend
     HAS_GRAD_SCALE: tl.constexpr,  # divide grads by *grad_scale_ptr
     HAS_FOUND_INF: tl.constexpr,  # skip everything when *found_inf_ptr != 0

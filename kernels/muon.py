@@ -147,7 +147,7 @@ def _muon_weight_kernel(
     lr_low,  # fp32: what lr lost in its rounding to fp32 (lr + lr_low is the host's fp64 lr)
     weight_decay,  # fp32: decoupled weight decay
     PARAM_DTYPE: tl.constexpr,  # element type of the params
-    HAS_MASTER: tl.constexpr,  # low-precision params with an fp32 master
+    HAS_MASTER: tl.constexpr,  # 0: none, 1: fp32 masters, 2: int16 remainders (bf16 params)
     HAS_FOUND_INF: tl.constexpr,  # skip everything when *found_inf_ptr != 0
     LR_ON_DEVICE: tl.constexpr,  # read the learning rate from *lr_ptr (no host sync)
     ALIGNED: tl.constexpr,  # every address 16-byte aligned and every size a multiple of 8

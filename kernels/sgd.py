@@ -73,7 +73,7 @@ def _sgd_kernel(
     PARAM_DTYPE: tl.constexpr,  # element type of the params
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
     STATE_DTYPE: tl.constexpr,  # element type of the buffers: fp32, or bf16 (rounded on store)
-    HAS_MASTER: tl.constexpr,  # low-precision params with an fp32 master (else updated in place)
+    HAS_MASTER: tl.constexpr,  # 0: none (params updated in place), 1: fp32 masters, 2: remainders
     HAS_MOMENTUM: tl.constexpr,  # momentum != 0: keep a buffer
     NESTEROV: tl.constexpr,  # Nesterov momentum
     MAXIMIZE: tl.constexpr,  # ascend rather than descend
@@ -231,6 +231,16 @@ def compile_variants(compile) -> dict[str, dict]:
                 HAS_MASTER=False, HAS_MOMENTUM=True, NESTEROV=False, MAXIMIZE=False,
                 HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=False, LR_ON_DEVICE=False,
                 STOCHASTIC=True, ALIGNED=aligned, BLOCK=1024, CHUNK=4096,
+            ),
+        )  # fmt: skip
+        # bf16 params with int16 remainders of their masters (kernels/remainder.py).
+        results[f"sgd-bf16-remainder-momentum-aligned{aligned}"] = compile(
+            _sgd_kernel,
+            dict(
+                PARAM_DTYPE=tl.bfloat16, GRAD_DTYPE=tl.bfloat16, STATE_DTYPE=tl.float32,
+                HAS_MASTER=2, HAS_MOMENTUM=True, NESTEROV=False, MAXIMIZE=False,
+                HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True, LR_ON_DEVICE=False,
+                STOCHASTIC=False, ALIGNED=aligned, BLOCK=1024, CHUNK=4096,
             ),
         )  # fmt: skip
     return results
