@@ -43,11 +43,26 @@ def traffic(algorithm: Algorithm, param_dtype: torch.dtype, **modes) -> Traffic:
     return algorithm.traffic(param_dtype, **optimizer_of(algorithm)[1], **modes)
 
 
+def _param_dtype(modes: dict) -> torch.dtype:
+    """fp16 params, but bf16 for remainder masters (they hold bf16 params' masters only)."""
+    return torch.bfloat16 if modes.get("master_weights") == "remainder" else RECIPE_DTYPE
+
+
+def _traffic_modes(modes: dict) -> dict:
+    """``modes`` as the spec's traffic model names them (``master``, not ``master_weights``)."""
+    out = {k: v for k, v in modes.items() if k != "master_weights"}
+    if "master_weights" in modes:
+        out["master"] = modes["master_weights"]
+    return out
+
+
 def recipe_bytes(**modes) -> tuple[int, int, int]:
     """``(total, check, step)`` bytes per param of the recipe's step: FP16Optimizer's check
-    and norm pass, then the headline algorithm's step on fp16 params with fp32 masters."""
-    check = check_pass_bytes(RECIPE_DTYPE)
-    step = traffic(algorithms()[HEADLINE], RECIPE_DTYPE, **modes).moved
+    and norm pass, then the headline algorithm's step on fp16 params with fp32 masters (bf16
+    params with remainder masters)."""
+    dtype = _param_dtype(modes)
+    check = check_pass_bytes(dtype)
+    step = traffic(algorithms()[HEADLINE], dtype, **_traffic_modes(modes)).moved
     return check + step, check, step
 
 
@@ -65,7 +80,7 @@ def build_recipe(
     compact-state options of the optimizer (``state_dtype``).
     ``fp16_options`` go to FP16Optimizer (e.g. a loss scaler)."""
     cls, options = optimizer_of(algorithms()[HEADLINE])
-    params = make_params(sizes, RECIPE_DTYPE, device)
+    params = make_params(sizes, _param_dtype(modes or {}), device)
     optimizer = cls(params, lr=LR, backend="triton", flat_buffers=flat, **options, **(modes or {}))
     return fp16_triton.FP16Optimizer(optimizer, clip_grad=1.0, **fp16_options)
 
@@ -95,11 +110,12 @@ def recipe_case(
     compact-state options, e.g. ``{"state_dtype": torch.bfloat16}``)."""
     modes = modes or {}
     total, _, _ = recipe_bytes(**modes)
-    kept = traffic(algorithms()[HEADLINE], RECIPE_DTYPE, **modes).kept
+    kept = traffic(algorithms()[HEADLINE], _param_dtype(modes), **_traffic_modes(modes)).kept
     cls, _ = optimizer_of(algorithms()[HEADLINE])
     if modes:
         settings = ", ".join(f"{k}={v}" for k, v in modes.items())
-        label = f"ours: FP16Optimizer({cls.__name__} triton, clip 1.0, {settings}), fp16 params"
+        dtype = str(_param_dtype(modes)).removeprefix("torch.")
+        label = f"ours: FP16Optimizer({cls.__name__} triton, clip 1.0, {settings}), {dtype} params"
     elif shape:
         label = f"ours: FP16Optimizer({cls.__name__} triton), {shape}"
     elif flat:
@@ -128,7 +144,15 @@ def algorithm_case(algorithm: Algorithm, backend: str) -> Case:
 OURS_ADAMW = recipe_case()
 SMALL_FLATBUF = recipe_case("ours-flatbuf", vs="ours-flat", flat=True)
 # The recipe with compact state (issue 14's modes), each divided by the recipe.
-COMPACT = [recipe_case("ours-bf16-moments", vs="ours", modes={"state_dtype": torch.bfloat16})]
+COMPACT = [
+    recipe_case("ours-bf16-moments", vs="ours", modes={"state_dtype": torch.bfloat16}),
+    recipe_case("ours-remainder", vs="ours", modes={"master_weights": "remainder"}),
+    recipe_case(
+        "ours-remainder-bf16-moments",
+        vs="ours",
+        modes={"master_weights": "remainder", "state_dtype": torch.bfloat16},
+    ),
+]
 
 
 def gpu_cases() -> dict[str, Case]:
