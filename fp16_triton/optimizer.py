@@ -129,7 +129,8 @@ class FusedOptimizer(ParamStateRules, Optimizer):
     # optimizers.
     _step_supports_amp_scaling = True
     # Group options a loaded state dict does not override: how this optimizer stores its state
-    # (Adam's ``state_dtype``), which the loaded state is converted to.
+    # (Adam's ``state_dtype``; every optimizer's ``master_weights``, always kept), which the
+    # loaded state is converted to.
     _kept_on_load: tuple[str, ...] = ()
 
     def __init__(
@@ -171,7 +172,18 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         self._state = value if isinstance(value, OptimizerState) else OptimizerState(value)
         self._groups = {}
 
+    def _settle_remainders(self) -> None:
+        """Zero the remainders of params written since the last step (``masters.py``), as the
+        next step would: before anything reads the masters outside a step (``state_dict()``,
+        a copy), so that it sees the masters the next step would start from."""
+        for p, state in self.state.items():
+            rest = state.get(REMAINDER) if isinstance(state, dict) else None
+            if isinstance(rest, torch.Tensor) and self._fingerprints.stale([local(p)]):
+                local(rest).zero_()
+                self._fingerprints.forget(local(p))
+
     def __getstate__(self) -> dict[str, Any]:
+        self._settle_remainders()
         state = super().__getstate__()
         state["backend"] = self.backend
         state["flat_buffers"] = self.flat_buffers
@@ -210,9 +222,10 @@ class FusedOptimizer(ParamStateRules, Optimizer):
                 "flat_buffers=True cannot take DTensor (FSDP2) params: FSDP2 keeps its "
                 "own flat shards; use flat_buffers=False"
             )
+        setting = param_group.get("master_weights", self.defaults.get("master_weights", True))
+        self._check_masters({"master_weights": setting}, tensors)  # before the group is kept
         super().add_param_group(param_group)
         param_group["params"] = ParamList(param_group["params"])
-        self._check_masters(param_group, tensors)
 
     def _check_masters(self, group: dict[str, Any], params) -> None:
         """Raise unless the group's ``master_weights`` is a valid setting for its params."""
@@ -618,6 +631,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         ``step`` is a CPU fp32 tensor, as in ``torch.optim``'s default (non-fused) optimizers,
         so the dict loads into those (torch casts the moments to its params' dtype).
         """
+        self._settle_remainders()
         sd = super().state_dict()
         # torch packs the live per-param dicts: copy each (as a plain dict) before replacing
         # its step; groups' params lists become plain lists too.
@@ -644,7 +658,9 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         (torch would cast it to the param's dtype and lose the fp32 precision of fp16 runs).
         Mapping from torch: a low-precision param without ``master_param`` gets its master
         from the current param value; missing state a subclass can derive (SGD's ``step``) is
-        derived.
+        derived. ``master_weights`` is this optimizer's, not the saved one: a saved fp32
+        master loads into ``"remainder"`` (converted at the next step, from the params as they
+        are then, so the model may be loaded before or after) and the other way round.
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():  # as torch's
             result = pre_hook(self, state_dict)
@@ -668,9 +684,10 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         merged_groups = []
         for group, saved in zip(self.param_groups, saved_groups):
             merged = dict(group)
-            kept = ("params", "param_names", *self._kept_on_load)
+            kept = ("params", "param_names", "master_weights", *self._kept_on_load)
             merged.update({k: v for k, v in saved.items() if k not in kept})
             self._check_hyperparameters(merged)
+            self._check_masters(merged, group["params"])
             merged_groups.append(merged)
         id_to_param = {}
         id_to_group = {}

@@ -177,6 +177,9 @@ class ParamStateRules:
         if kind is not None and seen is not None and seen[0]() is p and seen[1] != p.dtype:
             for name in MASTER_STATES:  # cast from the other low precision: remade below
                 state.pop(name, None)
+        if kind != REMAINDER and state.get(REMAINDER) is not None:
+            if self._fingerprints.stale([local(p)]):  # written since: its value is the master
+                local(state[REMAINDER]).zero_()
         done = convert_master(p, state, kind)
         if kind == REMAINDER and done is not None:
             self._fingerprints.forget(local(p))  # made from the param as it is now

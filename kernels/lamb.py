@@ -61,7 +61,14 @@ from .common import (
     unscale_and_clip_factors,
 )
 from .launch_config import launch_config
-from .multi_tensor import TableCache, check_step_inputs, device_guard, learning_rate, tables_for
+from .multi_tensor import (
+    TableCache,
+    check_step_inputs,
+    device_guard,
+    learning_rate,
+    master_mode,
+    tables_for,
+)
 
 __all__ = ["lamb_step", "prepare_lamb_step"]
 
@@ -323,7 +330,7 @@ def prepare_lamb_step(
     has_clip = norm_sq is not None and max_norm > 0
     scalar = tables.numels
     options = tables.options(config)
-    common = dict(PARAM_DTYPE=TORCH_TO_TRITON[params[0].dtype], HAS_MASTER=masters is not None)
+    common = dict(PARAM_DTYPE=TORCH_TO_TRITON[params[0].dtype], HAS_MASTER=master_mode(masters))
     common.update(EPS_INSIDE_SQRT=bool(eps_inside_sqrt), HAS_FOUND_INF=found_inf is not None)
     one_minus = (1.0 - float(beta1), 1.0 - float(beta2))
     norms_args = (
@@ -375,8 +382,10 @@ def compile_variants(compile) -> dict[str, dict]:
     variants = [(name, dtype, True, aligned) for name, dtype in (("fp16", tl.float16),
                 ("bf16", tl.bfloat16)) for aligned in (False, True)]  # fmt: skip
     variants.append(("fp32", tl.float32, False, False))
+    variants.append(("bf16", tl.bfloat16, 2, True))  # int16 remainders (kernels/remainder.py)
     for dtype_name, dtype, master, aligned in variants:
-        suffix = f"{dtype_name}-{'master' if master else 'plain'}-aligned{aligned}"
+        kind = {2: "remainder", True: "master", False: "plain"}[master]
+        suffix = f"{dtype_name}-{kind}-aligned{aligned}"
         flags = dict(PARAM_DTYPE=dtype, HAS_MASTER=master, HAS_FOUND_INF=master, ALIGNED=aligned)
         results[f"lamb-norms-{suffix}"] = compile(
             _lamb_norms_kernel,

@@ -53,6 +53,7 @@ from .multi_tensor import (
     check_step_inputs,
     device_guard,
     learning_rate,
+    master_mode,
     sub_cache,
     tables_for,
 )
@@ -381,7 +382,7 @@ def prepare_muon_step(
         lr_high, lr_value - lr_high, float(weight_decay),
     )  # fmt: skip
     weight_kwargs = dict(
-        PARAM_DTYPE=TORCH_TO_TRITON[params[0].dtype], HAS_MASTER=masters is not None,
+        PARAM_DTYPE=TORCH_TO_TRITON[params[0].dtype], HAS_MASTER=master_mode(masters),
         LR_ON_DEVICE=lr_tensor is not None, **flags, **second.options(config),
     )  # fmt: skip
     coefficients = tuple(float(c) for c in ns_coefficients)
@@ -429,4 +430,10 @@ def compile_variants(compile) -> dict[str, dict]:
                      ALIGNED=aligned, **common),
                 types,
             )  # fmt: skip
+    results["muon-bf16-remainder-weights"] = compile(  # int16 remainders (kernels/remainder.py)
+        _muon_weight_kernel,
+        dict(PARAM_DTYPE=tl.bfloat16, HAS_MASTER=2, HAS_FOUND_INF=True, LR_ON_DEVICE=True,
+             ALIGNED=True, **common),
+        types,
+    )  # fmt: skip
     return results

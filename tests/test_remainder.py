@@ -215,29 +215,45 @@ def test_exact_ties_are_met_and_rounded_away_from_zero_with_fp32_masters():
     assert not torch.equal(results[0][0].view(torch.int16), master.to(BF16).view(torch.int16))
 
 
+_VECTORS, _MATRICES = ((5,), (1100,)), ((24, 40), (40, 24))
+
+
 @pytest.mark.parametrize(
-    "make",
+    "make, shapes",
     [
-        lambda params, **kw: fp16_triton.SGD(params, lr=0.05, momentum=0.9, **kw),
-        lambda params, **kw: fp16_triton.Lion(params, lr=1e-3, weight_decay=0.1, **kw),
-        lambda params, **kw: fp16_triton.Adam(params, lr=1e-2, amsgrad=True, **kw),
+        (lambda ps, **kw: fp16_triton.SGD(ps, lr=0.05, momentum=0.9, **kw), _VECTORS),
+        (lambda ps, **kw: fp16_triton.Lion(ps, lr=1e-3, weight_decay=0.1, **kw), _VECTORS),
+        (lambda ps, **kw: fp16_triton.Adam(ps, lr=1e-2, amsgrad=True, **kw), _VECTORS),
+        (lambda ps, **kw: fp16_triton.Lamb(ps, lr=1e-2, weight_decay=0.01, **kw), _VECTORS),
+        (lambda ps, **kw: fp16_triton.Muon(ps, lr=0.02, weight_decay=0.01, **kw), _MATRICES),
     ],
-    ids=["sgd-momentum", "lion", "adam-amsgrad"],
+    ids=["sgd-momentum", "lion", "adam-amsgrad", "lamb", "muon"],
 )
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_other_algorithms_are_bitwise_the_run_with_fp32_masters(make, backend):
+def test_other_algorithms_are_bitwise_the_run_with_fp32_masters(make, shapes, backend):
+    """Each algorithm's kernel reads and writes remainders (2 bytes) as remainders: a guard
+    of zeros after each remainder, in the same storage, stays zero (a kernel reading them as
+    fp32 masters would write past their end)."""
     runs = []
     for mode in (True, "remainder"):
         torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(n).to(BF16)) for n in (5, 1100)]
+        params = [torch.nn.Parameter(torch.randn(s).to(BF16)) for s in shapes]
         opt = make(params, master_weights=mode, backend=backend)
+        opt.init_state()
+        guards = []
+        for p in params:
+            if mode == "remainder":  # the remainder as the front of a larger zeroed buffer
+                storage = torch.zeros(2 * p.numel(), dtype=torch.int16)
+                opt.state[p]["master_remainder"] = storage[: p.numel()].view(p.shape)
+                guards.append(storage[p.numel() :])
         g = torch.Generator().manual_seed(3)
         trace = []
-        for _ in range(30):
+        for _ in range(20):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=g).to(BF16)
             opt.step()
             trace.append([p.detach().clone() for p in params])
+        assert all(not guard.any() for guard in guards), "written past a remainder's end"
         runs.append((trace, opt.state_dict()["state"]))
     assert_bitwise(runs[1], runs[0])
 
@@ -251,6 +267,15 @@ def test_fp16_params_are_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="flat_buffers"):
         fp16_triton.AdamW([torch.nn.Parameter(torch.zeros(4, dtype=BF16))],
                           master_weights="remainder", flat_buffers=True)  # fmt: skip
+
+
+def test_a_refused_param_group_is_not_added():
+    opt = fp16_triton.AdamW(
+        [torch.nn.Parameter(torch.zeros(3, dtype=BF16))], master_weights="remainder"
+    )
+    with pytest.raises(ValueError, match="bf16 params only"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))]})
+    assert len(opt.param_groups) == 1
 
 
 def test_a_param_cast_to_fp16_later_is_refused_before_anything_is_written():
@@ -334,6 +359,41 @@ def _saved(sd) -> io.BytesIO:
     torch.save(sd, buffer)
     buffer.seek(0)
     return buffer
+
+
+@pytest.mark.parametrize("saved_mode", [True, "remainder"])
+def test_loading_keeps_the_optimizers_own_master_weights(saved_mode):
+    """As ``state_dtype``: how this optimizer stores its masters is its own setting; a saved
+    state dict of either kind is converted to it."""
+    (pa, opt_a), (pb, opt_b) = _adamw_pair()
+    source = opt_a if saved_mode is True else opt_b
+    for mode in (True, "remainder"):
+        p = torch.nn.Parameter(pb.detach().clone())
+        opt = fp16_triton.AdamW(
+            [p], lr=1e-2, weight_decay=0.1, master_weights=mode, backend="triton"
+        )
+        opt.load_state_dict(source.state_dict())
+        assert opt.param_groups[0]["master_weights"] == mode
+        (pa, opt_a), _ = _adamw_pair()
+        _step_both([(pa, opt_a), (p, opt)])
+
+
+def test_state_dicts_and_copies_taken_after_a_write_hold_the_written_values():
+    """A param written after a step: ``state_dict()`` and a deepcopy see the master the next
+    step would start from (the written value), as with fp32 masters (whose kernel sees the
+    write when it steps)."""
+    pairs = _adamw_pair()
+    for p, _ in pairs:
+        with torch.no_grad():
+            p.mul_(3)
+    resumed = []
+    for p, opt in pairs:
+        q = torch.nn.Parameter(p.detach().clone())
+        fresh = fp16_triton.AdamW([q], lr=1e-2, weight_decay=0.1, backend="triton")
+        fresh.load_state_dict(opt.state_dict())
+        resumed.append((q, fresh))
+    _step_both(resumed)
+    _step_both([pairs[0], copy.deepcopy(pairs[1])])
 
 
 def test_switching_modes_between_steps_is_exact():
