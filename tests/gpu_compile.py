@@ -19,7 +19,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fp16_triton.kernels import cast_copy, loss_scale, nonfinite  # noqa: E402
+from fp16_triton.kernels import cast_copy, loss_scale, nonfinite, quantize  # noqa: E402
 from fp16_triton.kernels.multi_tensor import EXACT_ARITHMETIC  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -65,7 +65,7 @@ def main() -> None:
     from fp16_triton.spec import algorithms
 
     results = {}
-    modules = [nonfinite, loss_scale, cast_copy] + [
+    modules = [nonfinite, loss_scale, cast_copy, quantize] + [
         a.kernel_module() for a in algorithms().values()
     ]
     for module in modules:

@@ -74,7 +74,7 @@ def test_every_launch_passes_exact_arithmetic(monkeypatch):
 
     import fp16_triton
     import fp16_triton.kernels as package
-    from fp16_triton.kernels import cast_copy, nonfinite
+    from fp16_triton.kernels import cast_copy, nonfinite, quantize
 
     launches = []
     kernels = {}
@@ -110,6 +110,8 @@ def test_every_launch_passes_exact_arithmetic(monkeypatch):
     halves = [torch.randn(40).half()]
     nonfinite.unscale_and_check_(halves, torch.zeros(()), torch.tensor(0.5))
     cast_copy.cast_copy_([torch.empty(40)], halves)
+    block = torch.rand(quantize.BLOCK)
+    quantize.roundtrip(block, block, torch.ones(1), torch.ones(1))
     assert len(kernels) >= 12
     assert {name for name, _ in launches} == set(kernels), sorted(kernels)
     assert all(option is False for _, option in launches), launches
