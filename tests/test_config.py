@@ -94,6 +94,7 @@ def test_every_key():
             "state_dtype": torch.float32,  # ours: the buffer's storage (compact state)
             "stochastic_rounding": False,  # ours (compact state)
             "seed": None,
+            "master_weights": True,  # ours: True, False or "remainder"
         },
         flat_buffers=True,
     )
@@ -425,9 +426,10 @@ def test_optimizer_defaults_and_torch_kwargs():
         "state_dtype": torch.float32,  # ours (bf16 moments), not torch's
         "stochastic_rounding": False,  # ours too
         "seed": None,  # ours: the stochastic rounding's seeds, torch.initial_seed() if None
+        "master_weights": True,  # ours: True, False or "remainder" (bf16 params)
     }
     # params are valid keyword arguments of the torch optimizer of the effective type, but
-    # for ours (state_dtype, stochastic_rounding, seed).
+    # for ours (state_dtype, stochastic_rounding, seed, master_weights).
     for raw in (
         {"type": "Adam", "params": {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}},
         {"type": "Adam", "params": {"adam_w_mode": False, "maximize": True}},
@@ -435,7 +437,7 @@ def test_optimizer_defaults_and_torch_kwargs():
     ):
         opt_cfg = load_config({"optimizer": raw}).optimizer
         cls = getattr(torch.optim, opt_cfg.effective_type)
-        ours = ("state_dtype", "stochastic_rounding", "seed")
+        ours = ("state_dtype", "stochastic_rounding", "seed", "master_weights")
         params = {k: v for k, v in opt_cfg.params.items() if k not in ours}
         opt = cls([torch.nn.Parameter(torch.zeros(2))], **params)
         for key, value in params.items():

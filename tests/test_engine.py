@@ -37,6 +37,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from comparing import assert_bitwise as assert_identical
+from comparing import master_rounded
 from comparing import one_thread as one_thread  # noqa: F401  (autouse: one CPU thread)
 from torch import nn
 
@@ -167,7 +168,8 @@ def test_initialize_returns_engine_optimizer_none_scheduler(precision):
             continue
         master = optimizer.state[p]["master_param"]
         assert master.dtype == torch.float32 and master.shape == p.shape
-        assert torch.equal(master.to(dtype), p.detach())  # the param is its master, rounded
+        # The param is its master, rounded.
+        assert torch.equal(master_rounded(master, dtype), p.detach())
     if precision != "fp32":
         # The masters keep the bits the low-precision params cannot hold.
         assert any(

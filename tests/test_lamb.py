@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 import tiny_gpt
 import torch
-from comparing import assert_bitwise
+from comparing import assert_bitwise, master_rounded
 from comparing import one_thread as one_thread  # noqa: F401  (autouse: one CPU thread)
 
 import fp16_triton
@@ -127,7 +127,8 @@ def test_steps_match_the_float64_model(backend, dtype, variant):
             else:
                 assert abs(got - coeff) <= (n + 16) * U * coeff
             if masters:
-                assert_bitwise(params[i], masters[i].to(dtype), f"param {i} = rounded master")
+                rounded = master_rounded(masters[i], dtype)
+                assert_bitwise(params[i], rounded, f"param {i} = rounded master")
         assert [t.item() for t in steps] == [step + 1.0] * len(SIZES)
         if step == 0:  # the three regimes are reached
             assert coeffs[0].item() == torch.tensor(0.01).item() and coeffs[2] == 10
@@ -281,7 +282,7 @@ def test_the_config_takes_deepspeed_lamb_params_and_refuses_max_grad_norm():
     assert cfg.optimizer.params == {
         "lr": 1e-3, "bias_correction": False, "betas": (0.9, 0.999), "eps": 1e-8,
         "eps_inside_sqrt": True, "weight_decay": 0.0, "max_grad_norm": 0.0, "max_coeff": 5.0,
-        "min_coeff": 0.01,
+        "min_coeff": 0.01, "master_weights": True,
     }  # fmt: skip
     with pytest.raises(ConfigError, match="gradient_clipping"):
         load_config({"optimizer": {"type": "Lamb", "params": {"max_grad_norm": 1.0}}})

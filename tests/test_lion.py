@@ -25,7 +25,7 @@ import math
 import pytest
 import tiny_gpt
 import torch
-from comparing import assert_bitwise
+from comparing import assert_bitwise, master_rounded
 from comparing import one_thread as one_thread  # noqa: F401  (autouse: one CPU thread)
 
 import fp16_triton
@@ -89,7 +89,8 @@ def test_steps_match_the_float64_model(backend, dtype, scaled):
             m_scale = torch.maximum(m_scale, want_m.abs())
             assert ((exp_avgs[i].double() - want_m).abs() <= 3 * ulp(m_scale)).all(), f"m {i}"
             if masters:
-                assert_bitwise(params[i], masters[i].to(dtype), f"param {i} = rounded master")
+                rounded = master_rounded(masters[i], dtype)
+                assert_bitwise(params[i], rounded, f"param {i} = rounded master")
         if step == 2:  # c == 0 exactly: the weight only decays (DeepSpeed's would move +lr)
             decayed = before_w[0] * (1 - lr * wd)
             w0 = (masters or params)[0].double()
@@ -183,7 +184,7 @@ def test_the_config_takes_deepspeed_lion_params():
         "lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "maximize": False,
         "state_dtype": torch.float32,  # ours: the momentum's storage (compact state)
         "stochastic_rounding": False,  # ours (compact state)
-        "seed": None,
+        "seed": None, "master_weights": True,
     }  # fmt: skip
     bf16 = load_config({"optimizer": {"type": "Lion", "params": {"state_dtype": "bf16"}}})
     assert bf16.optimizer.params["state_dtype"] == torch.bfloat16

@@ -18,9 +18,9 @@ What "agree" means:
 
 - torch.optim runs on fp32 shadows fed ours' grads upcast to fp32. An fp32 param of ours must
   match its shadow; a low-precision one's ``state[p]["master_param"]`` (fp32) must, and the
-  param must equal the master rounded to its dtype exactly (``master.to(dtype)``: round to
-  nearest-even, on CPU for bf16 too). The state (moments, ``step``) must match torch's, and is
-  fp32 after every step (``step`` a one-element tensor).
+  param must equal the master rounded to its dtype exactly (``comparing.master_rounded``: fp16
+  to nearest-even, bf16 to nearest with ties away from zero). The state (moments, ``step``)
+  must match torch's, and is fp32 after every step (``step`` a one-element tensor).
 - Tolerance, per step: rtol=1.3e-6, atol=1e-5 (``assert_close``), torch's default fp32
   tolerance, which PyTorch's optimizer tests use between its fused and for-loop
   implementations, as tests/test_optimizers.py does over 20 steps: ours and torch's round once
@@ -491,7 +491,7 @@ class UserChangesMachine(RuleBasedStateMachine):
                 s.p.grad = s.p.grad.to(dtype)
         if master is not None and dtype == s.seen_dtype:
             with torch.no_grad():
-                written = master.to(dtype) != s.p.detach()
+                written = master_rounded(master, dtype) != s.p.detach()
                 s.q.data = torch.where(written, fp32_copy(s.p), master)
         else:
             self.resync_shadow(i)
@@ -574,7 +574,7 @@ class UserChangesMachine(RuleBasedStateMachine):
             master = self.ours.state[s.p].get("master_param")
             if s.cast and master is not None:
                 with torch.no_grad():
-                    written = master.to(s.p.dtype) != s.p.detach()
+                    written = master_rounded(master, s.p.dtype) != s.p.detach()
                     s.q.data = torch.where(written, fp32_copy(s.p), master)
 
     @precondition(lambda self: self.state_dict_loadable())

@@ -31,7 +31,7 @@ tensor betas), so ours and torch's differ by a few ulps per step; the trajectori
 most 6 steps of unit-scale values. Every difference these tests look for (a reset moment
 ignored, a param not stepped, an update rounded away, a decay applied twice) is at least
 lr * 1e-1 = 1e-3, or 1e-4 for the lr=1e-4 test, ten times the tolerance. A low-precision param
-must equal its fp32 master rounded to nearest-even exactly (``master.to(dtype)``).
+must equal its fp32 master rounded exactly (``comparing.master_rounded``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import re
 
 import pytest
 import torch
-from comparing import clone_value, same_state_value, same_value, snapshot
+from comparing import clone_value, master_rounded, same_state_value, same_value, snapshot
 from torch import nn
 
 import fp16_triton
@@ -165,7 +165,9 @@ class Pair:
                 assert master is not None, f"{where}: no fp32 master"
                 assert master.dtype == torch.float32
                 assert_close(master, q.detach(), msg=f"{where}: master")
-                assert torch.equal(p.detach(), master.to(p.dtype)), f"{where}: not master rounded"
+                assert torch.equal(p.detach(), master_rounded(master, p.dtype)), (
+                    f"{where}: not master rounded"
+                )
             else:
                 assert "master_param" not in state, f"{where}: an fp32 param keeps a master"
                 assert_close(p.detach().float(), q.detach(), msg=f"{where}: value")
