@@ -215,8 +215,10 @@ def test_bytes_of_remainder_masters_are_the_traffic_model(state_dtype):
     """bf16 params with ``master_weights="remainder"``: the master's state is an int16 tensor
     (2 B/param) whose bytes, with the moments', are the model's ``kept`` less the param and its
     grad; a step writes exactly the model's ``written`` bytes per param (param, remainder,
-    moments)."""
-    sizes = (3, 1100)
+    moments). Tensors of a thousand elements, so that every one of them changes (a bf16
+    moment of a few elements may round back to its old value)."""
+    torch.manual_seed(0)
+    sizes = (1000, 1100)
     params = [torch.nn.Parameter(torch.randn(n).to(torch.bfloat16)) for n in sizes]
     opt = fp16_triton.AdamW(params, master_weights="remainder", state_dtype=state_dtype)
     for p in params:
