@@ -152,6 +152,11 @@ COMPACT = [
         vs="ours",
         modes={"master_weights": "remainder", "state_dtype": torch.bfloat16},
     ),
+    recipe_case(
+        "ours-remainder-int8-moments",
+        vs="ours",
+        modes={"master_weights": "remainder", "state_dtype": "int8"},
+    ),
 ]
 
 

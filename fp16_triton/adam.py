@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 
+from . import int8_state
 from .backend import backend_for
 from .buckets import Bucket
-from .compact_state import CONFIG_KINDS, CompactState, bucket_shard
+from .compact_state import INT8_CONFIG_KINDS, CompactState, bucket_shard
+from .kernels import quantize
 from .masters import MASTER_STATES
 from .optimizer import FusedOptimizer, check_lr, torch_compat_options
 from .spec import Algorithm, elementwise_traffic, register, scratch_inputs
@@ -25,6 +27,8 @@ _STATE = {
     "master_param": "fp16/bf16 params with master_weights=True",
     "master_remainder": 'bf16 params with master_weights="remainder" (int16)',
     "sr_seed": "stochastic_rounding (int64, one element: the seed of the param's rounding)",
+    "exp_avg_scale": 'state_dtype="int8" (fp32, one per 256 elements: kernels/quantize.py)',
+    "exp_avg_sq_scale": 'state_dtype="int8" (likewise, for exp_avg_sq)',
 }
 """Per-param state on the param's device, in torch's names, and when each exists: fp32, but
 the moments (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) in the group's ``state_dtype``
@@ -70,6 +74,10 @@ class Adam(CompactState, FusedOptimizer):
             fp32. A group option (``group["state_dtype"]``; changing it between steps converts
             the existing moments). Loading a state dict keeps the optimizer's own
             ``state_dtype`` and converts the loaded moments to it. Not with ``flat_buffers``.
+            ``"int8"``: 8-bit codes with an fp32 scale per 256 elements
+            (``exp_avg_scale``, ``exp_avg_sq_scale`` states; ``kernels/quantize.py``), about
+            a quarter of fp32's bytes; tensors under 4,096 elements or not contiguous keep
+            fp32 moments; not with amsgrad or FSDP2 params (refused).
         stochastic_rounding: round every low-precision value the step writes without an fp32
             copy behind it, bf16 moments and fp16/bf16 params with ``master_weights=False``,
             stochastically (unbiased: ``x`` between neighbours ``lo < hi`` becomes ``hi`` with
@@ -94,6 +102,7 @@ class Adam(CompactState, FusedOptimizer):
     _state_names = tuple(name for name in _STATE if name not in MASTER_STATES)
     _required_state = ("step", "exp_avg", "exp_avg_sq")
     _compact_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # kept in state_dtype
+    _int8_moments = True
 
     def __init__(
         self,
@@ -113,7 +122,7 @@ class Adam(CompactState, FusedOptimizer):
         master_weights: bool | str = True,
         backend: str = "auto",
         flat_buffers: bool = False,
-        state_dtype: torch.dtype = torch.float32,
+        state_dtype: torch.dtype | str = torch.float32,
         stochastic_rounding: bool = False,
         seed: int | None = None,
     ):
@@ -157,13 +166,13 @@ class Adam(CompactState, FusedOptimizer):
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         # Moments with the param's strides (channels_last too), as torch's zeros_like: the
         # kernels pair param, grad and state elements by their position in memory.
-        dtype = group.get("state_dtype", torch.float32)
+        dtype = self._state_dtype("exp_avg", group, p)
         zeros = lambda: torch.zeros_like(p, dtype=dtype)  # noqa: E731
-        state = {
-            "step": torch.zeros((), dtype=torch.float32, device=p.device),
-            "exp_avg": zeros(),
-            "exp_avg_sq": zeros(),
-        }
+        state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+        if dtype == torch.int8:
+            state.update(int8_state.new_moments(p))
+        else:
+            state.update(exp_avg=zeros(), exp_avg_sq=zeros())
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = zeros()
         return state
@@ -193,6 +202,11 @@ class Adam(CompactState, FusedOptimizer):
         )
         if group.get("stochastic_rounding", False):
             kwargs.update(sr_seeds=bucket.state["sr_seed"], sr_shard=bucket_shard(bucket))
+        if bucket.state.get("exp_avg_scale") and bucket.state["exp_avg"][0].dtype == torch.int8:
+            kwargs.update(
+                exp_avg_scales=bucket.state["exp_avg_scale"],
+                exp_avg_sq_scales=bucket.state["exp_avg_sq_scale"],
+            )
         args = (
             bucket.local_params,
             grads,
@@ -224,7 +238,7 @@ class AdamW(Adam):
         master_weights: bool | str = True,
         backend: str = "auto",
         flat_buffers: bool = False,
-        state_dtype: torch.dtype = torch.float32,
+        state_dtype: torch.dtype | str = torch.float32,
         stochastic_rounding: bool = False,
         seed: int | None = None,
     ):
@@ -328,8 +342,14 @@ def _traffic(
     fp16 params and grads with masters: read 2 + 2 + 4 x 3, write 2 + 4 x 3 = 30 B/param;
     with bf16 moments read 2 + 2 + 4 + 2 + 2, write 2 + 4 + 2 + 2 = 22, kept 12. bf16 params
     with ``master="remainder"``: the master takes 2 bytes, not 4: 26 B/param moved with fp32
-    moments, 18 with bf16 ones (kept 10)."""
-    size = torch.empty((), dtype=state_dtype).element_size()
+    moments, 18 with bf16 ones (kept 10). int8 moments (tensors of at least 4,096 elements,
+    ``kernels/quantize.py``): a byte per element plus a 4-byte scale per 256, 1 + 1/64 each:
+    with remainders read 2 + 2 + 2 + 2 x 1.016, write 2 + 2 + 2 x 1.016 = 14.06 B/param,
+    16.06 with the check pass, kept 8.03 (4.03 of it optimizer state)."""
+    if state_dtype == "int8":
+        size = 1 + 4 / quantize.BLOCK  # 1.015625, exact in binary
+    else:
+        size = torch.empty((), dtype=state_dtype).element_size()
     return elementwise_traffic(param_dtype, grad_dtype, master, 3 if amsgrad else 2, size)
 
 
@@ -382,7 +402,7 @@ ALGORITHM = register(
             "torch_adam": ("bool", False),
         },
         configure=_configure,
-        config_kinds=CONFIG_KINDS,
+        config_kinds=INT8_CONFIG_KINDS,
         functional={"adam_": adam_, "adamw_": adamw_},
     )
 )

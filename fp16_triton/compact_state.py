@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
+from . import int8_state
 from .buckets import local
+from .kernels import quantize
 from .param_state import SEED_STATE
 
 __all__ = ["CompactState", "STATE_DTYPES", "CONFIG_KINDS", "param_seed", "bucket_shard"]
@@ -35,6 +37,7 @@ class CompactState:
     ``_new_state`` runs on a new param's state too)."""
 
     _compact_state: tuple[str, ...] = ()
+    _int8_moments = False  # whether state_dtype="int8" is built (Adam, AdamW)
     # A loaded state dict does not override how this optimizer stores its state; the loaded
     # state is converted to it (FusedOptimizer.load_state_dict).
     _kept_on_load = ("state_dtype",)
@@ -44,7 +47,7 @@ class CompactState:
         self, seed: int | None, flat_buffers: bool, state_dtype, stochastic_rounding: bool
     ) -> None:
         """Check the options (before anything is kept) and fix the seeds' source."""
-        _check_state_dtype(state_dtype)
+        _check_state_dtype(state_dtype, self._int8_moments)
         if flat_buffers:
             _check_flat(state_dtype, stochastic_rounding)
         if seed is not None and not isinstance(seed, int):
@@ -54,19 +57,43 @@ class CompactState:
 
     def _check_compact(self, group: dict[str, Any]) -> None:
         state_dtype = group.get("state_dtype", torch.float32)
-        _check_state_dtype(state_dtype)
+        _check_state_dtype(state_dtype, self._int8_moments)
         if getattr(self, "flat_buffers", False):
             _check_flat(state_dtype, group.get("stochastic_rounding", False))
+        if state_dtype == "int8" and group.get("amsgrad"):
+            raise ValueError(
+                "state_dtype='int8' keeps exp_avg and exp_avg_sq in 8 bits; amsgrad's running "
+                "maximum is not built for it: use amsgrad=False, or state_dtype=torch.bfloat16"
+            )
 
     def _compact_kind(self, group: dict[str, Any]) -> tuple:
         """The group settings that shape the state (a switch converts it)."""
         state_dtype = group.get("state_dtype", torch.float32)
         return state_dtype, bool(group.get("stochastic_rounding", False))
 
-    def _state_dtype(self, name: str, group: dict[str, Any]) -> torch.dtype:
+    def _state_dtype(self, name: str, group: dict[str, Any], p=None) -> torch.dtype:
         if name in self._compact_state:
-            return group.get("state_dtype", torch.float32)
+            dtype = group.get("state_dtype", torch.float32)
+            if dtype == "int8":  # small and non-row-major tensors keep fp32 (quantize.py)
+                shard = local(p) if p is not None else None
+                int8 = shard is not None and shard.numel() >= quantize.SMALL
+                int8 = int8 and shard.is_contiguous() and name in int8_state.SCALES
+                return torch.int8 if int8 else torch.float32
+            return dtype
         return torch.float32
+
+    def _bucket_key(self, p: torch.Tensor, group: dict[str, Any]) -> Any:
+        """Params whose moments differ in dtype (int8 groups keep small tensors' in fp32)
+        launch apart: a kernel reads one moment dtype."""
+        return self._state_dtype(self._compact_state[0], group, p) if self._compact_state else None
+
+    def _check_state(self, p: torch.Tensor, group: dict[str, Any], state=None) -> None:
+        super()._check_state(p, group, state)
+        if group.get("state_dtype") == "int8" and local(p) is not p:
+            raise ValueError(
+                "state_dtype='int8' is not built for sharded (FSDP2 DTensor) params yet: their "
+                "block scales would have to follow the shards; use torch.bfloat16 moments"
+            )
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         state = super()._new_state(p, group)
@@ -129,15 +156,18 @@ def param_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def _check_state_dtype(state_dtype) -> None:
+def _check_state_dtype(state_dtype, int8: bool = False) -> None:
     if isinstance(state_dtype, str) and state_dtype == "int8":
-        raise ValueError(
-            "state_dtype='int8': int8 moments are not implemented yet; use torch.float32 or "
-            "torch.bfloat16"
-        )
+        if not int8:
+            raise ValueError(
+                "state_dtype='int8' is built for Adam and AdamW's moments only; use "
+                "torch.float32 or torch.bfloat16"
+            )
+        return
     if state_dtype not in STATE_DTYPES:
         raise ValueError(
-            f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype!r}"
+            f"state_dtype must be torch.float32, torch.bfloat16"
+            f"{' or ' + repr('int8') if int8 else ''}, got {state_dtype!r}"
         )
 
 
@@ -165,18 +195,19 @@ _CONFIG_STATE_DTYPES = {
 }
 
 
-def _check_config_state_dtype(key: str, value) -> torch.dtype:
-    """The config's ``state_dtype``: a string (JSON has no dtypes), or the class default."""
+def _check_config_state_dtype(key: str, value, int8: bool = False) -> torch.dtype | str:
+    """The config's ``state_dtype``: a string (JSON has no dtypes), or the class default;
+    ``"int8"`` where the algorithm has int8 moments (Adam, AdamW)."""
     from .config import ConfigError
 
     if isinstance(value, torch.dtype) and value in STATE_DTYPES:
         return value
+    if int8 and value == "int8":
+        return value
     if isinstance(value, str) and value.lower() in _CONFIG_STATE_DTYPES:
         return _CONFIG_STATE_DTYPES[value.lower()]
-    raise ConfigError(
-        f"config key '{key}' must be one of {sorted(_CONFIG_STATE_DTYPES)}, got {value!r}"
-        + (" (int8 moments are not implemented yet)" if value == "int8" else "")
-    )
+    names = sorted(_CONFIG_STATE_DTYPES) + (["int8"] if int8 else [])
+    raise ConfigError(f"config key '{key}' must be one of {names}, got {value!r}")
 
 
 def _check_config_seed(key: str, value):
@@ -190,3 +221,7 @@ def _check_config_seed(key: str, value):
 
 CONFIG_KINDS = {"state_dtype": _check_config_state_dtype, "seed": _check_config_seed}
 """The config checks of the compact options (``Algorithm.config_kinds``)."""
+INT8_CONFIG_KINDS = dict(
+    CONFIG_KINDS, state_dtype=lambda key, value: _check_config_state_dtype(key, value, int8=True)
+)
+"""The same, for algorithms with int8 moments (Adam, AdamW)."""

@@ -263,6 +263,11 @@ class FusedOptimizer(ParamStateRules, Optimizer):
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         """Validate a group's hyperparameters (torch's messages). Subclasses override."""
 
+    def _bucket_key(self, p: torch.Tensor, group: dict[str, Any]) -> Any:
+        """What else must be equal for params to share a launch (besides device, dtypes and
+        alignment): nothing here; compact state's moment dtype (``compact_state.py``)."""
+        return None
+
     def _state_kind(self, group: dict[str, Any]) -> tuple:
         """The group settings that decide which state its params carry (changing one
         rebuilds the group's buckets and completes or trims the state)."""
@@ -417,9 +422,10 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         by_key: dict[tuple, list[int]] = {}
         for i, (p, g) in enumerate(zip(active, grads)):
             shard = local(p)
-            by_key.setdefault((shard.device, p.dtype, g.dtype, is_aligned(shard)), []).append(i)
+            key = (shard.device, p.dtype, g.dtype, is_aligned(shard), self._bucket_key(p, group))
+            by_key.setdefault(key, []).append(i)
         buckets = []
-        for (device, _, _, _), indices in by_key.items():
+        for (device, *_), indices in by_key.items():
             params = [active[i] for i in indices]
             backend = resolve_backend(self.backend, device)
             for p in params:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from . import int8_state
 from .buckets import like_param, local
 from .kernels.multi_tensor import LOW_PRECISION, SUPPORTED_DTYPES
 from .masters import MASTER_STATES, REMAINDER, convert_master, master_kind, new_master
@@ -70,7 +71,7 @@ class ParamStateRules:
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def _state_dtype(self, name: str, group: dict[str, Any]) -> torch.dtype:
+    def _state_dtype(self, name: str, group: dict[str, Any], p=None) -> torch.dtype:
         """The dtype state ``name`` is kept in for ``group``'s params: fp32, unless a subclass
         keeps some state compact (Adam's bf16 moments). Every tensor written from outside or
         loaded is converted to it (fp32 to bf16 rounds to nearest-even, bf16 to fp32 is exact)."""
@@ -120,13 +121,17 @@ class ParamStateRules:
                         "afresh)"
                     )
                 continue
+            if int8_state.check(p, name, value, state, self._describe):
+                continue  # a block-scale tensor, checked
             if name == REMAINDER:
                 if value.dtype != torch.int16:
                     raise TypeError(
                         f"state {name!r} of {self._describe(p)} is {value.dtype}; it must be "
                         "int16 (the low bits of the fp32 master: kernels/remainder.py)"
                     )
-            elif not value.is_floating_point():
+            elif not value.is_floating_point() and not (
+                name in int8_state.SCALES and value.dtype == torch.int8
+            ):
                 raise TypeError(
                     f"state {name!r} of {self._describe(p)} is {value.dtype}; optimizer state "
                     "must be floating point (it is kept in float32)"
@@ -156,7 +161,7 @@ class ParamStateRules:
             if new or state is None:
                 self.state[p] = new
         else:
-            _normalize_state(p, state, lambda name: self._state_dtype(name, group))
+            _normalize_state(p, state, lambda name: self._state_dtype(name, group, p))
             self._complete_state(p, group, state)
             self._follow_dtype(p, group, state)
         self._remember_dtypes([p])
@@ -238,16 +243,21 @@ class ParamStateRules:
                     raise ValueError(f"loaded 'step' of param {key!r} must be a single number")
                 out[name] = value.detach().to(local(p).device, torch.float32, copy=True).reshape(())
                 continue
+            if name in int8_state.SCALE_NAMES:  # block scales: checked with their codes
+                out[name] = value.detach().to(local(p).device, torch.float32, copy=True)
+                continue
             if value.shape != p.shape:
                 raise ValueError(
                     f"loaded state {name!r} of param {key!r} has shape {tuple(value.shape)}, "
                     f"the param has shape {tuple(p.shape)} (were the params created or passed "
                     "in another order than when the state dict was saved?)"
                 )
-            dtype = self._state_dtype(name, group)
+            dtype = self._state_dtype(name, group, p)
+            if value.dtype == torch.int8 or dtype == torch.int8:  # codes kept, floats quantized
+                dtype = torch.int8 if value.dtype == torch.int8 else torch.float32
             out[name] = value.detach().to(local(p).device, dtype, copy=True)
         self._check_state(p, group, out)
-        _normalize_state(p, out, lambda name: self._state_dtype(name, group))
+        _normalize_state(p, out, lambda name: self._state_dtype(name, group, p))
         self._complete_state(p, group, out)
         kind = master_kind(group, p.dtype)
         if kind != REMAINDER:
@@ -264,7 +274,10 @@ def _normalize_state(p: torch.Tensor, state: dict[str, Any], dtype_of) -> None:
     ``step`` one fp32 element, every other tensor with the param's strides. Writes only the
     entries that change."""
     shard = local(p)
+    int8_state.normalize(p, state, dtype_of)
     for name, value in list(state.items()):
+        if name in int8_state.SCALE_NAMES:
+            continue
         if name == SEED_STATE and isinstance(value, torch.Tensor):
             if value.device != shard.device or value.dtype != torch.int64 or value.dim():
                 state[name] = value.detach().to(shard.device, torch.int64).reshape(())

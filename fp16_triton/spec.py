@@ -65,12 +65,12 @@ class Traffic:
     kept on the device between steps (param, grad, masters and state). The step is
     memory-bound, so ``read + written`` over the bandwidth is its floor."""
 
-    read: int
-    written: int
-    kept: int
+    read: float  # whole bytes but for block scales (int8 moments: 1/64 B per element)
+    written: float
+    kept: float
 
     @property
-    def moved(self) -> int:
+    def moved(self) -> float:
         return self.read + self.written
 
 

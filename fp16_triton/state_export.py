@@ -13,12 +13,16 @@ from typing import Any
 
 import torch
 
+from .int8_state import SCALE_NAMES, SCALES, to_float
+
 __all__ = ["to_fp32_state_dict"]
 
 
 def to_fp32_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``state_dict`` (``optimizer.state_dict()`` of any fp16_triton optimizer, or
-    torch's) with every floating-point state tensor in fp32: bf16 moments widened, exactly.
+    torch's) with every floating-point state tensor in fp32: bf16 moments widened, exactly;
+    int8 moments dequantized (the values the next step would read) and their block scales
+    dropped.
 
     ``master_param`` (the fp32 master of an fp16/bf16 param) is kept: it is the weight a fp32
     optimizer would step. Step counts stay as they are (fp32 already). Group options are
@@ -30,15 +34,27 @@ def to_fp32_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
             "to_fp32_state_dict takes an optimizer state dict (optimizer.state_dict()), with the "
             "keys 'state' and 'param_groups'"
         )
-    state = {
-        index: {name: _fp32(value) for name, value in entry.items()}
-        for index, entry in state_dict["state"].items()
-    }
+    state = {index: _entry(entry) for index, entry in state_dict["state"].items()}
     groups = copy.deepcopy(state_dict["param_groups"])
     for group in groups:
         if "state_dtype" in group:
             group["state_dtype"] = torch.float32  # what the exported state now is
     return {"state": state, "param_groups": groups}
+
+
+def _entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """One param's state in fp32: int8 moments dequantized with their block scales (which
+    are dropped), every other floating tensor widened."""
+    out = {}
+    for name, value in entry.items():
+        if name in SCALE_NAMES:
+            continue
+        scale = SCALES.get(name)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.int8 and scale in entry:
+            out[name] = to_float(value.detach(), entry[scale].detach(), name)
+        else:
+            out[name] = _fp32(value)
+    return out
 
 
 def _fp32(value: Any) -> Any:

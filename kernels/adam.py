@@ -66,6 +66,7 @@ from .common import (
     widen,
 )
 from .multi_tensor import TableCache, rounds_stochastically
+from .quantize import BLOCK_IN_KERNELS, dequantize_root, dequantize_signed, store_quantized
 from .stochastic import random_words, stochastic_round
 
 __all__ = ["adam_step", "prepare_adam_step"]
@@ -94,6 +95,8 @@ def _adam_kernel(
     exp_avg_ptrs,  # int64 [T]: first moments (STATE_DTYPE)
     exp_avg_sq_ptrs,  # int64 [T]: second moments (STATE_DTYPE)
     max_exp_avg_sq_ptrs,  # int64 [T]: running max of the second moments (if AMSGRAD)
+    exp_avg_scale_ptrs,  # int64 [T]: fp32 scales of exp_avg's blocks (STATE_DTYPE int8)
+    exp_avg_sq_scale_ptrs,  # int64 [T]: fp32 scales of exp_avg_sq's blocks (int8)
     step_ptrs,  # int64 [T]: fp32 one-element step counts (before this step), read only
     sr_seed_ptrs,  # int64 [T]: int64 one-element seeds of the rounding streams (if STOCHASTIC)
     numels,  # int64 [T]: elements in each tensor
@@ -114,7 +117,7 @@ def _adam_kernel(
     sr_shard,  # fp32: this rank's shard of sharded params, counting random words (STOCHASTIC)
     PARAM_DTYPE: tl.constexpr,  # element type of the params
     GRAD_DTYPE: tl.constexpr,  # element type of the grads
-    STATE_DTYPE: tl.constexpr,  # element type of the moments: fp32, or bf16 (rounded on store)
+    STATE_DTYPE: tl.constexpr,  # moments: fp32, bf16 (rounded on store), int8 (quantize.py)
     HAS_MASTER: tl.constexpr,  # 0: none (params updated in place), 1: fp32 masters, 2: remainders
     DECOUPLED: tl.constexpr,  # AdamW (decoupled weight decay) rather than Adam
     AMSGRAD: tl.constexpr,  # keep and use the running max of the second moments
@@ -142,6 +145,8 @@ def _adam_kernel(
     exp_avg = tensor_ptr(exp_avg_ptrs, tensor, STATE_DTYPE, ALIGNED)
     exp_avg_sq = tensor_ptr(exp_avg_sq_ptrs, tensor, STATE_DTYPE, ALIGNED)
     max_exp_avg_sq = tensor_ptr(max_exp_avg_sq_ptrs, tensor, STATE_DTYPE, ALIGNED)
+    m_scale = tensor_ptr(exp_avg_scale_ptrs, tensor, tl.float32, False)
+    v_scale = tensor_ptr(exp_avg_sq_scale_ptrs, tensor, tl.float32, False)
 
     # Per-program scalars, in fp64 where cancellation would cost precision.
     if LR_ON_DEVICE:
@@ -166,8 +171,19 @@ def _adam_kernel(
             grad, param, master, offsets, mask, inv_scale, clip_coef, GRAD_DTYPE, PARAM_DTYPE,
             HAS_MASTER, HAS_GRAD_SCALE, HAS_CLIP, MAXIMIZE,
         )  # fmt: skip
-        m = widen(tl.load(exp_avg + offsets, mask=mask, other=0.0), STATE_DTYPE)
-        v = widen(tl.load(exp_avg_sq + offsets, mask=mask, other=0.0), STATE_DTYPE)
+        if STATE_DTYPE == tl.int8:
+            block = offsets // BLOCK_IN_KERNELS
+            m = dequantize_signed(
+                tl.load(exp_avg + offsets, mask=mask, other=0),
+                tl.load(m_scale + block, mask=mask, other=0.0),
+            )
+            v = dequantize_root(
+                tl.load(exp_avg_sq + offsets, mask=mask, other=0),
+                tl.load(v_scale + block, mask=mask, other=0.0),
+            )
+        else:
+            m = widen(tl.load(exp_avg + offsets, mask=mask, other=0.0), STATE_DTYPE)
+            v = widen(tl.load(exp_avg_sq + offsets, mask=mask, other=0.0), STATE_DTYPE)
         if DECOUPLED:
             p = p * decay
         else:
@@ -182,6 +198,10 @@ def _adam_kernel(
         if STOCHASTIC:
             # One Philox draw per element: a word for the param and for each moment.
             r_param, r_m, r_v, r_max = random_words(seed, step, offsets, sr_shard)
+        if STATE_DTYPE == tl.int8:
+            store_quantized(exp_avg, exp_avg_sq, m_scale, v_scale, m, v, start + i, offsets,
+                            mask, numel, BLOCK, BLOCK_IN_KERNELS)  # fmt: skip
+        elif STOCHASTIC:
             tl.store(exp_avg + offsets, stochastic_round(m, r_m, STATE_DTYPE), mask=mask)
             tl.store(exp_avg_sq + offsets, stochastic_round(v, r_v, STATE_DTYPE), mask=mask)
         else:
@@ -226,6 +246,8 @@ def prepare_adam_step(
     max_norm: float = 0.0,
     sr_seeds: Sequence[torch.Tensor] | None = None,
     sr_shard: int = 0,
+    exp_avg_scales: Sequence[torch.Tensor] | None = None,
+    exp_avg_sq_scales: Sequence[torch.Tensor] | None = None,
     cache: TableCache | None = None,
 ) -> Callable[[], None]:
     """Check the inputs and build the tables of a fused Adam/AdamW step (in place, no host
@@ -260,20 +282,27 @@ def prepare_adam_step(
             them to nearest-even. Ignored where nothing is low precision without a master.
         sr_shard: this rank's shard of sharded (FSDP2) params, 0 otherwise: counts the random
             words apart per shard (``kernels/stochastic.py``).
+        exp_avg_scales, exp_avg_sq_scales: with int8 moments (``kernels/quantize.py``), each
+            tensor's fp32 block scales (``ceil(numel / 256)``), read and rewritten.
         cache: optional ``TableCache`` the caller keeps for this group.
 
     Launches: two (the step and the step-count increment), whatever the number of tensors.
     """
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
+    int8 = bool(exp_avgs) and exp_avgs[0].dtype == torch.int8
+    if int8 and (exp_avg_scales is None or exp_avg_sq_scales is None or amsgrad):
+        raise ValueError("int8 moments need exp_avg_scales and exp_avg_sq_scales, and no amsgrad")
     state = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps, "masters": masters}
     state["max_exp_avg_sqs"] = max_exp_avg_sqs if amsgrad else None
+    state["exp_avg_scales"] = exp_avg_scales if int8 else None
+    state["exp_avg_sq_scales"] = exp_avg_sq_scales if int8 else None
     stochastic = rounds_stochastically(sr_seeds, params, masters, exp_avgs)
     state["sr_seeds"] = sr_seeds if stochastic else None
     return prepare_step(
         _adam_kernel, "adam", params, grads, masters, state,
-        rows=("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps",
-              "sr_seeds"),
+        rows=("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
+              "exp_avg_scales", "exp_avg_sq_scales", "steps", "sr_seeds"),
         hyperparameters=(float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
                          float(eps), float(weight_decay), float(sr_shard)),
         flags=dict(DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
@@ -337,6 +366,16 @@ def compile_variants(compile) -> dict[str, dict]:
                     STOCHASTIC=False, **flags, **common,
                 ),
             )  # fmt: skip
+    # int8 moments (kernels/quantize.py): codes and block scales, with remainder masters.
+    for aligned in (False, True):
+        results[f"adam-bf16-remainder-int8state-aligned{aligned}"] = compile(
+            _adam_kernel,
+            dict(
+                PARAM_DTYPE=tl.bfloat16, GRAD_DTYPE=tl.bfloat16, HAS_MASTER=2, AMSGRAD=False,
+                LR_ON_DEVICE=True, ALIGNED=aligned, STATE_DTYPE=tl.int8, STOCHASTIC=False,
+                **flags, **common,
+            ),
+        )  # fmt: skip
     results["adam-fp32-plain"] = compile(
         _adam_kernel,
         dict(

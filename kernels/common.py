@@ -13,6 +13,7 @@ import triton.language as tl
 from .launch_config import launch_config
 from .multi_tensor import (
     EXACT_ARITHMETIC,
+    QUANT_BLOCK,
     check_step_inputs,
     device_guard,
     learning_rate,
@@ -25,6 +26,7 @@ TORCH_TO_TRITON = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
     torch.float32: tl.float32,
+    torch.int8: tl.int8,  # int8 moments (kernels/quantize.py)
 }
 
 
@@ -260,6 +262,12 @@ def prepare_step(
     check_step_inputs(params, grads, masters, state, grad_scale, found_inf, norm_sq, compact_state)
     device = params[0].device
     config = launch_config(name, device)
+    if flags.get("STATE_DTYPE") == tl.int8 and config["BLOCK"] % QUANT_BLOCK:
+        raise ValueError(
+            f"int8 moments need launch blocks of a multiple of {QUANT_BLOCK} elements (one "
+            f"program computes a quantization block's scale); the {name!r} configuration in "
+            f"effect has BLOCK={config['BLOCK']}: retune, or remove the tuned configuration"
+        )
     names = ["params", "grads", *state]
     tables = tables_for(names, [params, grads], list(state.values()), config["CHUNK"], cache)
     by_name = dict(zip(names, tables.rows))

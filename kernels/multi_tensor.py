@@ -71,6 +71,8 @@ def check_tensor_lists(names: Sequence[str], lists: Sequence[Sequence[torch.Tens
             if t.dtype != dtype:
                 raise ValueError(f"{name}[{i}] is {t.dtype} while {name}[0] is {dtype}")
             expected = 1 if name in ONE_ELEMENT_ROWS else like.numel()
+            if name in BLOCK_ROWS:
+                expected = -(-like.numel() // QUANT_BLOCK)
             if t.numel() != expected:
                 raise ValueError(
                     f"{name}[{i}] has {t.numel()} elements, expected {expected} "
@@ -84,7 +86,8 @@ def check_tensor_lists(names: Sequence[str], lists: Sequence[Sequence[torch.Tens
                     f"strides {t.stride()}); the fused kernels read tensors as flat ranges: "
                     "call .contiguous() on it, or use backend='torch'"
                 )
-            if name not in ONE_ELEMENT_ROWS and t.numel() > 1 and t.stride() != like.stride():
+            flat_row = name in ONE_ELEMENT_ROWS or name in BLOCK_ROWS
+            if not flat_row and t.numel() > 1 and t.stride() != like.stride():
                 raise ValueError(
                     f"{name}[{i}] has strides {t.stride()} while {names[0]}[{i}] has "
                     f"{like.stride()}; the fused kernels pair elements by their position in "
@@ -112,6 +115,10 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 ONE_ELEMENT_ROWS = ("steps", "sr_seeds")
 """Table rows of one-element tensors per param (step counts, int64 rounding seeds)."""
+BLOCK_ROWS = ("exp_avg_scales", "exp_avg_sq_scales")
+"""Table rows of one fp32 scale per quantization block of the param (int8 moments:
+``kernels/quantize.py``): ``ceil(numel / quantize.BLOCK)`` elements, contiguous."""
+QUANT_BLOCK = 256  # kernels/quantize.py: BLOCK (kept here too: quantize imports this module)
 
 
 def rounds_stochastically(sr_seeds, params, masters, state) -> bool:
@@ -131,7 +138,7 @@ def master_mode(masters) -> int:
     return 2 if len(masters) and masters[0].dtype == torch.int16 else 1
 
 
-COMPACT_STATE_DTYPES = (torch.float32, torch.bfloat16)
+COMPACT_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 """The dtypes a kernel that takes a ``STATE_DTYPE`` flag reads its compact state lists in."""
 
 
@@ -170,13 +177,17 @@ def check_step_inputs(
             continue
         if name == "masters":  # checked above
             continue
+        if name in BLOCK_ROWS:
+            if lst[0].dtype != torch.float32:
+                raise TypeError(f"{name} must be float32, got {lst[0].dtype}")
+            continue
         if name == "sr_seeds":
             if lst[0].dtype != torch.int64:
                 raise TypeError(f"sr_seeds must be int64, got {lst[0].dtype}")
             continue
         if name in compact_state:
             if lst[0].dtype not in COMPACT_STATE_DTYPES:
-                raise TypeError(f"{name} must be float32 or bfloat16, got {lst[0].dtype}")
+                raise TypeError(f"{name} must be float32, bfloat16 or int8, got {lst[0].dtype}")
             compact_dtypes[name] = lst[0].dtype
         elif lst[0].dtype != torch.float32:
             raise TypeError(f"{name} must be float32, got {lst[0].dtype}")
@@ -327,7 +338,7 @@ class LaunchTables:
         aligned = all(
             is_aligned(t)
             for name, lst in zip(names, lists)
-            if lst is not None and name not in ONE_ELEMENT_ROWS
+            if lst is not None and name not in ONE_ELEMENT_ROWS and name not in BLOCK_ROWS
             for t in lst
         )
         if device.type != "cpu":

@@ -1,8 +1,11 @@
 """8-bit moments (issue 14, item 3): the codes and their block scales. Building block only: no
 optimizer keeps int8 state yet (``state_dtype="int8"`` is refused until it is wired in).
 
-Each tensor is cut into blocks of ``BLOCK`` (256) consecutive elements of its memory; a block
-keeps one fp32 scale and one 8-bit code per element:
+Each tensor is cut into blocks of ``BLOCK`` (256) consecutive elements (row-major order: only
+contiguous tensors get int8 moments, so it is their memory order too); a block keeps one fp32
+scale (over its finite values) and one 8-bit code per element. Infinities and NaN get codes of
+their own, which no finite value uses (above 1.0), so they stay where they are as with fp32
+moments and leave their block's other values alone:
 
 - ``exp_avg`` (signed): scale ``s = max |m|`` over the block; code = ``m / s`` as a signed
   8-bit float: sign bit, 3 exponent bits, 4 mantissa bits, top value exactly 1.0 (so the block
@@ -37,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import EXACT_ARITHMETIC
+from .multi_tensor import EXACT_ARITHMETIC, QUANT_BLOCK
 
 __all__ = [
     "BLOCK",
@@ -48,8 +51,9 @@ __all__ = [
     "dequantize_root_reference",
 ]
 
-BLOCK = 256
-"""Elements per quantization block (one fp32 scale each)."""
+BLOCK = QUANT_BLOCK
+"""Elements per quantization block (one fp32 scale each): 256."""
+BLOCK_IN_KERNELS = tl.constexpr(BLOCK)  # the same, as the kernels may read a global
 SMALL = 4096
 """Tensors with fewer elements keep fp32 moments."""
 
@@ -97,35 +101,69 @@ def _from_minifloat(
 
 @triton.jit
 def quantize_signed(m, scale):
-    """int8 code of ``m`` in a block of scale ``scale`` (``max |m|``; 0 gives code 0)."""
+    """int8 code of ``m`` in a block of scale ``scale`` (``max |m|`` over its finite values;
+    0 gives code 0); infinities and NaN get the codes no finite value uses (``_INF_CODE``)."""
     y = tl.where(scale > 0, tl.div_rn(tl.abs(m), tl.where(scale > 0, scale, 1.0)), 0.0)
-    magnitude = _to_minifloat(y, 4, 1920, 1024.0, 0.015625)  # E3M4, bias 7
-    code = tl.where(m < 0, magnitude | 0x80, magnitude)
+    magnitude = _to_minifloat(tl.minimum(y, 1.0), 4, 1920, 1024.0, 0.015625)  # E3M4, bias 7
+    magnitude = tl.where(tl.abs(m) == float("inf"), 0x7F, magnitude)
+    magnitude = tl.where(m != m, 0x7E, magnitude)
+    code = tl.where((m < 0) & (magnitude > 0), magnitude | 0x80, magnitude)  # no -0 code
     return code.to(tl.int8)
 
 
 @triton.jit
 def dequantize_signed(code, scale):
     c = code.to(tl.int32) & 0xFF
-    y = _from_minifloat(c & 0x7F, 4, 1920, 0.0009765625) * scale
+    magnitude = c & 0x7F
+    y = _from_minifloat(magnitude, 4, 1920, 0.0009765625) * scale
+    y = tl.where(magnitude == 0x7F, float("inf"), y)
+    y = tl.where(magnitude == 0x7E, float("nan"), y)
     return tl.where(c >= 0x80, -y, y)
 
 
 @triton.jit
 def quantize_root(v, scale):
-    """int8 code of ``sqrt(v)`` in a block of scale ``scale`` (``sqrt(max v)``); a non-zero
-    ``v`` gets a non-zero code."""
+    """int8 code of ``sqrt(v)`` in a block of scale ``scale`` (``sqrt(max v)`` over its finite
+    values); a non-zero ``v`` gets a non-zero code, an infinite or NaN one its own code."""
     root = tl.sqrt_rn(v)
     y = tl.where(scale > 0, tl.div_rn(root, tl.where(scale > 0, scale, 1.0)), 0.0)
-    code = _to_minifloat(y, 4, 1792, 262144.0, 0.00006103515625)  # E4M4, bias 15
+    code = _to_minifloat(tl.minimum(y, 1.0), 4, 1792, 262144.0, 0.00006103515625)  # E4M4
     code = tl.where((v > 0) & (code == 0), 1, code)
+    code = tl.where(v == float("inf"), 0xFF, code)
+    code = tl.where(v != v, 0xFE, code)
     return code.to(tl.uint8).to(tl.int8, bitcast=True)
 
 
 @triton.jit
 def dequantize_root(code, scale):
-    root = _from_minifloat(code.to(tl.int32) & 0xFF, 4, 1792, 0.000003814697265625) * scale
-    return root * root
+    c = code.to(tl.int32) & 0xFF
+    root = _from_minifloat(c, 4, 1792, 0.000003814697265625) * scale
+    v = root * root
+    v = tl.where(c == 0xFF, float("inf"), v)
+    return tl.where(c == 0xFE, float("nan"), v)
+
+
+@triton.jit
+def store_quantized(
+    exp_avg, exp_avg_sq, m_scale, v_scale, m, v, first, offsets, mask, numel,
+    BLOCK: tl.constexpr, QUANT_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Store one launch block of fp32 moments ``m``, ``v`` (elements ``first`` onwards, a
+    multiple of ``QUANT_BLOCK``) as codes and their blocks' scales. Elements past ``numel``
+    are masked; they hold zeros, which do not raise a block's maximum."""
+    N: tl.constexpr = BLOCK // QUANT_BLOCK
+    finite_m = mask & (tl.abs(m) < float("inf"))  # NaN compares false: left out too
+    finite_v = mask & (v < float("inf"))
+    m_top = tl.max(tl.reshape(tl.where(finite_m, tl.abs(m), 0.0), (N, QUANT_BLOCK)), axis=1)
+    v_top = tl.sqrt_rn(tl.max(tl.reshape(tl.where(finite_v, v, 0.0), (N, QUANT_BLOCK)), axis=1))
+    m_each = tl.reshape(tl.broadcast_to(tl.expand_dims(m_top, 1), (N, QUANT_BLOCK)), (BLOCK,))
+    v_each = tl.reshape(tl.broadcast_to(tl.expand_dims(v_top, 1), (N, QUANT_BLOCK)), (BLOCK,))
+    tl.store(exp_avg + offsets, quantize_signed(m, m_each), mask=mask)
+    tl.store(exp_avg_sq + offsets, quantize_root(v, v_each), mask=mask)
+    blocks = first // QUANT_BLOCK + tl.arange(0, N)
+    in_tensor = blocks * QUANT_BLOCK < numel
+    tl.store(m_scale + blocks, m_top, mask=in_tensor)
+    tl.store(v_scale + blocks, v_top, mask=in_tensor)
 
 
 # ---------------------------------------------------------------------- torch references
@@ -155,35 +193,47 @@ def _safe_ratio(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_signed_reference(m: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Reference of ``quantize_signed`` (``scale`` broadcast against ``m``)."""
-    magnitude = _to_minifloat_reference(_safe_ratio(m.abs(), scale).float(), _SIGNED)
-    code = torch.where(m < 0, magnitude | 0x80, magnitude)
+    y = _safe_ratio(m.abs(), scale).float().clamp(max=1.0)
+    magnitude = _to_minifloat_reference(y, _SIGNED)
+    magnitude = torch.where(m.isinf(), 0x7F, magnitude)
+    magnitude = torch.where(m.isnan(), 0x7E, magnitude)
+    code = torch.where((m < 0) & (magnitude > 0), magnitude | 0x80, magnitude)
     return torch.where(code >= 0x80, code - 0x100, code).to(torch.int8)
 
 
 def dequantize_signed_reference(code: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     c = code.to(torch.int32) & 0xFF
-    y = _from_minifloat_reference(c & 0x7F, _SIGNED) * scale
+    magnitude = c & 0x7F
+    y = _from_minifloat_reference(magnitude, _SIGNED) * scale
+    y = torch.where(magnitude == 0x7F, float("inf"), y)
+    y = torch.where(magnitude == 0x7E, float("nan"), y)
     return torch.where(c >= 0x80, -y, y)
 
 
 def quantize_root_reference(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Reference of ``quantize_root``."""
-    code = _to_minifloat_reference(_safe_ratio(v.sqrt(), scale).float(), _ROOT)
+    y = _safe_ratio(v.sqrt(), scale).float().clamp(max=1.0)
+    code = _to_minifloat_reference(y, _ROOT)
     code = torch.where((v > 0) & (code == 0), 1, code)
+    code = torch.where(v.isposinf(), 0xFF, code)
+    code = torch.where(v.isnan(), 0xFE, code)
     return torch.where(code >= 0x80, code - 0x100, code).to(torch.int8)
 
 
 def dequantize_root_reference(code: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    root = _from_minifloat_reference(code.to(torch.int32) & 0xFF, _ROOT) * scale
-    return root * root
+    c = code.to(torch.int32) & 0xFF
+    root = _from_minifloat_reference(c, _ROOT) * scale
+    v = torch.where(c == 0xFF, float("inf"), root * root)
+    return torch.where(c == 0xFE, float("nan"), v)
 
 
 def block_scales_reference(x: torch.Tensor, root: bool = False) -> torch.Tensor:
     """fp32 scales of ``x``'s blocks of ``BLOCK`` elements in memory order: ``max |x|``, or
     ``sqrt(max x)`` with ``root`` (for ``exp_avg_sq``). The last block may be partial."""
-    flat = x.detach().reshape(-1).float()
+    flat = x.detach().reshape(-1).float().abs()
+    flat = torch.where(flat.isfinite(), flat, 0.0)  # infinities and NaN have their own codes
     pad = (-flat.numel()) % BLOCK
-    blocks = torch.nn.functional.pad(flat.abs(), (0, pad)).reshape(-1, BLOCK)
+    blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, BLOCK)
     top = blocks.amax(dim=1)
     return top.sqrt() if root else top
 
@@ -220,3 +270,32 @@ def compile_variants(compile) -> dict[str, dict]:
              "v_scale_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "m_back_ptr": "*fp32",
              "v_back_ptr": "*fp32"}  # fmt: skip
     return {"quantize-roundtrip": compile(_roundtrip_kernel, dict(BLOCK=BLOCK), types)}
+
+
+def dequantize_tensor(codes: torch.Tensor, scales: torch.Tensor, root: bool) -> torch.Tensor:
+    """fp32 values of an int8 moment (``root``: ``exp_avg_sq``). Blocks follow the elements'
+    logical (row-major) order, which is the kernels' memory order: only contiguous params
+    get int8 moments, so a copy whose layout changed (``.contiguous()`` in a converter) is
+    read the same."""
+    flat = codes.reshape(-1)
+    each = scales.repeat_interleave(BLOCK)[: flat.numel()]
+    back = dequantize_root_reference if root else dequantize_signed_reference
+    return back(flat, each).reshape(codes.shape)
+
+
+def quantize_tensor_(
+    codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor, root: bool
+) -> None:
+    """Store fp32 ``values`` into an int8 moment's ``codes`` and ``scales`` in place (new
+    scales from the values' blocks, as ``store_quantized``)."""
+    flat = values.float().reshape(-1)
+    new = block_scales_reference(flat, root=root)
+    each = new.repeat_interleave(BLOCK)[: flat.numel()]
+    encode = quantize_root_reference if root else quantize_signed_reference
+    codes.copy_(encode(flat, each).reshape(codes.shape))
+    scales.copy_(new)
+
+
+def scales_for(t: torch.Tensor) -> torch.Tensor:
+    """Zero fp32 scales for an int8 moment like ``t`` (one per block)."""
+    return torch.zeros(-(-t.numel() // BLOCK), dtype=torch.float32, device=t.device)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import quantize
 from .multi_tensor import rounds_stochastically
 from .remainder import join_reference, round_master_reference, split_reference
 from .stochastic import step_words_reference, stochastic_round_reference
@@ -182,6 +183,8 @@ def adam_step(
     max_norm: float = 0.0,
     sr_seeds: Sequence[torch.Tensor] | None = None,
     sr_shard: int = 0,
+    exp_avg_scales: Sequence[torch.Tensor] | None = None,
+    exp_avg_sq_scales: Sequence[torch.Tensor] | None = None,
     cache=None,
 ) -> None:
     """Reference of ``kernels.adam.adam_step`` (same arguments and semantics). With
@@ -200,7 +203,20 @@ def adam_step(
     # bf16 moments: updated as fp32 copies, stored back rounded to nearest-even below (copy_
     # rounds so; this step's update uses the fp32 values, as the kernel does).
     stored = [list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else []]
-    exp_avgs, exp_avg_sqs, maxima = ([t.float() for t in lst] for lst in stored)
+    int8 = bool(stored[0]) and stored[0][0].dtype == torch.int8
+    if int8:  # codes and block scales (kernels/quantize.py), requantized below
+        if amsgrad or exp_avg_scales is None or exp_avg_sq_scales is None:
+            raise ValueError(
+                "int8 moments need exp_avg_scales and exp_avg_sq_scales, and no amsgrad"
+            )
+        scales = [list(exp_avg_scales), list(exp_avg_sq_scales)]
+        exp_avgs, exp_avg_sqs = (
+            [quantize.dequantize_tensor(c, s, root) for c, s in zip(stored[k], scales[k])]
+            for k, root in ((0, False), (1, True))
+        )
+        maxima = []
+    else:
+        exp_avgs, exp_avg_sqs, maxima = ([t.float() for t in lst] for lst in stored)
     if weight_decay != 0:
         if decoupled_weight_decay:
             torch._foreach_mul_(weights, 1.0 - lr * weight_decay)
@@ -213,8 +229,13 @@ def adam_step(
     if amsgrad:
         torch._foreach_maximum_(maxima, exp_avg_sqs)
         second = maxima
-    for k, (lst, values) in enumerate(zip(stored, (exp_avgs, exp_avg_sqs, maxima))):
-        store_compact(lst, values, [w and w[k + 1] for w in words])
+    if int8:
+        for k, (values, root) in enumerate(((exp_avgs, False), (exp_avg_sqs, True))):
+            for c, s, x in zip(stored[k], scales[k], values):
+                quantize.quantize_tensor_(c, s, x, root)
+    else:
+        for k, (lst, values) in enumerate(zip(stored, (exp_avgs, exp_avg_sqs, maxima))):
+            store_compact(lst, values, [w and w[k + 1] for w in words])
     new_steps = [s.item() + 1.0 for s in steps]
     step_sizes = [-lr / (1.0 - beta1**s) for s in new_steps]
     bc2_sqrts = [math.sqrt(1.0 - beta2**s) for s in new_steps]

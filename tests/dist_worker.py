@@ -146,6 +146,27 @@ def inject_inf(step, engine):
         grad._local_tensor.view(-1)[0] = float("inf")  # this rank's shard only
 
 
+def train_bf16_wrapped(model, wrapper: str, batch, options: dict):
+    """``STEPS`` steps of a bf16 model under DDP, ZeRO-1 (``ZeroRedundancyOptimizer`` over our
+    AdamW) or FSDP2 (``model`` already sharded) with AdamW(``options``); returns our AdamW."""
+    forward = nn.parallel.DistributedDataParallel(model) if wrapper != "fsdp" else model
+    if wrapper == "zero":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        opt = ZeroRedundancyOptimizer(
+            model.parameters(), optimizer_class=fp16_triton.AdamW, **options
+        )
+        inner = opt.optim
+    else:
+        opt = inner = fp16_triton.AdamW(model.parameters(), **options)
+    for step in range(STEPS):
+        x, y = batch(step)
+        F.mse_loss(forward(x.to(BF16)).float(), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return inner
+
+
 def phase_train(out: str, rank: int, world: int):
     results = {}
     batch = lambda step: local_batch(step, rank, world)  # noqa: E731
@@ -233,50 +254,26 @@ def phase_train(out: str, rank: int, world: int):
 
     # Compact state (bf16 params, no masters, bf16 moments, stochastic rounding) under DDP,
     # ZeRO-1 and FSDP2: every rank must round the same way where it holds the same values.
-    for name in ("ddp_compact", "zero_compact", "fsdp_compact"):
-        model = fsdp_model(torch.bfloat16) if name == "fsdp_compact" else make_model(BF16)
-        forward = nn.parallel.DistributedDataParallel(model) if name != "fsdp_compact" else model
-        if name == "zero_compact":
-            opt = ZeroRedundancyOptimizer(
-                model.parameters(), optimizer_class=fp16_triton.AdamW, **COMPACT
-            )
-            inner = opt.optim
-        else:
-            opt = inner = fp16_triton.AdamW(model.parameters(), **COMPACT)
-        for step in range(STEPS):
-            x, y = batch(step)
-            F.mse_loss(forward(x.to(BF16)).float(), y).backward()
-            opt.step()
-            opt.zero_grad()
+    for wrapper in ("ddp", "zero", "fsdp"):
+        model = fsdp_model(BF16) if wrapper == "fsdp" else make_model(BF16)
+        inner = train_bf16_wrapped(model, wrapper, batch, COMPACT)
         kept = {
             key: str(value.dtype)
             for state in inner.state.values()
             for key, value in state.items()
             if isinstance(value, torch.Tensor)
         }
-        results[f"{name}_state_dtypes"] = kept
-        torch.save(full_params(model), f"{out}/{name}_rank{rank}.pt")
+        results[f"{wrapper}_compact_state_dtypes"] = kept
+        torch.save(full_params(model), f"{out}/{wrapper}_compact_rank{rank}.pt")
 
     # Remainder masters (issue 14) under DDP, ZeRO-1 and FSDP2: bitwise the run with fp32
     # masters, params and (this rank's part of) the state dict's fp32 masters.
     for wrapper in ("ddp", "zero", "fsdp"):
         for mode in (True, "remainder"):
             torch.manual_seed(0)
-            model = fsdp_model(torch.bfloat16) if wrapper == "fsdp" else make_model(BF16)
-            forward = nn.parallel.DistributedDataParallel(model) if wrapper != "fsdp" else model
+            model = fsdp_model(BF16) if wrapper == "fsdp" else make_model(BF16)
             options = dict(lr=1e-2, weight_decay=0.1, master_weights=mode)
-            if wrapper == "zero":
-                opt = ZeroRedundancyOptimizer(
-                    model.parameters(), optimizer_class=fp16_triton.AdamW, **options
-                )
-                inner = opt.optim
-            else:
-                opt = inner = fp16_triton.AdamW(model.parameters(), **options)
-            for step in range(STEPS):
-                x, y = batch(step)
-                F.mse_loss(forward(x.to(BF16)).float(), y).backward()
-                opt.step()
-                opt.zero_grad()
+            inner = train_bf16_wrapped(model, wrapper, batch, options)
             name = f"{wrapper}_{'remainder' if mode == 'remainder' else 'masters'}"
             masters = {
                 f"master{index}": getattr(s["master_param"], "_local_tensor", s["master_param"])
@@ -285,6 +282,18 @@ def phase_train(out: str, rank: int, world: int):
             kept = sorted({key for s in inner.state.values() for key in s})
             results[f"{name}_state_names"] = kept
             torch.save({**full_params(model), **masters}, f"{out}/{name}_rank{rank}.pt")
+
+    # int8 moments (with remainder masters) under DDP and ZeRO-1, on a model with a weight of
+    # 5,120 elements (int8 from 4,096): the ranks must hold the same params.
+    for wrapper in ("ddp", "zero"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 320), nn.Tanh(), nn.Linear(320, 4)).to(BF16)
+        options = dict(lr=1e-2, master_weights="remainder", state_dtype="int8", backend="triton")
+        inner = train_bf16_wrapped(model, wrapper, batch, options)
+        results[f"{wrapper}_int8_state_dtypes"] = sorted(
+            {str(t.dtype) for s in inner.state.values() for t in s.values()}
+        )
+        torch.save(full_params(model), f"{out}/{wrapper}_int8_rank{rank}.pt")
 
     # Stochastic rounding per shard: a DTensor whose two shards (one per rank) hold the same
     # values and get the same grads at every step. Rounded with the same words on both shards

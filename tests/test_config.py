@@ -645,6 +645,11 @@ def test_adam_state_dtype_takes_strings_and_round_trips_through_json():
     cfg = load_config(config)
     assert cfg.optimizer.params["state_dtype"] == torch.bfloat16
     assert load_config(json.loads(json.dumps(cfg.to_dict()))).optimizer == cfg.optimizer
-    for bad in ("int8", "fp16", 3):
+    for bad in ("int4", "fp16", 3):
         with pytest.raises(ConfigError, match="optimizer.params.state_dtype"):
             load_config({"optimizer": {"type": "Adam", "params": {"state_dtype": bad}}})
+    int8 = load_config({"optimizer": {"type": "AdamW", "params": {"state_dtype": "int8"}}})
+    assert int8.optimizer.params["state_dtype"] == "int8"
+    assert load_config(json.loads(json.dumps(int8.to_dict()))).optimizer == int8.optimizer
+    with pytest.raises(ConfigError, match="optimizer.params.state_dtype"):  # Adam's only
+        load_config({"optimizer": {"type": "Lion", "params": {"state_dtype": "int8"}}})

@@ -193,6 +193,16 @@ def test_remainder_masters_are_bitwise_fp32_masters_under_each_wrapper(runs, wra
         assert_same(load(f"{wrapper}_remainder", rank), load(f"{wrapper}_masters", rank))
 
 
+@pytest.mark.parametrize("wrapper", ["ddp", "zero"])
+def test_int8_moments_train_alike_on_every_rank(runs, wrapper):
+    """int8 moments with remainder masters (issue 14) under DDP and ZeRO-1: the ranks hold
+    the same params, and the state has int8 codes (FSDP2 is refused: scales of shards)."""
+    out, load = runs
+    records = json.loads((out / "records_rank0.json").read_text())
+    assert "torch.int8" in records[f"{wrapper}_int8_state_dtypes"]
+    assert_same(load(f"{wrapper}_int8", 0), load(f"{wrapper}_int8", 1))
+
+
 def test_fsdp2_shards_round_with_their_own_words(runs):
     """Shards of one DTensor share its seed and their local element indices; the shard
     position in the Philox counter gives each its own words. A tensor whose two shards hold

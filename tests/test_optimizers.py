@@ -684,8 +684,8 @@ def test_versioned_state_counts_every_kind_of_replacement():
 
 def test_state_dtype_refusals():
     p = [torch.nn.Parameter(torch.zeros(4))]
-    with pytest.raises(ValueError, match="int8 moments are not implemented yet; use torch.float32"):
-        fp16_triton.AdamW(p, state_dtype="int8")
+    with pytest.raises(ValueError, match="int8' is built for Adam and AdamW's moments only"):
+        fp16_triton.Lion(p, state_dtype="int8")
     with pytest.raises(ValueError, match="flat_buffers"):
         fp16_triton.Adam(p, state_dtype=torch.bfloat16, flat_buffers=True)
     with pytest.raises(ValueError, match="state_dtype"):

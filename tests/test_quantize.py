@@ -21,7 +21,8 @@ from fp16_triton.kernels import quantize as q
 
 def code_values(signed: bool) -> torch.Tensor:
     """Every code's value in float64, from the definition: E3M4 bias 7 (signed magnitudes,
-    128 codes) or E4M4 bias 15 (roots, 256 codes), subnormals at exponent 0."""
+    128 codes) or E4M4 bias 15 (roots, 256 codes), subnormals at exponent 0; the top two
+    codes (above 1.0, never a finite value's) stand for NaN and infinity."""
     mantissa, bias, count = (4, 7, 128) if signed else (4, 15, 256)
     values = []
     for c in range(count):
@@ -30,6 +31,7 @@ def code_values(signed: bool) -> torch.Tensor:
             values.append(f / 2**mantissa * 2.0 ** (1 - bias))
         else:
             values.append((1 + f / 2**mantissa) * 2.0 ** (e - bias))
+    values[-2:] = [float("nan"), float("inf")]
     return torch.tensor(values, dtype=torch.float64)
 
 
@@ -108,7 +110,7 @@ def test_all_zero_blocks_and_every_code_value():
             back = q.dequantize_signed_reference(codes, torch.tensor(1.0))
         else:
             back = q.dequantize_root_reference(codes, torch.tensor(1.0)).double().sqrt()
-        assert torch.equal(back.double(), values), "a code's value is not its definition's"
+        torch.testing.assert_close(back.double(), values, rtol=0, atol=0, equal_nan=True)
 
 
 def test_block_scales_cover_partial_blocks():
@@ -123,9 +125,12 @@ def test_device_functions_are_the_references_bit_for_bit(seed):
     m = random_block(seed)
     v = random_block(seed + 100, signed=False).square()
     v[7] = v.max() * 2.0**-70
-    sm, sv = m.abs().max().reshape(1), v.max().sqrt().reshape(1)
+    sm, sv = q.block_scales_reference(m), q.block_scales_reference(v, root=True)
+    m[10:13] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    v[10:12] = torch.tensor([float("inf"), float("nan")])
     out = q.roundtrip(m, v, sm, sv)
     assert torch.equal(out[0], q.quantize_signed_reference(m, sm))
     assert torch.equal(out[1], q.quantize_root_reference(v, sv))
-    assert torch.equal(out[2], q.dequantize_signed_reference(out[0], sm))
-    assert torch.equal(out[3], q.dequantize_root_reference(out[1], sv))
+    same = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out[2], q.dequantize_signed_reference(out[0], sm), **same)
+    torch.testing.assert_close(out[3], q.dequantize_root_reference(out[1], sv), **same)
