@@ -82,7 +82,7 @@ class Adam(CompactState, FusedOptimizer):
             copy behind it, bf16 moments and fp16/bf16 params with ``master_weights=False``,
             stochastically (unbiased: ``x`` between neighbours ``lo < hi`` becomes ``hi`` with
             probability ``(x - lo) / (hi - lo)``) instead of to nearest-even, so that updates
-            below half an ulp survive on average. Params with masters stay the nearest-even
+            below half an ulp survive on average. Params with masters stay the nearest
             rounding of their master (the master holds the small updates). Random bits from
             Philox on the device (no host sync), keyed by each param's ``sr_seed`` state and
             counted by its step and element index: reproducible for a seed, independent of

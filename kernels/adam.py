@@ -11,7 +11,8 @@ decay), with the loss-scale division and the clip coefficient folded in::
     m = lerp(m, g, 1 - beta1) ;  v = v * beta2 + (1 - beta2) * g * g
     amsgrad: v_max = max(v_max, v) and v_max replaces v below
     p = p - (lr / (1 - beta1**step)) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)
-    param = round_to_nearest_even(p)        # when a low-precision param has an fp32 master
+    param = round_to_nearest(p)             # when a low-precision param has a master: fp16 ties
+                                            # to even, bf16 ties away from zero (remainder.py)
 
 With a master, ``p`` starts from the param instead wherever the param's bits are not the
 master's rounding: the param was written since the last step, and torch.optim would step what
@@ -41,6 +42,11 @@ amsgrad adds 8 (read and write max_exp_avg_sq).
 bf16 moments: read 2 + 4 + 2 + 2 + 2, write 4 + 2 + 2 + 2 = **22 bytes** (amsgrad adds 4).
 fp32 params without master: read g 4 + p 4 + m 4 + v 4, write p 4 + m 4 + v 4 = 28 bytes.
 fp16 params without a master: 22 bytes. A skipped step reads only the flag.
+bf16 params with int16 remainders of their masters (``HAS_MASTER`` 2, ``remainder.py``): the
+master costs 2 bytes each way instead of 4: 26 bytes with fp32 moments, 18 with bf16 ones.
+int8 moments (``STATE_DTYPE`` int8, ``quantize.py``): 1 byte per moment each way plus a 4-byte
+scale per 256 elements (1/64 B): with remainders read 2 + 2 + 2 + 2 x 1.016, write 2 + 2 +
+2 x 1.016 = 14.06 bytes (16.06 with the check pass).
 Step counts: 8 bytes per tensor, not per element.
 """
 

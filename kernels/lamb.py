@@ -11,7 +11,7 @@ division and the clip coefficient folded in as in ``adam``::
     coeff = clamp(||p|| / ||update||, max=max_coeff), then clamp(min=min_coeff); 1 if a norm is 0
     step_size = lr * sqrt(1 - beta2**t) / (1 - beta1**t)  (lr without bias correction)
     p = p - (step_size * coeff) * update
-    param = round_to_nearest_even(p)        # when a low-precision param has an fp32 master
+    param = round_to_nearest(p)             # with a master (bf16: ties away, remainder.py)
 
 The trust ratio needs two norms over the whole tensor before any element may move, so a step is
 two launches, whatever the number of tensors:

@@ -9,7 +9,7 @@ folded in as in ``adam``::
     c = beta1 * m + (1 - beta1) * g
     p = p * (1 - lr * weight_decay) - lr * sign(c)      # sign(0) = 0
     m = beta2 * m + (1 - beta2) * g
-    param = round_to_nearest_even(p)        # when a low-precision param has an fp32 master
+    param = round_to_nearest(p)             # with a master (bf16: ties away, remainder.py)
 
 ``sign(0) = 0`` as in the paper and in ``torch.sign``: an element whose interpolation is
 exactly zero does not move (DeepSpeed's FusedLion moves it by ``+lr``). Lion has no bias

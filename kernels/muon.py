@@ -12,7 +12,7 @@ loss-scale division and the clip coefficient folded in::
     Newton–Schulz:      update = NS_(a,b,c),k(update; eps)   # per matrix, in bf16, as torch
     pass 2 (weights):   p = p * (1 - lr * weight_decay)
                         p = p - lr * ratio * update          # ratio: torch's _adjust_lr
-                        param = round_to_nearest_even(p)     # a low-precision param's master
+                        param = round_to_nearest(p)          # a low-precision param's master
 
 ``lerp`` is torch's (the branch on the weight keeps it exact at 0 and 1). The update buffers
 (bf16, one per matrix, laid out as one ``[k, A, B]`` tensor per shape so that the iterations

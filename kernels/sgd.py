@@ -8,7 +8,7 @@ coefficient folded in as in ``adam``::
     if momentum != 0:
         buf = g on the tensor's first step, else momentum * buf + (1 - dampening) * g
         g = g + momentum * buf if nesterov else buf
-    p = p - lr * g ;  param = round_to_nearest_even(p) when it has an fp32 master
+    p = p - lr * g ;  param = round_to_nearest(p) with a master (bf16: ties away, remainder.py)
 
 The "first step" is read from the tensor's device step count (0 before its first update), so
 a skipped step cannot consume it. With ``momentum == 0`` there is no buffer and no step count.
