@@ -155,6 +155,16 @@ def test_bytes_kept_per_param_are_the_traffic_model_and_at_most_4_1():
     traffic = algorithms()["adam"].traffic(BF16, master="remainder", state_dtype="int8")
     assert per_param == traffic.kept - 2 - 2 == 4.03125 <= 4.1
     assert traffic.moved + 2 == 16.0625  # with the check pass: 2 + 2 + 4 + 4 + 4 + 1/16
+    # Written: the param, its remainder, the codes and the scales, every byte of them.
+    tensors = [p.detach()] + [t for name, t in opt.state[p].items() if name != "step"]
+    p.grad = torch.randn_like(p)
+    opt.step()
+    before = [t.clone() for t in tensors]
+    p.grad = torch.randn_like(p)
+    opt.step()
+    changed = [t for t, b in zip(tensors, before) if not torch.equal(t, b)]
+    written = sum(t.untyped_storage().nbytes() for t in changed) / p.numel()
+    assert written == traffic.written == 2 + 2 + 2 * (1 + 4 / 256)
 
 
 def test_state_dicts_reload_bitwise_and_export_to_fp32():
