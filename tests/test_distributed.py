@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,15 +31,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Both ranks once died in C++ with this (SIGABRT) in a clean-clone CI run (2026-11-30, the
+# "resume" phase; three reruns passed): a thread torn down unjoined in torch's distributed
+# runtime, not a result of ours. A phase that dies so is launched once more, and must then pass
+# whole; any other failure fails at once.
+_NATIVE_ABORT = "terminate called without an active exception"
+
+
 def _launch(out: Path, phase: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1" if not torch.cuda.is_available() else "0")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(HERE / "dist_worker.py"), str(out), phase,
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    (out / f"{phase}.log").write_text(result.stdout + result.stderr)
+    for attempt in range(2):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            str(HERE / "dist_worker.py"), str(out), phase,
+        ]  # fmt: skip
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        output = result.stdout + result.stderr
+        (out / f"{phase}.log").write_text(output)
+        if result.returncode == 0 or _NATIVE_ABORT not in output or attempt == 1:
+            break
+        message = f"dist_worker {phase}: ranks aborted ({_NATIVE_ABORT!r}); once more"
+        warnings.warn(message, stacklevel=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
