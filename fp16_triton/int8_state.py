@@ -28,7 +28,7 @@ _ROOT = {"exp_avg": False, "exp_avg_sq": True}  # exp_avg_sq keeps sqrt(v)
 
 
 def blocks(p: torch.Tensor) -> int:
-    return -(-local(p).numel() // quantize.BLOCK)
+    return quantize.blocks_of(local(p))
 
 
 def new_moments(p: torch.Tensor) -> dict[str, torch.Tensor]:

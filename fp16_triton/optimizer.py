@@ -154,10 +154,8 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         # remakes its master (weak references: the optimizer does not keep params alive).
         self._dtypes: dict[int, tuple[weakref.ref, torch.dtype]] = {}
         self._fingerprints = Fingerprints()  # remainder masters: writes between steps
-        master_weights = check_master_weights(master_weights)
-        if master_weights == "remainder" and self.flat_buffers:
-            raise ValueError(_FLAT_REMAINDER)
-        defaults = dict(defaults, master_weights=master_weights)
+        # Checked against flat buffers and the params' dtypes by add_param_group.
+        defaults = dict(defaults, master_weights=check_master_weights(master_weights))
         super().__init__(params, defaults)
 
     @property

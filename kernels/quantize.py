@@ -298,4 +298,9 @@ def quantize_tensor_(
 
 def scales_for(t: torch.Tensor) -> torch.Tensor:
     """Zero fp32 scales for an int8 moment like ``t`` (one per block)."""
-    return torch.zeros(-(-t.numel() // BLOCK), dtype=torch.float32, device=t.device)
+    return torch.zeros(blocks_of(t), dtype=torch.float32, device=t.device)
+
+
+def blocks_of(t: torch.Tensor) -> int:
+    """Quantization blocks (scales) of a moment like ``t``: ``ceil(numel / BLOCK)``."""
+    return -(-t.numel() // BLOCK)
