@@ -73,11 +73,12 @@ class Adam(CompactState, FusedOptimizer):
             in fp32 as with fp32 moments and stores them rounded to nearest-even; masters stay
             fp32. A group option (``group["state_dtype"]``; changing it between steps converts
             the existing moments). Loading a state dict keeps the optimizer's own
-            ``state_dtype`` and converts the loaded moments to it. Not with ``flat_buffers``.
+            ``state_dtype`` and converts the loaded moments to it.
             ``"int8"``: 8-bit codes with an fp32 scale per 256 elements
             (``exp_avg_scale``, ``exp_avg_sq_scale`` states; ``kernels/quantize.py``), about
             a quarter of fp32's bytes; tensors under 4,096 elements or not contiguous keep
-            fp32 moments; not with amsgrad or FSDP2 params (refused).
+            fp32 moments; not with amsgrad (refused). FSDP2: blocks inside each rank's shard,
+            saved dequantized (``fp16_triton/int8_state.py``).
         stochastic_rounding: round every low-precision value the step writes without an fp32
             copy behind it, bf16 moments and fp16/bf16 params with ``master_weights=False``,
             stochastically (unbiased: ``x`` between neighbours ``lo < hi`` becomes ``hi`` with
@@ -87,8 +88,9 @@ class Adam(CompactState, FusedOptimizer):
             Philox on the device (no host sync), keyed by each param's ``sr_seed`` state and
             counted by its step and element index: reproducible for a seed, independent of
             the other params and of launch geometry, and bitwise on resume (the seeds are
-            state). See ``kernels/stochastic.py``. A group option (default False). Not with
-            ``flat_buffers``.
+            state). See ``kernels/stochastic.py``. A group option (default False). With
+            ``flat_buffers`` a bucket draws from its first param's seed, counted over the
+            whole buffer (``fp16_triton/flat_buffers.py``).
         seed: where the per-param seeds come from (default: ``torch.initial_seed()`` at
             construction): param ``i`` (its position over all groups) gets a 63-bit mix of
             ``seed`` and ``i``, the same whichever params get their state first.
@@ -140,7 +142,7 @@ class Adam(CompactState, FusedOptimizer):
             stochastic_rounding=bool(stochastic_rounding),
             **torch_compat_options(foreach, capturable, differentiable, fused),
         )
-        self._init_compact(seed, flat_buffers, state_dtype, stochastic_rounding)
+        self._init_compact(seed, state_dtype)
         options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
         super().__init__(params, defaults, **options)
 

@@ -25,7 +25,7 @@ from .param_state import SEED_STATE
 __all__ = ["CompactState", "STATE_DTYPES", "CONFIG_KINDS", "param_seed", "bucket_shard"]
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
-"""The dtypes ``state_dtype`` may name (int8 moments are not built yet)."""
+"""The dtypes ``state_dtype`` may name (besides ``"int8"``, for Adam and AdamW)."""
 
 
 class CompactState:
@@ -43,13 +43,9 @@ class CompactState:
     _kept_on_load = ("state_dtype",)
     _sr_seed: int = 0
 
-    def _init_compact(
-        self, seed: int | None, flat_buffers: bool, state_dtype, stochastic_rounding: bool
-    ) -> None:
+    def _init_compact(self, seed: int | None, state_dtype) -> None:
         """Check the options (before anything is kept) and fix the seeds' source."""
         _check_state_dtype(state_dtype, self._int8_moments)
-        if flat_buffers:
-            _check_flat(state_dtype, stochastic_rounding)
         if seed is not None and not isinstance(seed, int):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         self._sr_seed = torch.initial_seed() if seed is None else int(seed)
@@ -58,8 +54,6 @@ class CompactState:
     def _check_compact(self, group: dict[str, Any]) -> None:
         state_dtype = group.get("state_dtype", torch.float32)
         _check_state_dtype(state_dtype, self._int8_moments)
-        if getattr(self, "flat_buffers", False):
-            _check_flat(state_dtype, group.get("stochastic_rounding", False))
         if state_dtype == "int8" and group.get("amsgrad"):
             raise ValueError(
                 "state_dtype='int8' keeps exp_avg and exp_avg_sq in 8 bits; amsgrad's running "
@@ -87,13 +81,20 @@ class CompactState:
         launch apart: a kernel reads one moment dtype."""
         return self._state_dtype(self._compact_state[0], group, p) if self._compact_state else None
 
-    def _check_state(self, p: torch.Tensor, group: dict[str, Any], state=None) -> None:
-        super()._check_state(p, group, state)
-        if group.get("state_dtype") == "int8" and local(p) is not p:
-            raise ValueError(
-                "state_dtype='int8' is not built for sharded (FSDP2 DTensor) params yet: their "
-                "block scales would have to follow the shards; use torch.bfloat16 moments"
-            )
+    def _block_states(self, key: Any) -> tuple[str, ...]:
+        """A bucket of int8 moments keeps their block scales (``flat_buffers.py``)."""
+        return int8_state.SCALE_NAMES if key == torch.int8 else ()
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``FusedOptimizer.state_dict``; a sharded (FSDP2) param's int8 moments are
+        dequantized into fp32 DTensors sharded like it (``int8_state.py``: their block scales
+        are no shard of a global tensor)."""
+        sd = super().state_dict()
+        if self._int8_moments:
+            params = [p for group in self.param_groups for p in group["params"]]
+            for index, entry in sd["state"].items():
+                int8_state.sharded_export(params[index], entry)
+        return sd
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         state = super()._new_state(p, group)
@@ -168,21 +169,6 @@ def _check_state_dtype(state_dtype, int8: bool = False) -> None:
         raise ValueError(
             f"state_dtype must be torch.float32, torch.bfloat16"
             f"{' or ' + repr('int8') if int8 else ''}, got {state_dtype!r}"
-        )
-
-
-def _check_flat(state_dtype, stochastic_rounding) -> None:
-    # Flat buffers keep one fp32 buffer per state name and no per-param seeds: neither compact
-    # option is built for them.
-    if state_dtype != torch.float32:
-        raise ValueError(
-            f"state_dtype={state_dtype} is not supported with flat_buffers=True (flat buffers "
-            "keep fp32 state); use flat_buffers=False for bf16 moments"
-        )
-    if stochastic_rounding:
-        raise ValueError(
-            "stochastic_rounding=True is not supported with flat_buffers=True; use "
-            "flat_buffers=False"
         )
 
 

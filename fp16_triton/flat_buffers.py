@@ -33,6 +33,15 @@ optimizer:
   noticed by its write count. See ``steady`` for what is not noticed.
 - Views of params made before adoption (``self.dec_w = self.mid.weight.t()``) keep the old
   storage: adoption counts them and warns.
+- Compact state (``state_dtype``, ``master_weights="remainder"``, ``stochastic_rounding``) is
+  kept flat too: each state buffer has the dtype of the state it holds (bf16 or int8 moments,
+  int16 remainders), int8 moments' block scales are one buffer with one scale per 256-element
+  block (a bucket with int8 moments starts every view at a multiple of 256, so each param's
+  blocks are whole blocks of the buffer and its codes and scales are those a per-tensor
+  optimizer keeps), and a per-param scalar (the stochastic-rounding ``sr_seed``) stays with
+  each param: the launch draws the bucket's random words from its first param's seed and
+  counts them over the whole buffer, a different (equally unbiased) stream from a per-tensor
+  optimizer's, reproducible and resumed bitwise by a flat one.
 - The params share storage: ``torch.save`` of one param (or one state tensor) writes its whole
   buffer; save state dicts whole. A param dropped from a rebuilt bucket keeps the old buffer
   alive through its views until it is re-adopted or freed.
@@ -48,7 +57,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .kernels.multi_tensor import TensorList
+from .kernels.multi_tensor import QUANT_BLOCK, TensorList
 
 __all__ = ["ALIGN_ELEMENTS", "FlatBuffers", "adopted_params", "zero_grads"]
 
@@ -67,31 +76,41 @@ zero under Adam, AdamW, SGD and Lion, so it never changes the norm or the non-fi
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
-def _padded(n: int) -> int:
-    return -(-n // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+def _padded(n: int, align: int = ALIGN_ELEMENTS) -> int:
+    return -(-n // align) * align
 
 
 class FlatBuffers:
     """The flat storage of one bucket: ``param`` and ``grad`` (the params' dtype), ``state``
-    (fp32, one buffer per state name) and one shared ``step`` count.
+    (one buffer per state name, in that state's dtype) and one shared ``step`` count.
 
     Args:
         params: the optimizer's params of the bucket: same device and dtype, not DTensors.
+        key: what else the params have in common (the optimizer's bucket key, such as their
+            moments' dtype), for ``regroup``.
+        block_states: names of the states kept as one value per ``QUANT_BLOCK`` elements
+            (int8 moments' scales); when given, every view starts at a multiple of
+            ``QUANT_BLOCK``.
     """
 
-    def __init__(self, params: list[torch.Tensor]):
+    def __init__(
+        self, params: list[torch.Tensor], key: object = None, block_states: tuple[str, ...] = ()
+    ):
         self.params = params
+        self.key = key
+        self.block_states = block_states
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.shapes = [p.shape for p in params]
         # Views keep each param's layout (channels_last too): a dense tensor of any strides
         # fills exactly its slot, and param, grad and state views pair up element by element.
         self.strides = [p.stride() for p in params]
+        align = QUANT_BLOCK if block_states else ALIGN_ELEMENTS
         self.offsets = []
         total = 0
         for p in params:
             self.offsets.append(total)
-            total += _padded(p.numel())
+            total += _padded(p.numel(), align)
         self.numel = total
         self.param = torch.zeros(total, dtype=self.dtype, device=self.device)
         self.grad = torch.zeros(total, dtype=self.dtype, device=self.device)
@@ -104,22 +123,44 @@ class FlatBuffers:
         self.state_views: dict[str, list[torch.Tensor]] = {}
         self._state_ptrs: dict[str, list[int]] = {}
         self.step: torch.Tensor | None = None
+        self.scalars: dict[str, torch.Tensor] = {}  # per-param scalars: the first param's
         # No param or grad view is kept here (views are made when adopting): each one alive
         # holds a reference to its buffer's storage, and the per-step check counts them.
         size = self.param.element_size()
         self._param_ptrs = [self.param.data_ptr() + o * size for o in self.offsets]
         self._grad_ptrs = [self.grad.data_ptr() + o * size for o in self.offsets]
         self._ends = sorted({0, len(params) - 1})
-        self._storages = [t.untyped_storage()._cdata for t in (self.param, self.grad)]
+        self._note_storages()
         self._references: tuple[int, ...] | None = None  # learned in a verified step
         self._version_seen: int | None = None  # grad._version when the last step began
         self._steady_writes: list[int] = []  # grad writes per cycle seen in verified steps
 
-    def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+    def _view(self, flat: torch.Tensor, i: int, name: str | None = None) -> torch.Tensor:
+        """Param ``i``'s slot of ``flat``, the buffer of state ``name`` (None: param, grad)."""
+        if name in self.block_states:
+            first = self.offsets[i] // QUANT_BLOCK
+            return flat[first : first + -(-self.shapes[i].numel() // QUANT_BLOCK)]
         return flat.as_strided(self.shapes[i], self.strides[i], self.offsets[i])
 
-    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [self._view(flat, i) for i in range(len(self.params))]
+    def _views(self, flat: torch.Tensor, name: str | None = None) -> list[torch.Tensor]:
+        return [self._view(flat, i, name) for i in range(len(self.params))]
+
+    def _new_state_buffer(self, name: str, dtype: torch.dtype) -> None:
+        """A zero buffer for state ``name``, and its views."""
+        numel = self.numel // QUANT_BLOCK if name in self.block_states else self.numel
+        buffer = self.state[name] = torch.zeros(numel, dtype=dtype, device=self.device)
+        self.state_views[name] = self._views(buffer, name)
+        self._state_ptrs[name] = [view.data_ptr() for view in self.state_views[name]]
+        self._note_storages()
+
+    def _drop_state(self, name: str) -> None:
+        del self.state[name], self.state_views[name], self._state_ptrs[name]
+        self._note_storages()
+
+    def _note_storages(self) -> None:
+        """The storages whose reference counts ``steady`` compares: param, grad, states."""
+        buffers = (self.param, self.grad, *self.state.values())
+        self._storages = [t.untyped_storage()._cdata for t in buffers]
 
     def _in_place(self, i: int) -> bool:
         """Param ``i``'s data and grad are (still) its slots of the buffers."""
@@ -261,11 +302,18 @@ class FlatBuffers:
             if g is None or g.data_ptr() != self._grad_ptrs[i]:
                 grads[i] = None if g is None else _detached(g, self.grad)
             moved += i in data or i in grads
-        names = [n for n, t in state[self.params[0]].items() if isinstance(t, torch.Tensor)]
+        first = state[self.params[0]]
+        names = [n for n, t in first.items() if isinstance(t, torch.Tensor)]
+        # A per-param scalar other than the shared step (the stochastic-rounding seed) stays
+        # with each param; the launch reads the first param's.
+        self.scalars = {n: first[n] for n in names if n != "step" and first[n].dim() == 0}
         incoming: dict[str, dict[int, torch.Tensor]] = {}
         for name in names:
-            if name == "step":
+            if name == "step" or name in self.scalars:
                 continue
+            dtype = first[name].dtype
+            if name in self.state and self.state[name].dtype != dtype:
+                self._drop_state(name)  # the state changed dtype: a new buffer, all incoming
             ptrs = self._state_ptrs.get(name)
             incoming[name] = {
                 i: _detached(state[p][name], self.state[name]) if ptrs else state[p][name]
@@ -274,6 +322,12 @@ class FlatBuffers:
                 or state[p][name] is not self.state_views[name][i]
                 or state[p][name].data_ptr() != ptrs[i]
             }
+            mixed = [i for i, value in incoming[name].items() if value.dtype != dtype]
+            if mixed:  # the optimizer makes a bucket's states alike before adopting them
+                raise RuntimeError(
+                    f"flat_buffers: state {name!r} is {dtype} for the first param of a bucket "
+                    f"but {incoming[name][mixed[0]].dtype} for another; a buffer has one dtype"
+                )
         for i, value in data.items():
             view = self._view(self.param, i)
             view.copy_(value)
@@ -290,22 +344,20 @@ class FlatBuffers:
             self._adopt_step(state)
         for name, values in incoming.items():
             if name not in self.state:
-                self.state[name] = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
-                self.state_views[name] = self._views(self.state[name])
-                size = self.state[name].element_size()
-                base = self.state[name].data_ptr()
-                self._state_ptrs[name] = [base + o * size for o in self.offsets]
-                self._storages.append(self.state[name].untyped_storage()._cdata)
+                self._new_state_buffer(name, state[self.params[0]][name].dtype)
             for i, value in values.items():
-                view = self.state_views[name][i] = self._view(self.state[name], i)
+                view = self.state_views[name][i] = self._view(self.state[name], i, name)
                 view.copy_(value)
                 state[self.params[i]][name] = view
+        for name in [n for n in self.state if n not in incoming]:
+            self._drop_state(name)  # a state the params no longer have (int8 scales, a master)
         return moved
 
     def launch_state(self, names: list[str]) -> dict[str, list[torch.Tensor] | None]:
         """The one-tensor state lists the kernels read (None for a state this bucket lacks),
-        and the shared ``step``."""
+        the shared ``step`` and the first param's scalars (its seed)."""
         lists = {name: [self.state[name]] if name in self.state else None for name in names}
+        lists.update({name: [value] for name, value in self.scalars.items() if name in names})
         lists["step"] = [self.step] if self.step is not None else None
         return lists
 
@@ -383,17 +435,21 @@ def check_adoption(adopted, group, param_groups, state, describe) -> None:
         )
 
 
-def regroup(adopted: list[torch.Tensor], old_buckets: list) -> list[tuple[object, list]]:
-    """The adopted params by device and dtype (one flat bucket each), each with its old bucket
-    (anything with a ``flat``) where that one's buffers still fit the params, else None."""
+def regroup(
+    adopted: list[torch.Tensor], old_buckets: list, key_of
+) -> list[tuple[object, object, list]]:
+    """The adopted params by device, dtype and ``key_of(p)`` (the optimizer's bucket key: one
+    flat bucket each), as ``(old bucket, key, params)``: the old bucket (anything with a
+    ``flat``) where its buffers still fit the params, else None."""
     by_key: dict[tuple, list[torch.Tensor]] = {}
     for p in adopted:
-        by_key.setdefault((p.device, p.dtype), []).append(p)
-    old = {(b.flat.device, b.flat.dtype): b for b in old_buckets}
+        by_key.setdefault((p.device, p.dtype, key_of(p)), []).append(p)
+    old = {(b.flat.device, b.flat.dtype, b.flat.key): b for b in old_buckets}
     out = []
-    for key, params in by_key.items():
-        bucket = old.get(key)
-        out.append((bucket if bucket is not None and bucket.flat.fits(params) else None, params))
+    for (device, dtype, key), params in by_key.items():
+        bucket = old.get((device, dtype, key))
+        fits = bucket is not None and bucket.flat.fits(params)
+        out.append((bucket if fits else None, key, params))
     return out
 
 

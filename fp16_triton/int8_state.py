@@ -8,6 +8,13 @@ State names: ``exp_avg`` and ``exp_avg_sq`` hold int8 codes, ``exp_avg_scale`` a
 (created, assigned by the user, loaded from a state dict, a switch of ``state_dtype``) goes
 through ``normalize``: float values are quantized, codes re-laid or dequantized, so that the
 codes and scales always agree.
+
+Sharded (FSDP2 DTensor) params: the blocks lie inside this rank's local shard, codes are a
+DTensor sharded like the param and scales a plain tensor of this rank's blocks (they are no
+shard of any global tensor). ``state_dict()`` therefore holds such moments dequantized, as fp32
+DTensors sharded like the param (``sharded_export``): what distributed checkpoints can save and
+reshard, and loading quantizes them back into the same codes and scales (quantizing a
+dequantized block is exact: ``tests/test_quantize.py``), so a resume is bitwise.
 """
 
 from __future__ import annotations
@@ -16,10 +23,18 @@ from typing import Any
 
 import torch
 
-from .buckets import local
+from .buckets import like_param, local
 from .kernels import quantize
 
-__all__ = ["SCALES", "SCALE_NAMES", "normalize", "check", "new_moments", "to_float"]
+__all__ = [
+    "SCALES",
+    "SCALE_NAMES",
+    "normalize",
+    "check",
+    "new_moments",
+    "to_float",
+    "sharded_export",
+]
 
 SCALES = {"exp_avg": "exp_avg_scale", "exp_avg_sq": "exp_avg_sq_scale"}
 """Each int8 moment's scale state."""
@@ -36,7 +51,7 @@ def new_moments(p: torch.Tensor) -> dict[str, torch.Tensor]:
     shard = local(p)
     state = {}
     for name, scale in SCALES.items():
-        state[name] = torch.zeros_like(shard, dtype=torch.int8)
+        state[name] = like_param(torch.zeros_like(shard, dtype=torch.int8), p)
         state[scale] = quantize.scales_for(shard)
     return state
 
@@ -65,8 +80,8 @@ def normalize(p: torch.Tensor, state: dict[str, Any], dtype_of) -> None:
                     continue
                 values = to_float(value, scales, name).to(shard.device)
             else:
-                state[name] = torch.empty_like(shard, dtype=target).copy_(
-                    to_float(value, scales, name)
+                state[name] = like_param(
+                    torch.empty_like(shard, dtype=target).copy_(to_float(value, scales, name)), p
                 )
                 del state[scale_name]
                 continue
@@ -79,7 +94,18 @@ def normalize(p: torch.Tensor, state: dict[str, Any], dtype_of) -> None:
         codes = torch.zeros_like(shard, dtype=torch.int8)
         scales = quantize.scales_for(shard)
         quantize.quantize_tensor_(codes, scales, values, _ROOT[name])
-        state[name], state[scale_name] = codes, scales
+        state[name], state[scale_name] = like_param(codes, p), scales
+
+
+def sharded_export(p: torch.Tensor, state: dict[str, Any]) -> None:
+    """In a state dict's entry for ``p`` (a copy): a sharded param's int8 moments as fp32
+    DTensors sharded like it, their scales dropped (see the module docstring)."""
+    if local(p) is p:
+        return
+    for name, scale_name in SCALES.items():
+        value = state.get(name)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.int8:
+            state[name] = like_param(to_float(local(value), state.pop(scale_name), name), p)
 
 
 def check(p: torch.Tensor, name: str, value: torch.Tensor, state: dict, describe) -> bool:

@@ -88,7 +88,7 @@ class Lion(CompactState, FusedOptimizer):
             stochastic_rounding=bool(stochastic_rounding),
             **torch_compat_options(foreach, None, differentiable, fused),
         )
-        self._init_compact(seed, flat_buffers, state_dtype, stochastic_rounding)
+        self._init_compact(seed, state_dtype)
         options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
         super().__init__(params, defaults, **options)
 

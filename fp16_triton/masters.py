@@ -156,6 +156,10 @@ class Fingerprints:
                 out.append(i)
         return out
 
+    def __bool__(self) -> bool:
+        """Whether any param is noted (only then can one be stale)."""
+        return bool(self._seen)
+
     def note(self, params: Iterable[torch.Tensor]) -> None:
         for p in params:
             self._seen[id(p)] = (p.data_ptr(), p._version)

@@ -66,10 +66,6 @@ __all__ = ["FusedOptimizer"]
 _MAX_CACHED_ACTIVE_SETS = 8  # distinct "which params have grads" patterns kept per group
 _FLAT = "flat"  # key of a group's plan with flat_buffers=True
 _ALL = None  # key of a group's plan when every param has a grad
-_FLAT_REMAINDER = (
-    "master_weights='remainder' is not supported with flat_buffers=True (flat buffers keep "
-    "fp32 masters); use flat_buffers=False"
-)
 
 
 @dataclass
@@ -227,9 +223,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
 
     def _check_masters(self, group: dict[str, Any], params) -> None:
         """Raise unless the group's ``master_weights`` is a valid setting for its params."""
-        setting = check_master_weights(group["master_weights"])
-        if setting == "remainder" and self.flat_buffers:
-            raise ValueError(_FLAT_REMAINDER)
+        check_master_weights(group["master_weights"])
         check_remainder_params(group, params)
 
     def _check_params(self, params: list[torch.Tensor]) -> None:
@@ -265,6 +259,11 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         """What else must be equal for params to share a launch (besides device, dtypes and
         alignment): nothing here; compact state's moment dtype (``compact_state.py``)."""
         return None
+
+    def _block_states(self, key: Any) -> tuple[str, ...]:
+        """The states that params of bucket key ``key`` keep one value per quantization block
+        of (int8 moments' scales, ``compact_state.py``): none here."""
+        return ()
 
     def _state_kind(self, group: dict[str, Any]) -> tuple:
         """The group settings that decide which state its params carry (changing one
@@ -445,9 +444,10 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         if plan is None and all(p.grad is None for p in adopted):
             return []  # no grad yet: like torch, a step before any backward changes nothing
         buckets = []
-        for bucket, params in regroup(adopted, plan.buckets if plan else []):
+        key_of = lambda p: self._bucket_key(p, group)  # noqa: E731
+        for bucket, key, params in regroup(adopted, plan.buckets if plan else [], key_of):
             if bucket is None:
-                flat = FlatBuffers(params)
+                flat = FlatBuffers(params, key, self._block_states(key))
                 backend = resolve_backend(self.backend, flat.device)
                 cache = TableCache() if backend == "triton" else None
                 bucket = Bucket(
@@ -539,6 +539,8 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         for _, plan in planned:
             if isinstance(plan, _Rebuild):
                 self._check_rebuild(plan)
+        if self._fingerprints:  # once checked, and before flat buffers adopt replaced data
+            self._settle_remainders()
         for group, plan in planned:
             for bucket, grads in self._rebuild(plan) if isinstance(plan, _Rebuild) else plan:
                 # torch refuses a grad whose dtype differs from its param's, so one grad's
@@ -572,10 +574,6 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         made it. Every bucket is checked before any is updated."""
         launches: list[Callable[[], None]] = []
         work = work if work is not None else self._gather()
-        remainders = [bucket for _, bucket, _ in work if bucket.state.get(REMAINDER)]
-        for bucket in remainders:  # params written since the last step: see masters.py
-            for i in self._fingerprints.stale(bucket.local_params):
-                bucket.state[REMAINDER][i].zero_()
         for group, bucket, grads in work:
             device = bucket.local_params[0].device
             launches.append(
@@ -591,8 +589,9 @@ class FusedOptimizer(ParamStateRules, Optimizer):
             )
         for launch in launches:
             launch()
-        for bucket in remainders:
-            self._fingerprints.note(bucket.local_params)
+        for _, bucket, _ in work:  # each param as it now is: see masters.py
+            if bucket.state.get(REMAINDER):
+                self._fingerprints.note(bucket.params if bucket.flat else bucket.local_params)
 
     def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
         raise NotImplementedError

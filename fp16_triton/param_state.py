@@ -61,8 +61,12 @@ class ParamStateRules:
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         """fp32 state for ``p`` on its device, with its strides: the subclass's tensors plus
-        ``master_param`` (sharded like ``p`` when it is a DTensor)."""
-        state = {name: like_param(t, p) for name, t in self._init_state(local(p), group).items()}
+        ``master_param`` (sharded like ``p`` when it is a DTensor; int8 moments' block scales
+        stay this rank's own: ``int8_state.py``)."""
+        state = {
+            name: t if name in int8_state.SCALE_NAMES else like_param(t, p)
+            for name, t in self._init_state(local(p), group).items()
+        }
         kind = master_kind(group, p.dtype)
         if kind is not None:
             state[kind] = new_master(p, kind)

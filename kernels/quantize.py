@@ -1,5 +1,5 @@
-"""8-bit moments (issue 14, item 3): the codes and their block scales. Building block only: no
-optimizer keeps int8 state yet (``state_dtype="int8"`` is refused until it is wired in).
+"""8-bit moments (``Adam/AdamW(state_dtype="int8")``): the codes and their block scales; the
+optimizer's side is ``fp16_triton/int8_state.py``.
 
 Each tensor is cut into blocks of ``BLOCK`` (256) consecutive elements (row-major order: only
 contiguous tensors get int8 moments, so it is their memory order too); a block keeps one fp32

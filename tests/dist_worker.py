@@ -8,6 +8,7 @@ live here too (``single_*``), so both sides share one definition of model, data 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -106,10 +107,10 @@ def single_fp32_sgd(steps=STEPS):
     return full_params(model)
 
 
-def fsdp_model(dtype, mp_policy=None):
+def fsdp_model(dtype, mp_policy=None, model=None):
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model(dtype)
+    model = make_model(dtype) if model is None else model
     kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
     for layer in (model[0], model[2]):
         fully_shard(layer, **kwargs)
@@ -146,11 +147,14 @@ def inject_inf(step, engine):
         grad._local_tensor.view(-1)[0] = float("inf")  # this rank's shard only
 
 
-def train_bf16_wrapped(model, wrapper: str, batch, options: dict):
-    """``STEPS`` steps of a bf16 model under DDP, ZeRO-1 (``ZeroRedundancyOptimizer`` over our
-    AdamW) or FSDP2 (``model`` already sharded) with AdamW(``options``); returns our AdamW."""
+def train_bf16_wrapped(model, wrapper: str, batch, options: dict, steps=range(STEPS), opt=None):
+    """``steps`` of a bf16 model under DDP, ZeRO-1 (``ZeroRedundancyOptimizer`` over our
+    AdamW) or FSDP2 (``model`` already sharded) with AdamW(``options``) (or ``opt``, made by
+    an earlier call with ``wrapper`` "fsdp"); returns our AdamW."""
     forward = nn.parallel.DistributedDataParallel(model) if wrapper != "fsdp" else model
-    if wrapper == "zero":
+    if opt is not None:
+        inner = opt
+    elif wrapper == "zero":
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         opt = ZeroRedundancyOptimizer(
@@ -159,12 +163,21 @@ def train_bf16_wrapped(model, wrapper: str, batch, options: dict):
         inner = opt.optim
     else:
         opt = inner = fp16_triton.AdamW(model.parameters(), **options)
-    for step in range(STEPS):
+    for step in steps:
         x, y = batch(step)
         F.mse_loss(forward(x.to(BF16)).float(), y).backward()
         opt.step()
         opt.zero_grad()
     return inner
+
+
+def int8_model(wrapper: str) -> nn.Module:
+    """A bf16 model whose first weight (512 x 16) gets int8 moments: whole under DDP, and under
+    FSDP2 in 2 shards of 4,096 elements that start at a multiple of 256 (so each rank's blocks
+    are blocks of the whole tensor); the other params keep fp32 moments."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 512), nn.Tanh(), nn.Linear(512, 4)).to(BF16)
+    return fsdp_model(BF16, model=model) if wrapper == "fsdp" else model
 
 
 def phase_train(out: str, rank: int, world: int):
@@ -295,6 +308,41 @@ def phase_train(out: str, rank: int, world: int):
         )
         torch.save(full_params(model), f"{out}/{wrapper}_int8_rank{rank}.pt")
 
+    # int8 moments under FSDP2, blocks inside each rank's shard: bitwise the DDP run (the same
+    # blocks, see int8_model), and a resume through torch.distributed.checkpoint's state dicts
+    # (int8 moments exported dequantized, quantized back on load) bitwise the straight run.
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    int8 = dict(lr=1e-2, master_weights="remainder", state_dtype="int8", backend="triton")
+    for wrapper in ("ddp", "fsdp"):
+        model = int8_model(wrapper)
+        inner = train_bf16_wrapped(model, wrapper, batch, int8)
+        torch.save(full_params(model), f"{out}/{wrapper}_int8_blocks_rank{rank}.pt")
+    results["fsdp_int8_state"] = {
+        key: [type(value).__name__, str(value.dtype)]
+        for key, value in inner.state[model[0].weight].items()
+    }
+    results["fsdp_int8_saved_state"] = {
+        key: [type(value).__name__, str(value.dtype)]
+        for key, value in inner.state_dict()["state"][0].items()
+    }
+    half = STEPS // 2
+    model = int8_model("fsdp")
+    inner = train_bf16_wrapped(model, "fsdp", batch, int8, steps=range(half))
+    saved = (get_model_state_dict(model), get_optimizer_state_dict(model, inner))
+    saved = copy.deepcopy(saved)
+    resumed = int8_model("fsdp")
+    opt = fp16_triton.AdamW(resumed.parameters(), **int8)
+    set_model_state_dict(resumed, saved[0])
+    set_optimizer_state_dict(resumed, opt, saved[1])
+    train_bf16_wrapped(resumed, "fsdp", batch, int8, steps=range(half, STEPS), opt=opt)
+    torch.save(full_params(resumed), f"{out}/fsdp_int8_resumed_rank{rank}.pt")
+
     # Stochastic rounding per shard: a DTensor whose two shards (one per rank) hold the same
     # values and get the same grads at every step. Rounded with the same words on both shards
     # (the control: every shard counted as shard 0) the halves stay identical; with each
@@ -351,6 +399,12 @@ def main():
     # has collectives in flight can abort the peer.
     dist.barrier()
     dist.destroy_process_group()
+    # Every result is written and closed: leave without the interpreter's and torch's C++
+    # teardown, where both ranks were seen to abort now and then ('terminate called without
+    # an active exception': a runtime thread destroyed unjoined), after all work was done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

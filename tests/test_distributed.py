@@ -210,11 +210,28 @@ def test_remainder_masters_are_bitwise_fp32_masters_under_each_wrapper(runs, wra
 @pytest.mark.parametrize("wrapper", ["ddp", "zero"])
 def test_int8_moments_train_alike_on_every_rank(runs, wrapper):
     """int8 moments with remainder masters (issue 14) under DDP and ZeRO-1: the ranks hold
-    the same params, and the state has int8 codes (FSDP2 is refused: scales of shards)."""
+    the same params, and the state has int8 codes (FSDP2: the next test)."""
     out, load = runs
     records = json.loads((out / "records_rank0.json").read_text())
     assert "torch.int8" in records[f"{wrapper}_int8_state_dtypes"]
     assert_same(load(f"{wrapper}_int8", 0), load(f"{wrapper}_int8", 1))
+
+
+def test_fsdp2_int8_moments_quantize_inside_each_shard_and_resume_bitwise(runs):
+    """int8 moments under FSDP2 (issue 14, item 7): each rank's blocks lie inside its shard, its
+    codes a DTensor sharded like the param, its scales its own plain tensor; where the shards
+    start at a multiple of 256 elements the run is bitwise the DDP run (whole-tensor blocks,
+    same global batch); ``state_dict()`` holds the moments as fp32 DTensors and a resume
+    through torch.distributed.checkpoint's state dicts is bitwise the straight run."""
+    out, load = runs
+    records = json.loads((out / "records_rank0.json").read_text())
+    assert records["fsdp_int8_state"]["exp_avg"] == ["DTensor", "torch.int8"]
+    assert records["fsdp_int8_state"]["exp_avg_scale"] == ["Tensor", "torch.float32"]
+    assert records["fsdp_int8_saved_state"]["exp_avg"] == ["DTensor", "torch.float32"]
+    assert "exp_avg_scale" not in records["fsdp_int8_saved_state"]
+    for rank in (0, 1):
+        assert_same(load("fsdp_int8_blocks", rank), load("ddp_int8_blocks", rank))
+        assert_same(load("fsdp_int8_resumed", rank), load("fsdp_int8_blocks", rank))
 
 
 def test_fsdp2_shards_round_with_their_own_words(runs):

@@ -244,7 +244,6 @@ def test_a_float_moment_assigned_into_an_int8_group_is_quantized():
         (lambda p: fp16_triton.AdamW(p, state_dtype="int8", amsgrad=True), "amsgrad"),
         (lambda p: fp16_triton.Lion(p, state_dtype="int8"), "Adam and AdamW"),
         (lambda p: fp16_triton.SGD(p, lr=0.1, momentum=0.9, state_dtype="int8"), "Adam"),
-        (lambda p: fp16_triton.AdamW(p, state_dtype="int8", flat_buffers=True), "flat_buffers"),
         (lambda p: fp16_triton.AdamW(p, state_dtype="int4"), "int8"),
     ],
 )

@@ -686,7 +686,5 @@ def test_state_dtype_refusals():
     p = [torch.nn.Parameter(torch.zeros(4))]
     with pytest.raises(ValueError, match="int8' is built for Adam and AdamW's moments only"):
         fp16_triton.Lion(p, state_dtype="int8")
-    with pytest.raises(ValueError, match="flat_buffers"):
-        fp16_triton.Adam(p, state_dtype=torch.bfloat16, flat_buffers=True)
     with pytest.raises(ValueError, match="state_dtype"):
         fp16_triton.Adam(p, state_dtype=torch.float16)

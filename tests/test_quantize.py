@@ -134,3 +134,35 @@ def test_device_functions_are_the_references_bit_for_bit(seed):
     same = dict(rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(out[2], q.dequantize_signed_reference(out[0], sm), **same)
     torch.testing.assert_close(out[3], q.dequantize_root_reference(out[1], sv), **same)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    spread=st.integers(0, 40),
+    specials=st.lists(st.sampled_from([float("inf"), float("-inf"), float("nan")]), max_size=3),
+)
+def test_quantizing_dequantized_moments_gives_back_the_same_codes_and_scales(
+    seed, spread, specials
+):
+    """What makes a resume from a sharded (FSDP2) checkpoint bitwise: such a checkpoint holds
+    int8 moments dequantized (``int8_state.sharded_export``) and loading quantizes them again.
+    Three blocks and a partial one, magnitudes 2^-24..2^24 times 2^(spread - 20), one block
+    all zero, infinities and NaN in the first block; exact equality (no tolerance: codes and
+    scales must come back bit for bit)."""
+    n = 3 * q.BLOCK + 77
+    m = torch.cat([random_block(seed + i) for i in range(4)])[:n] * 2.0 ** (spread - 20)
+    m[q.BLOCK : 2 * q.BLOCK] = 0.0
+    for i, special in enumerate(specials):
+        m[10 + i] = special
+    v = m.square()
+    v[11] = v[q.BLOCK * 2 + 7] * 2.0**-60 if torch.isfinite(v[11]) else v[11]  # raised code
+    for values, root in ((m, False), (v.abs(), True)):
+        codes = torch.zeros(n, dtype=torch.int8)
+        scales = q.scales_for(codes)
+        q.quantize_tensor_(codes, scales, values, root)
+        back = q.dequantize_tensor(codes, scales, root)
+        codes2, scales2 = torch.zeros_like(codes), q.scales_for(codes)
+        q.quantize_tensor_(codes2, scales2, back, root)
+        assert torch.equal(codes2, codes), f"codes (root={root})"
+        assert torch.equal(scales2.view(torch.int32), scales.view(torch.int32)), "scales"

@@ -264,9 +264,6 @@ def test_fp16_params_are_refused_with_a_clear_error():
         fp16_triton.AdamW([p], master_weights="remainder")
     with pytest.raises(ValueError, match="True, False or 'remainder'"):
         fp16_triton.AdamW([p], master_weights="half")
-    with pytest.raises(ValueError, match="flat_buffers"):
-        fp16_triton.AdamW([torch.nn.Parameter(torch.zeros(4, dtype=BF16))],
-                          master_weights="remainder", flat_buffers=True)  # fmt: skip
 
 
 def test_a_refused_param_group_is_not_added():
