@@ -285,10 +285,13 @@ class FlatBuffers:
                     "or reset; use flat_buffers=False for such a run"
                 )
 
-    def adopt(self, state: dict) -> int:
+    def adopt(self, state: dict, names: list[str], per_param: tuple[str, ...] = ()) -> int:
         """Move each param's data, grad and state (``state``: the optimizer's, already created
-        for every param) into the buffers and make them views. Returns the number of params
-        whose data or grad had to be moved (0 when everything was in place).
+        for every param; ``names``: the states the kernels read, ``step`` apart: other
+        entries stay as they are) into the buffers and make them views; states named in
+        ``per_param`` (the stochastic-rounding seed) stay with each param, and the launch
+        reads the first param's. Returns the number of params whose data or grad had to be
+        moved (0 when everything was in place).
 
         Everything to move is read before anything is written: a param's new data may be
         another param's slot of this very buffer (``p.data, q.data = q.data, p.data``), which
@@ -303,10 +306,8 @@ class FlatBuffers:
                 grads[i] = None if g is None else _detached(g, self.grad)
             moved += i in data or i in grads
         first = state[self.params[0]]
-        names = [n for n, t in first.items() if isinstance(t, torch.Tensor)]
-        # A per-param scalar other than the shared step (the stochastic-rounding seed) stays
-        # with each param; the launch reads the first param's.
-        self.scalars = {n: first[n] for n in names if n != "step" and first[n].dim() == 0}
+        names = [n for n in dict.fromkeys(("step", *names)) if torch.is_tensor(first.get(n))]
+        self.scalars = {n: first[n] for n in names if n in per_param}
         incoming: dict[str, dict[int, torch.Tensor]] = {}
         for name in names:
             if name == "step" or name in self.scalars:

@@ -128,12 +128,16 @@ def convert_master(p: torch.Tensor, state: dict[str, Any], kind: str | None) -> 
 
 def fp32_master(p: torch.Tensor, state: dict[str, Any]) -> torch.Tensor | None:
     """``p``'s fp32 master as a new tensor (a remainder joined with ``p``), or None: what state
-    dicts hold, whichever kind the optimizer keeps."""
+    dicts hold, whichever kind the optimizer keeps. A remainder whose param was cast from bf16
+    since completes nothing: the master is then what the next step starts from, the value
+    of an fp16 param (its master is remade from it) and none for an fp32 one."""
     if MASTER in state:
         return state[MASTER]
-    if REMAINDER not in state:
+    if REMAINDER not in state or p.dtype == torch.float32:
         return None
     shard = local(p).detach()
+    if p.dtype != torch.bfloat16:
+        return like_param(shard.float(), p)
     master = torch.empty_like(shard, dtype=torch.float32)
     master.copy_(join_reference(shard, local(state[REMAINDER]).detach()))
     return like_param(master, p)

@@ -58,7 +58,7 @@ from .masters import (
     check_remainder_params,
     fp32_master,
 )
-from .param_state import SUPPORTED_DTYPES, ParamStateRules, check_unshared
+from .param_state import SEED_STATE, SUPPORTED_DTYPES, ParamStateRules, check_unshared
 from .tracked import OptimizerState, ParamList
 
 __all__ = ["FusedOptimizer"]
@@ -172,6 +172,8 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         a copy), so that it sees the masters the next step would start from."""
         for p, state in self.state.items():
             rest = state.get(REMAINDER) if isinstance(state, dict) else None
+            if p.dtype != torch.bfloat16:
+                continue  # cast since (its step and state_dict refuse): left as it was
             if isinstance(rest, torch.Tensor) and self._fingerprints.stale([local(p)]):
                 local(rest).zero_()
                 self._fingerprints.forget(local(p))
@@ -472,7 +474,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         moved = 0
         names = list(self._state_names) + list(MASTER_STATES)
         if bucket.flat is not None:
-            moved = bucket.flat.adopt(self.state)
+            moved = bucket.flat.adopt(self.state, names, per_param=(SEED_STATE,))
             bucket.state = bucket.flat.launch_state(names)
         else:
             bucket.state = {name: self._state_list(bucket.params, name) for name in names}
@@ -642,8 +644,10 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for index, s in sd["state"].items():
             if REMAINDER in s:  # saved as the fp32 master: the same checkpoint as True's
-                s[MASTER] = fp32_master(params[index], s)
+                master = fp32_master(params[index], s)
                 del s[REMAINDER]
+                if master is not None:
+                    s[MASTER] = master
         for s in sd["state"].values():
             if isinstance(s.get("step"), torch.Tensor):
                 s["step"] = s["step"].detach().to("cpu", torch.float32, copy=True)

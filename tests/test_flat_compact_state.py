@@ -335,3 +335,56 @@ def test_flat_updates_far_below_half_an_ulp_survive_on_average(backend):
     assert abs(moved - expected) <= bound, (moved, expected, bound)
     # The four params drew different words (one seed, counted across the buffer).
     assert len({tuple(p.detach().view(torch.int16).tolist()) for p in params}) == parts
+
+
+# ------------------------------------------------------------------- 6. odd params and state
+class _Scaled(nn.Module):
+    """A learnable 0-dim temperature registered first, so it is the first param of its flat
+    bucket (whose states are 0-dim too: they must still get flat buffers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.tensor(1.0, dtype=BF16))
+        self.body = make_model()
+
+    def forward(self, x):
+        return self.body(x) * self.temperature
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("AdamW", dict(master_weights="remainder", state_dtype=BF16)),
+        ("AdamW", dict(master_weights=False, stochastic_rounding=True, seed=1)),
+        ("SGD", dict(lr=0.05, momentum=0.9, master_weights="remainder")),
+        ("Lion", dict(lr=1e-3)),
+    ],
+)
+def test_a_scalar_param_first_in_its_bucket(name, kwargs):
+    """Flat equals per-tensor bitwise (stochastic rounding: the flat run against itself after
+    a state-dict round trip, its stream being the bucket's)."""
+    runs = {}
+    for flat in (True, False):
+        torch.manual_seed(0)
+        model = _Scaled()
+        opt = make_opt(model, flat, "torch", name, **kwargs)
+        runs[flat] = train(model, opt, 3)
+        assert not torch.equal(runs[flat][-1][0], torch.tensor(1.0, dtype=BF16)), "stepped"
+    if not kwargs.get("stochastic_rounding"):
+        assert_bitwise(runs[True], runs[False], name)
+
+
+def test_a_state_entry_the_optimizer_does_not_know_is_left_alone():
+    """As torch.optim: an extra entry in a param's state (here the first param's, with the
+    param's shape, as the state checks ask) is kept, untouched, and the step is the
+    per-tensor one."""
+    runs = {}
+    for flat in (True, False):
+        model = make_model()
+        opt = make_opt(model, flat, "torch", master_weights="remainder", state_dtype="int8")
+        train(model, opt, 1)
+        extra = torch.ones(90, 70)
+        opt.state[model[0].weight]["note"] = extra
+        runs[flat] = train(model, opt, 2, start=1)
+        assert opt.state[model[0].weight]["note"] is extra
+    assert_bitwise(runs[True], runs[False])

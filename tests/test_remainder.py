@@ -288,6 +288,24 @@ def test_a_param_cast_to_fp16_later_is_refused_before_anything_is_written():
     assert_bitwise((p.detach(), dict(opt.state[p])), before)
 
 
+def test_a_state_dict_after_a_cast_to_fp16_holds_the_params_values_as_masters():
+    """A remainder completes a bf16 param only: after ``model.half()`` the state dict holds
+    what the next step starts from (an fp16 param's master is remade from its value), not
+    fp16 bits read as the top half of an fp32 number; the remainders are left as they were."""
+    p = torch.nn.Parameter(torch.randn(300).to(BF16))
+    opt = fp16_triton.AdamW([p], lr=1e-2, master_weights="remainder")
+    for _ in range(2):
+        p.grad = torch.randn(300).to(BF16)
+        opt.step()
+    rest = opt.state[p]["master_remainder"].clone()
+    assert rest.any()
+    p.data = p.data.half()
+    saved = opt.state_dict()["state"][0]
+    assert "master_remainder" not in saved
+    assert_bitwise(saved["master_param"], p.detach().float())
+    assert_bitwise(opt.state[p]["master_remainder"], rest)
+
+
 def _adamw_pair(n=300, seed=0):
     """Two optimizers over equal bf16 params, fp32 masters and remainders, stepped 5 times."""
     out = []
