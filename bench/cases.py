@@ -139,16 +139,25 @@ def run_host_overhead(n_tensors: int, numel: int, host_steps: int = 100) -> list
     """CPU: host seconds per step of ours on the Triton path (interpreter), for ``n_tensors``
     tensors of ``numel``, per-tensor storage against ``flat_buffers=True``, with the kernel
     launches stubbed: the Python work of a step alone, which a GPU run adds to the launches'
-    own cost."""
+    own cost. The last row keeps bf16 params with remainder masters in flat buffers: the
+    remainders add one pass over the params' version counters (``masters.Fingerprints``)."""
     device = torch.device("cpu")
     name = ours.optimizer_of(algorithms()[ours.HEADLINE])[0].__name__
+    remainders = dict(master_weights="remainder")
     rows = []
-    for key, flat in (("ours-host", False), ("ours-host-flatbuf", True)):
+    for key, flat, modes in (
+        ("ours-host", False, None),
+        ("ours-host-flatbuf", True, None),
+        ("ours-host-flatbuf-remainder", True, remainders),
+    ):
         storage = "flat_buffers=True" if flat else "per-tensor storage"
-        label = f"ours: FP16Optimizer({name} triton, clip 1.0), {storage}"
+        state = ", bf16 + remainders" if modes else ""
+        label = f"ours: FP16Optimizer({name} triton, clip 1.0), {storage}{state}"
         row = Row("host", key, label, n_tensors * numel, n_tensors)
         scaler = fp16_triton.DynamicLossScaler(raise_error_at_min_scale=False)
-        optimizer = ours.build_recipe([numel] * n_tensors, device, flat, loss_scaler=scaler)
+        optimizer = ours.build_recipe(
+            [numel] * n_tensors, device, flat, modes, loss_scaler=scaler
+        )
         step = optimizer.step
         with stubbed_launches(), triton_everywhere():
             step()  # state, buckets, tables (and flat adoption) are built here, once

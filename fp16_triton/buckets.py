@@ -119,6 +119,8 @@ class Bucket:
     # Grads laid out unlike their param: position -> a buffer in the param's layout.
     relaid: dict[int, torch.Tensor] = field(default_factory=dict)
     kept_storages: list = field(default_factory=list)  # see FusedOptimizer._refresh_state_lists
+    # Remainder masters: the ``masters.Fingerprints`` generation its params were noted at.
+    noted: int | None = None
 
     @property
     def masters(self) -> list[torch.Tensor] | None:

@@ -145,29 +145,40 @@ def fp32_master(p: torch.Tensor, state: dict[str, Any]) -> torch.Tensor | None:
 
 class Fingerprints:
     """Each remainder-holding param's (storage address, version counter) after the last step
-    (see the module docstring): ``stale`` names the params written since, ``note`` records."""
+    (see the module docstring): ``stale`` names the params written since, ``note`` records.
+    Params are held (not their ids, which a new tensor may reuse) with the local tensor
+    their record was taken from (a DTensor's shard: a new one counts as written)."""
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[int, int]] = {}
-
-    def stale(self, params: Iterable[torch.Tensor]) -> list[int]:
-        """Positions of the params whose storage or version changed since ``note``."""
-        seen = self._seen
-        out = []
-        for i, p in enumerate(params):
-            before = seen.get(id(p))
-            if before is not None and before != (p.data_ptr(), p._version):
-                out.append(i)
-        return out
+        self._seen: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        self.generation = 0  # advanced whenever a record is dropped
 
     def __bool__(self) -> bool:
         """Whether any param is noted (only then can one be stale)."""
         return bool(self._seen)
 
+    def stale(self, params: Iterable[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The noted params (of ``params``, default all) written since ``note``: one pass
+        of three attribute reads per param."""
+        if params is None:
+            records = self._seen.values()
+        else:
+            records = [r for p in params if (r := self._seen.get(id(p))) is not None]
+        return [
+            p
+            for p, shard, address, version in records
+            if shard._version != version
+            or shard.data_ptr() != address
+            or (shard is not p and local(p) is not shard)
+        ]
+
     def note(self, params: Iterable[torch.Tensor]) -> None:
+        """Record the optimizer's ``params`` as they are now."""
         for p in params:
-            self._seen[id(p)] = (p.data_ptr(), p._version)
+            shard = local(p)
+            self._seen[id(p)] = (p, shard, shard.data_ptr(), shard._version)
 
     def forget(self, p: torch.Tensor) -> None:
         """Drop ``p``'s record: its remainder was just made from its current value."""
         self._seen.pop(id(p), None)
+        self.generation += 1

@@ -170,13 +170,14 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         """Zero the remainders of params written since the last step (``masters.py``), as the
         next step would: before anything reads the masters outside a step (``state_dict()``,
         a copy), so that it sees the masters the next step would start from."""
-        for p, state in self.state.items():
+        for p in self._fingerprints.stale():
+            state = self.state.get(p)
             rest = state.get(REMAINDER) if isinstance(state, dict) else None
-            if p.dtype != torch.bfloat16:
-                continue  # cast since (its step and state_dict refuse): left as it was
-            if isinstance(rest, torch.Tensor) and self._fingerprints.stale([local(p)]):
+            if not isinstance(rest, torch.Tensor):
+                self._fingerprints.forget(p)  # no remainder any more
+            elif p.dtype == torch.bfloat16:  # (cast since: its step refuses; left as it was)
                 local(rest).zero_()
-                self._fingerprints.forget(local(p))
+                self._fingerprints.forget(p)
 
     def __getstate__(self) -> dict[str, Any]:
         self._settle_remainders()
@@ -486,6 +487,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
                 ]
         if bucket.cache is not None:
             bucket.cache.state_version += 1
+        bucket.noted = None  # remainders: its params are noted anew after this step
         return moved
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -591,9 +593,16 @@ class FusedOptimizer(ParamStateRules, Optimizer):
             )
         for launch in launches:
             launch()
+        fingerprints = self._fingerprints
         for _, bucket, _ in work:  # each param as it now is: see masters.py
-            if bucket.state.get(REMAINDER):
-                self._fingerprints.note(bucket.params if bucket.flat else bucket.local_params)
+            if not bucket.state.get(REMAINDER):
+                continue
+            # A Triton launch writes through raw pointers, which leaves the params' addresses
+            # and version counters as noted, unless the bucket was rebuilt or a record was
+            # dropped since; the torch reference writes in place (counted): noted each step.
+            if bucket.backend != "triton" or bucket.noted != fingerprints.generation:
+                fingerprints.note(bucket.params)
+                bucket.noted = fingerprints.generation
 
     def _prepare_bucket(self, bucket: Bucket, grads, group, **scaling) -> Callable[[], None]:
         raise NotImplementedError

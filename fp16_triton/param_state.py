@@ -187,11 +187,11 @@ class ParamStateRules:
             for name in MASTER_STATES:  # cast from the other low precision: remade below
                 state.pop(name, None)
         if kind != REMAINDER and state.get(REMAINDER) is not None:
-            if self._fingerprints.stale([local(p)]):  # written since: its value is the master
+            if self._fingerprints.stale([p]):  # written since: its value is the master
                 local(state[REMAINDER]).zero_()
         done = convert_master(p, state, kind)
         if kind == REMAINDER and done is not None:
-            self._fingerprints.forget(local(p))  # made from the param as it is now
+            self._fingerprints.forget(p)  # made from the param as it is now
         if done == "added":
             self._log_once(
                 "master-added",

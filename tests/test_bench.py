@@ -107,7 +107,11 @@ def test_quick_cpu_run_writes_three_well_formed_outputs(tmp_path, capsys):
         counts = {r.n_tensors: r.triton_launches for r in launches if r.key == key}
         assert len(counts) == 2 and len(set(counts.values())) == 1, counts
     host = [r for r in rows if r.section == "host"]
-    assert [(r.key, r.n_tensors) for r in host] == [("ours-host", 40), ("ours-host-flatbuf", 40)]
+    assert [(r.key, r.n_tensors) for r in host] == [
+        ("ours-host", 40),
+        ("ours-host-flatbuf", 40),
+        ("ours-host-flatbuf-remainder", 40),
+    ]
     assert all(r.host_s > 0 and "stubbed" in r.note for r in host)
     assert "## Host time per step of the Triton path" in md
 

@@ -155,8 +155,10 @@ def test_momentum_optimizers_with_remainders_and_bf16_state_in_flat_buffers(back
 
 # --------------------------------------------------------- 2. writes and switches between steps
 def write_between(opt=None):
-    """In-place writes into two params at step 2 (a version counter sees them), and the last
-    param's data replaced at step 3 (no counter sees it, its address changes). With ``opt``
+    """In-place writes into two params at step 2 (a version counter sees them), the first of
+    them written again at step 3 (its record remade after step 2, with nothing rebuilt in
+    between), and the last param's data replaced at step 5 (no counter sees it, its address
+    changes; the buckets are rebuilt or re-adopted). With ``opt``
     (fp32 masters), the written params' masters are then set to their values: what zeroing
     their remainders means."""
 
@@ -167,6 +169,9 @@ def write_between(opt=None):
                 model[2].weight[0].fill_(0.25)
                 written = [model[0].bias, model[2].weight]
             elif step == 3:
+                model[0].bias.add_(0.125)
+                written = [model[0].bias]
+            elif step == 5:
                 model[2].bias.data = torch.full_like(model[2].bias, 0.125)
                 written = [model[2].bias]
             else:
@@ -189,7 +194,7 @@ def test_remainder_writes_between_steps_start_the_next_step_from_the_param(backe
         model = make_model()
         opt = make_opt(model, flat, backend, master_weights=masters)
         between = write_between(opt if masters is True else None)
-        runs[masters] = train(model, opt, 5, between=between)
+        runs[masters] = train(model, opt, 7, between=between)
     assert_bitwise(runs["remainder"], runs[True])
     # Not vacuous: the unwritten params' masters hold bits their params do not.
     model = make_model()
