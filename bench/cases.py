@@ -155,9 +155,7 @@ def run_host_overhead(n_tensors: int, numel: int, host_steps: int = 100) -> list
         label = f"ours: FP16Optimizer({name} triton, clip 1.0), {storage}{state}"
         row = Row("host", key, label, n_tensors * numel, n_tensors)
         scaler = fp16_triton.DynamicLossScaler(raise_error_at_min_scale=False)
-        optimizer = ours.build_recipe(
-            [numel] * n_tensors, device, flat, modes, loss_scaler=scaler
-        )
+        optimizer = ours.build_recipe([numel] * n_tensors, device, flat, modes, loss_scaler=scaler)
         step = optimizer.step
         with stubbed_launches(), triton_everywhere():
             step()  # state, buckets, tables (and flat adoption) are built here, once
