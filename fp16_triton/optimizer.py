@@ -7,14 +7,9 @@ subclass names its state (``_state_names``, ``_required_state``), how to create 
 settings shape it (``_state_kind``) and how to launch one step of a bucket
 (``_prepare_bucket``).
 
-The step acts on what the user sees. Steady steps reuse buckets (``buckets.py``) and, with
-``flat_buffers=True``, flat storage (``flat_buffers.py``); both are rebuilt, after validating
-every param, grad and state tensor again, whenever something they were built from changed:
-
-- ``optimizer.state``, any param's state dict, a group's ``params`` list (``tracked.py``
-  counts every write) or a group's state-shaping settings (masters, amsgrad, momentum): O(1);
-- a param's data (dtype, shape, layout, device: ``model.half()``, ``p.data = ...``) or a grad
-  laid out unlike its param: compared per tensor by the bucket, or in O(1) by flat buffers.
+Its parts: the per-step plan, which buckets a step launches on and when they are rebuilt
+(``plans.py``); state dicts (``state_dicts.py``); per-param state rules (``param_state.py``);
+the step itself, param groups and their checks (here).
 
 Validation comes before any write: a step that cannot be done as torch.optim would raises,
 naming the param and what to do, with params and state untouched. A param that becomes
@@ -23,12 +18,9 @@ fp16/bf16 gets an fp32 master from its current value; one that becomes fp32 drop
 
 from __future__ import annotations
 
-import itertools
-import operator
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,83 +28,23 @@ from torch.optim import Optimizer
 
 from .backend import BACKENDS, resolve_backend
 from .buckets import Bucket, DTensor, local
-from .flat_buffers import (
-    FlatBuffers,
-    adopted_params,
-    check_adoption,
-    check_left_out,
-    log_readopted,
-    regroup,
-    steady_step,
-    warn_foreign_views,
-    zero_flat_grads,
-    zero_grads,
-)
-from .kernels.multi_tensor import TableCache, is_aligned, is_dense
+from .kernels.multi_tensor import is_dense
 from .masters import (
     MASTER,
-    MASTER_STATES,
     REMAINDER,
     Fingerprints,
     check_master_weights,
     check_remainder_params,
-    fp32_master,
 )
-from .param_state import SEED_STATE, SUPPORTED_DTYPES, ParamStateRules, check_unshared
+from .param_state import SUPPORTED_DTYPES, ParamStateRules
+from .plans import BucketPlans, GroupCache
+from .state_dicts import StateDicts
 from .tracked import OptimizerState, ParamList
 
 __all__ = ["FusedOptimizer"]
 
-_MAX_CACHED_ACTIVE_SETS = 8  # distinct "which params have grads" patterns kept per group
-_FLAT = "flat"  # key of a group's plan with flat_buffers=True
-_ALL = None  # key of a group's plan when every param has a grad
 
-
-@dataclass
-class _GroupPlan:
-    buckets: list[Bucket] = field(default_factory=list)
-    state_version: int = -1  # optimizer.state's version when the buckets were built
-    others: list[torch.Tensor] = field(default_factory=list)  # flat_buffers: not adopted
-
-
-@dataclass
-class _GroupCache:
-    """A group's plans, and what they were built from: the group dict, its ``params`` list
-    (with its write count) and its state-shaping settings. All compared at every step, O(1)."""
-
-    group: dict[str, Any]
-    params: ParamList
-    params_version: int
-    kind: tuple
-    plans: dict[Any, _GroupPlan] = field(default_factory=dict)
-
-    def current(self, group: dict[str, Any], kind: tuple) -> bool:
-        params = group["params"]
-        return (
-            self.group is group
-            and params is self.params
-            and params.version == self.params_version
-            and kind == self.kind
-        )
-
-
-_Work = list[tuple[Bucket, list[torch.Tensor]]]  # a group's (bucket, grads) for one step
-
-
-@dataclass
-class _Rebuild:
-    """A group whose buckets this step must (re)build: every group's is checked before any
-    group's is built, so that a refused step writes nothing."""
-
-    group: dict[str, Any]
-    cache: _GroupCache
-    key: Any = None  # per-tensor: which params have grads
-    active: list[torch.Tensor] | None = None  # per-tensor: those params; flat: the adopted
-    grads: list[torch.Tensor] | None = None  # per-tensor: their grads
-    plan: _GroupPlan | None = None  # flat buffers: the stale plan, if any
-
-
-class FusedOptimizer(ParamStateRules, Optimizer):
+class FusedOptimizer(BucketPlans, StateDicts, ParamStateRules, Optimizer):
     """Base class of ``Adam``, ``AdamW`` and ``SGD``: see the module docstring.
 
     Subclasses set ``_state_names`` (per-param fp32 state, in torch's names) and
@@ -145,7 +77,7 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         self.flat_buffers = bool(flat_buffers)
         self._warned_readopt = False  # flat buffers: the re-adoption warning is logged once
         self._logged: set[str] = set()  # notes logged once per optimizer
-        self._groups: dict[int, _GroupCache] = {}
+        self._groups: dict[int, GroupCache] = {}
         # Each param's dtype when its state was last made whole: a cast between fp16 and bf16
         # remakes its master (weak references: the optimizer does not keep params alive).
         self._dtypes: dict[int, tuple[weakref.ref, torch.dtype]] = {}
@@ -273,26 +205,6 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         rebuilds the group's buckets and completes or trims the state)."""
         return (group["master_weights"],)
 
-    def _group_cache(self, group: dict[str, Any]) -> _GroupCache:
-        """The group's plans, reset (and its params checked again) whenever the group dict,
-        its params list or a write to that list, or its state-shaping settings changed."""
-        kind = self._state_kind(group)
-        cache = self._groups.get(id(group))
-        if (  # _GroupCache.current, inlined: it runs for every group at every step
-            cache is not None
-            and cache.group is group
-            and group["params"] is cache.params
-            and cache.params.version == cache.params_version
-            and kind == cache.kind
-        ):
-            return cache
-        params = group["params"]
-        self._check_params(list(params))
-        if not isinstance(params, ParamList):
-            params = group["params"] = ParamList(params)
-        cache = self._groups[id(group)] = _GroupCache(group, params, params.version, kind)
-        return cache
-
     @torch.no_grad()
     def init_state(self) -> None:
         """Create the state of every param that has none (as its first step would), without
@@ -332,181 +244,6 @@ class FusedOptimizer(ParamStateRules, Optimizer):
         )
         self.refresh_fp32_params()
 
-    # ------------------------------------------------------------------------------ steps
-    def _plan(self, group: dict[str, Any]) -> _Work | _Rebuild:
-        """This step's ``(bucket, grads)`` pairs of ``group`` while its cached buckets still hold
-        (see the module docstring), else what must be rebuilt. One pass reads every ``p.grad``
-        (a costly attribute at 10k params)."""
-        if self.flat_buffers:
-            return self._flat_plan(group)
-        cache = self._group_cache(group)
-        params = group["params"]
-        grads = [p.grad for p in params]
-        # Not `None in grads` (it calls Tensor.__eq__) nor a generator (slower at 10k params).
-        if all(map(operator.is_not, grads, itertools.repeat(None))):
-            key, active = _ALL, params
-        else:
-            active = [p for p, g in zip(params, grads) if g is not None]
-            grads = [g for g in grads if g is not None]
-            key = tuple(map(id, active))
-        plan = cache.plans.get(key)
-        if plan is not None and plan.state_version == self._state.version:
-            work = [(bucket, bucket.grads(grads)) for bucket in plan.buckets]
-            if all(g is not None for _, g in work):
-                self._step_plans.append(plan)
-                return work
-        return _Rebuild(group, cache, key, list(active), grads)
-
-    def _flat_plan(
-        self, group: dict[str, Any]
-    ) -> list[tuple[Bucket, list[torch.Tensor]]] | _Rebuild:
-        """The group's flat buckets: O(1) when nothing was replaced since the last step (plus
-        one ``requires_grad`` read per param of the group that was left out as frozen)."""
-        cache = self._group_cache(group)
-        plan = cache.plans.get(_FLAT)
-        if plan is not None:
-            check_left_out(plan.others)
-        if plan is not None and plan.state_version == self._state.version:
-            if steady_step([bucket.flat for bucket in plan.buckets]):
-                self._step_plans.append(plan)
-                return [(bucket, bucket.grads(None)) for bucket in plan.buckets]
-        return _Rebuild(group, cache, plan=plan)
-
-    def _check_rebuild(self, rebuild: _Rebuild) -> None:
-        """Raise, before anything is written, unless the group's buckets can be rebuilt: every
-        param, grad and state tensor checked (with flat buffers, every param that requires
-        grad, and the group's one step count)."""
-        group = rebuild.group
-        self._check_masters(group, group["params"])
-        if self.flat_buffers:
-            adopted = adopted_params(group["params"])
-            rebuild.active = adopted
-            if rebuild.plan is None and all(p.grad is None for p in adopted):
-                return  # no grad yet: nothing to adopt
-            grads = [p.grad for p in adopted]
-        else:
-            adopted, grads = rebuild.active, rebuild.grads
-        self._check_params(adopted)
-        for p, g in zip(adopted, grads):
-            if g is not None:
-                self._check_grad(p, g)
-            self._check_state(p, group)
-        if not self.flat_buffers:
-            check_unshared(self.state, adopted)
-            return
-        check_adoption(adopted, group, self.param_groups, self.state, self._describe)
-
-    def _rebuild(self, rebuild: _Rebuild) -> _Work:
-        """Rebuild a group's buckets (checked by ``_check_rebuild``): complete the state, and
-        group the params into buckets or adopt them into flat buffers."""
-        if self.flat_buffers:
-            buckets = self._adopt_group(rebuild)
-            for bucket in buckets:
-                bucket.flat.start_step(verified=False)
-            if _FLAT in rebuild.cache.plans:
-                self._step_plans.append(rebuild.cache.plans[_FLAT])
-            return [(bucket, bucket.grads(None)) for bucket in buckets]
-        cache, group, active, grads = rebuild.cache, rebuild.group, rebuild.active, rebuild.grads
-        if len(cache.plans) >= _MAX_CACHED_ACTIVE_SETS:
-            cache.plans.clear()
-        plan = cache.plans[rebuild.key] = _GroupPlan(self._build_buckets(group, active, grads))
-        self._step_plans.append(plan)
-        return [(bucket, bucket.grads(grads)) for bucket in plan.buckets]
-
-    def _build_buckets(
-        self, group: dict[str, Any], active: list[torch.Tensor], grads: list[torch.Tensor]
-    ) -> list[Bucket]:
-        """Complete the state of the (checked) active params and group them into buckets."""
-        # One bucket per (device, dtypes, alignment): a param of odd size or address gets its
-        # own launch rather than taking 128-bit loads away from the others.
-        by_key: dict[tuple, list[int]] = {}
-        for i, (p, g) in enumerate(zip(active, grads)):
-            shard = local(p)
-            key = (shard.device, p.dtype, g.dtype, is_aligned(shard), self._bucket_key(p, group))
-            by_key.setdefault(key, []).append(i)
-        buckets = []
-        for (device, *_), indices in by_key.items():
-            params = [active[i] for i in indices]
-            backend = resolve_backend(self.backend, device)
-            for p in params:
-                self._ensure_state(p, group)
-            cache = TableCache() if backend == "triton" else None
-            whole = len(indices) == len(active)
-            bucket = Bucket.per_tensor(
-                params, [grads[i] for i in indices], backend, cache, None if whole else indices
-            )
-            self._refresh_state_lists(bucket)
-            buckets.append(bucket)
-        return buckets
-
-    def _adopt_group(self, rebuild: _Rebuild) -> list[Bucket]:
-        """(Re)build the group's flat buckets and move every (checked) param's data, grad and
-        state into them: at the first step, and after grads, data or state were replaced from
-        outside (an O(n) pass)."""
-        group, plan, adopted = rebuild.group, rebuild.plan, rebuild.active
-        if plan is None and all(p.grad is None for p in adopted):
-            return []  # no grad yet: like torch, a step before any backward changes nothing
-        buckets = []
-        key_of = lambda p: self._bucket_key(p, group)  # noqa: E731
-        for bucket, key, params in regroup(adopted, plan.buckets if plan else [], key_of):
-            if bucket is None:
-                flat = FlatBuffers(params, key, self._block_states(key))
-                backend = resolve_backend(self.backend, flat.device)
-                cache = TableCache() if backend == "triton" else None
-                bucket = Bucket(
-                    params, flat.launch_params, {}, backend, flat.dtype, cache, flat=flat
-                )
-            for p in params:
-                self._ensure_state(p, group)
-            buckets.append(bucket)
-        warn_foreign_views([bucket.flat for bucket in buckets])
-        moved = sum(self._refresh_state_lists(bucket) for bucket in buckets)
-        if plan is not None and moved:
-            log_readopted(moved, self._warned_readopt)
-            self._warned_readopt = True
-        others = [p for p in group["params"] if not p.requires_grad]
-        rebuild.cache.plans = {_FLAT: _GroupPlan(buckets, self.state.version, others)}
-        return buckets
-
-    def _refresh_state_lists(self, bucket: Bucket) -> int:
-        """Point ``bucket.state`` at the current state tensors (after state was added or
-        replaced); a flat bucket first adopts them. Returns the number of params whose data
-        or grad a flat bucket had to move."""
-        moved = 0
-        names = list(self._state_names) + list(MASTER_STATES)
-        if bucket.flat is not None:
-            moved = bucket.flat.adopt(self.state, names, per_param=(SEED_STATE,))
-            bucket.state = bucket.flat.launch_state(names)
-        else:
-            bucket.state = {name: self._state_list(bucket.params, name) for name in names}
-            if bucket.cache is not None:
-                # The launch tables hold the state's addresses; a state tensor whose memory is
-                # replaced (state[p]["exp_avg"].data = t, .set_()) must not free it under them.
-                bucket.kept_storages = [
-                    t.untyped_storage() for lst in bucket.state.values() if lst for t in lst
-                ]
-        if bucket.cache is not None:
-            bucket.cache.state_version += 1
-        bucket.noted = None  # remainders: its params are noted anew after this step
-        return moved
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """``torch.optim.Optimizer.zero_grad``. With ``flat_buffers=True`` the grads of adopted
-        params are views that stay: each bucket's grad buffer is zeroed in place (one fill),
-        whatever ``set_to_none`` says, as with DDP's ``gradient_as_bucket_view``."""
-        if not self.flat_buffers:
-            return super().zero_grad(set_to_none)
-        for group in self.param_groups:
-            cache = self._groups.get(id(group))
-            plan = None
-            if cache is not None and cache.current(group, self._state_kind(group)):
-                plan = cache.plans.get(_FLAT)
-            if plan is None:  # not adopted (yet, or any more): torch's semantics
-                zero_grads(group["params"], set_to_none)
-            else:
-                flats = [bucket.flat for bucket in plan.buckets]
-                zero_flat_grads(flats, group["params"], plan.others, set_to_none)
-
     def _check_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         """Raise unless ``grad`` (``p``'s) is dense and has ``p``'s shape (before anything
         changes). Its layout may differ from ``p``'s: the bucket then reads it through a copy."""
@@ -523,45 +260,6 @@ class FusedOptimizer(ParamStateRules, Optimizer):
             )
         if grad.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"a {grad.dtype} grad for {self._describe(p)}: unsupported dtype")
-
-    def _state_list(self, params: list[torch.Tensor], name: str) -> list[torch.Tensor] | None:
-        """The local tensors of state ``name`` of ``params`` (None if the first has none)."""
-        if name not in self.state[params[0]]:
-            return None
-        return [local(self.state[p][name]) for p in params]
-
-    def _gather(self) -> list[tuple[dict[str, Any], Bucket, list[torch.Tensor]]]:
-        """This step's work: ``(group, bucket, grads)`` for every bucket with grads, every
-        bucket checked (and rebuilt if stale) before any is launched. The ``FP16Optimizer``
-        reuses it for its check pass, so one step reads each ``p.grad`` once and groups the
-        grads once."""
-        work = []
-        self._step_plans: list[_GroupPlan] = []
-        for group in self.param_groups:  # all of them before any group's state is made
-            self._check_hyperparameters(group)
-        planned = [(group, self._plan(group)) for group in self.param_groups]
-        for _, plan in planned:
-            if isinstance(plan, _Rebuild):
-                self._check_rebuild(plan)
-        if self._fingerprints:  # once checked, and before flat buffers adopt replaced data
-            self._settle_remainders()
-        for group, plan in planned:
-            for bucket, grads in self._rebuild(plan) if isinstance(plan, _Rebuild) else plan:
-                # torch refuses a grad whose dtype differs from its param's, so one grad's
-                # dtype speaks for the bucket; a change means the params were cast: regroup.
-                if grads[0].dtype != bucket.grad_dtype:
-                    self._groups.pop(id(group), None)
-                    return self._gather()
-                work.append((group, bucket, grads))
-        # The plans used now are current, whatever state a later group's first step created
-        # (params belong to one group each): without this, every group's first step would
-        # make the groups before it rebuild at the next step.
-        for plan in self._step_plans:
-            plan.state_version = self._state.version
-        if len(self._groups) > len(self.param_groups):  # groups removed or replaced
-            current = {id(group) for group in self.param_groups}
-            self._groups = {k: c for k, c in self._groups.items() if k in current}
-        return work
 
     def _fused_step(
         self,
@@ -635,97 +333,6 @@ class FusedOptimizer(ParamStateRules, Optimizer):
             self.__dict__.pop("found_inf", None)
             raise
         return loss
-
-    # ------------------------------------------------------------------------ state dicts
-    def state_dict(self) -> dict[str, Any]:
-        """torch's layout: ``{"state": {index: {...}}, "param_groups": [...]}``.
-
-        State tensors are torch's (``step``, ``exp_avg``, ...) as kept (fp32; Adam's moments
-        in its ``state_dtype``), plus ``master_param`` for low-precision params with masters.
-        ``step`` is a CPU fp32 tensor, as in ``torch.optim``'s default (non-fused) optimizers,
-        so the dict loads into those (torch casts the moments to its params' dtype).
-        """
-        self._settle_remainders()
-        sd = super().state_dict()
-        # torch packs the live per-param dicts: copy each (as a plain dict) before replacing
-        # its step; groups' params lists become plain lists too.
-        sd["state"] = {index: dict(s) for index, s in sd["state"].items()}
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, s in sd["state"].items():
-            if REMAINDER in s:  # saved as the fp32 master: the same checkpoint as True's
-                master = fp32_master(params[index], s)
-                del s[REMAINDER]
-                if master is not None:
-                    s[MASTER] = master
-        for s in sd["state"].values():
-            if isinstance(s.get("step"), torch.Tensor):
-                s["step"] = s["step"].detach().to("cpu", torch.float32, copy=True)
-        for group in sd["param_groups"]:
-            group["params"] = list(group["params"])
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this optimizer or of its ``torch.optim`` counterpart.
-
-        Everything is checked before anything changes: the number of groups and of params
-        per group, and each state tensor's shape against its param's. State is kept in fp32
-        (or the dtype a group option such as Adam's ``state_dtype`` names, which loading does
-        not override: ``_kept_on_load``) on the param's device with the param's strides
-        (torch would cast it to the param's dtype and lose the fp32 precision of fp16 runs).
-        Mapping from torch: a low-precision param without ``master_param`` gets its master
-        from the current param value; missing state a subclass can derive (SGD's ``step``) is
-        derived. ``master_weights`` is this optimizer's, not the saved one: a saved fp32
-        master loads into ``"remainder"`` (converted at the next step, from the params as they
-        are then, so the model may be loaded before or after) and the other way round.
-        """
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():  # as torch's
-            result = pre_hook(self, state_dict)
-            state_dict = state_dict if result is None else result
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
-            raise ValueError("a state dict needs the keys 'state' and 'param_groups'")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer "
-                f"has {len(self.param_groups)}"
-            )
-        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(
-                    f"loaded state dict's parameter group {i} has {len(saved['params'])} "
-                    f"params, this optimizer's has {len(group['params'])}"
-                )
-        # The groups as they will be after loading: the saved hyperparameters decide how the
-        # saved state is read (momentum on or off, masters or not) and must be valid.
-        merged_groups = []
-        for group, saved in zip(self.param_groups, saved_groups):
-            merged = dict(group)
-            kept = ("params", "param_names", "master_weights", *self._kept_on_load)
-            merged.update({k: v for k, v in saved.items() if k not in kept})
-            self._check_hyperparameters(merged)
-            self._check_masters(merged, group["params"])
-            merged_groups.append(merged)
-        id_to_param = {}
-        id_to_group = {}
-        for group, merged, saved in zip(self.param_groups, merged_groups, saved_groups):
-            for p, saved_id in zip(group["params"], saved["params"]):
-                id_to_param[saved_id] = p
-                id_to_group[saved_id] = merged
-        new_state: dict[torch.Tensor, dict[str, Any]] = {}
-        for key, saved_state in state_dict["state"].items():
-            if key not in id_to_param:
-                raise ValueError(f"loaded state refers to param {key!r}, which no group has")
-            p = id_to_param[key]
-            new_state[p] = self._import_state(p, id_to_group[key], saved_state, key)
-        # Everything checked: now change.
-        for group, merged in zip(self.param_groups, merged_groups):
-            group.update({k: v for k, v in merged.items() if k != "params"})
-        self.state.clear()
-        self.state.update(new_state)
-        self._groups.clear()
-        self._remember_dtypes(new_state)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
 
     def __repr__(self) -> str:
         text = super().__repr__()
