@@ -14,7 +14,8 @@ DTensor sharded like the param and scales a plain tensor of this rank's blocks (
 shard of any global tensor). ``state_dict()`` therefore holds such moments dequantized, as fp32
 DTensors sharded like the param (``sharded_export``): what distributed checkpoints can save and
 reshard, and loading quantizes them back into the same codes and scales (quantizing a
-dequantized block is exact: ``tests/test_quantize.py``), so a resume is bitwise.
+dequantized block is exact: ``tests/test_quantize.py``), so a resume on as many ranks is bitwise
+(on another number of ranks the blocks move: quantized anew).
 """
 
 from __future__ import annotations

@@ -165,6 +165,7 @@ class Lamb(FusedOptimizer):
         self._coeffs, self._stepped = coeffs, stepped
         for launch in launches:
             launch()
+        self._note_stepped(work)
 
     def _group_norms(self, work, grad_scale) -> dict[int, dict[torch.device, torch.Tensor]]:
         """``{id(group): {device: squared norm of the group's unscaled grads}}`` for the groups

@@ -18,13 +18,16 @@ Writes into a param between steps: a step with fp32 masters sees them by compari
 (``kernels/common.py: load_weight``); a remainder cannot (every pair of bits is some master).
 So the optimizer notes each remainder-holding param's storage and version counter after every
 step (``Fingerprints``) and, when either changed, zeroes the param's remainder before the next
-step: the master becomes the value the param holds, which is what torch.optim would step.
+step: the master becomes the value the param holds, which is what torch.optim would step. (A
+Triton launch writes through raw pointers and leaves both as they were: its buckets' params
+are noted again only after a rebuild, which notes them itself, or a dropped record.)
 Writes that advance no version counter (through ``p.data``) are not seen: call
 ``refresh_fp32_params()`` after them (docs/changing-things-between-steps.md).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -144,13 +147,13 @@ def fp32_master(p: torch.Tensor, state: dict[str, Any]) -> torch.Tensor | None:
 
 
 class Fingerprints:
-    """Each remainder-holding param's (storage address, version counter) after the last step
+    """Each remainder-holding param's (storage address, version counter) when last noted
     (see the module docstring): ``stale`` names the params written since, ``note`` records.
-    Params are held (not their ids, which a new tensor may reuse) with the local tensor
-    their record was taken from (a DTensor's shard: a new one counts as written)."""
+    A record holds weak references to the param and to the local tensor it was taken from (a
+    DTensor's shard: a new one counts as written), so it keeps neither alive."""
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        self._seen: dict[int, tuple[weakref.ref, weakref.ref | None, int, int]] = {}
         self.generation = 0  # advanced whenever a record is dropped
 
     def __bool__(self) -> bool:
@@ -159,24 +162,34 @@ class Fingerprints:
 
     def stale(self, params: Iterable[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The noted params (of ``params``, default all) written since ``note``: one pass
-        of three attribute reads per param."""
-        if params is None:
-            records = self._seen.values()
-        else:
-            records = [r for p in params if (r := self._seen.get(id(p))) is not None]
-        return [
-            p
-            for p, shard, address, version in records
-            if shard._version != version
-            or shard.data_ptr() != address
-            or (shard is not p and local(p) is not shard)
-        ]
+        of a few attribute reads per param."""
+        keys = self._seen if params is None else [id(p) for p in params]
+        out = []
+        for key in list(keys):
+            record = self._seen.get(key)
+            if record is None:
+                continue
+            ref, shard_ref, address, version = record
+            p = ref()
+            if p is None:  # freed: its id may be another tensor's now
+                del self._seen[key]
+                continue
+            shard = p if shard_ref is None else shard_ref()
+            if (
+                shard is None
+                or shard._version != version
+                or shard.data_ptr() != address
+                or (shard is not p and local(p) is not shard)
+            ):
+                out.append(p)
+        return out
 
     def note(self, params: Iterable[torch.Tensor]) -> None:
         """Record the optimizer's ``params`` as they are now."""
         for p in params:
             shard = local(p)
-            self._seen[id(p)] = (p, shard, shard.data_ptr(), shard._version)
+            shard_ref = None if shard is p else weakref.ref(shard)
+            self._seen[id(p)] = (weakref.ref(p), shard_ref, shard.data_ptr(), shard._version)
 
     def forget(self, p: torch.Tensor) -> None:
         """Drop ``p``'s record: its remainder was just made from its current value."""

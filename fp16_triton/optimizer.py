@@ -107,7 +107,7 @@ class FusedOptimizer(BucketPlans, StateDicts, ParamStateRules, Optimizer):
             rest = state.get(REMAINDER) if isinstance(state, dict) else None
             if not isinstance(rest, torch.Tensor):
                 self._fingerprints.forget(p)  # no remainder any more
-            elif p.dtype == torch.bfloat16:  # (cast since: its step refuses; left as it was)
+            elif p.dtype == torch.bfloat16:  # (cast since: the step converts or refuses)
                 local(rest).zero_()
                 self._fingerprints.forget(p)
 
@@ -135,6 +135,11 @@ class FusedOptimizer(BucketPlans, StateDicts, ParamStateRules, Optimizer):
         self._fingerprints = Fingerprints()
         self.state = optimizer_state  # also drops cached plans: they hold the original's tensors
         self._dtypes = {id(p): (weakref.ref(p), dtype) for p, dtype in dtypes.items()}
+        # The original was settled (``__getstate__``): the copy's params hold its masters now,
+        # and a write into them before the copy's first step must be seen.
+        self._fingerprints.note(
+            p for p, s in self.state.items() if isinstance(s, dict) and REMAINDER in s
+        )
 
     # ----------------------------------------------------------------- param groups and checks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -291,8 +296,14 @@ class FusedOptimizer(BucketPlans, StateDicts, ParamStateRules, Optimizer):
             )
         for launch in launches:
             launch()
+        self._note_stepped(work)
+
+    def _note_stepped(self, work) -> None:
+        """After a step's launches: note the params of ``work``'s buckets with remainders as
+        they now are (``masters.py``), so that the next step sees what is written since. Every
+        subclass's step ends with this."""
         fingerprints = self._fingerprints
-        for _, bucket, _ in work:  # each param as it now is: see masters.py
+        for _, bucket, _ in work:
             if not bucket.state.get(REMAINDER):
                 continue
             # A Triton launch writes through raw pointers, which leaves the params' addresses

@@ -60,7 +60,8 @@ class ParamStateRules:
         return f"a param of shape {tuple(p.shape)} ({p.dtype})"
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """fp32 state for ``p`` on its device, with its strides: the subclass's tensors plus
+        """New state for ``p`` on its device, with its strides (fp32 but for compact state):
+        the subclass's tensors plus
         ``master_param`` (sharded like ``p`` when it is a DTensor; int8 moments' block scales
         stay this rank's own: ``int8_state.py``)."""
         state = {

@@ -37,7 +37,7 @@ from .flat_buffers import (
     zero_grads,
 )
 from .kernels.multi_tensor import TableCache, is_aligned
-from .masters import MASTER_STATES
+from .masters import MASTER_STATES, REMAINDER
 from .param_state import SEED_STATE, check_unshared
 from .tracked import ParamList
 
@@ -270,7 +270,12 @@ class BucketPlans:
                 ]
         if bucket.cache is not None:
             bucket.cache.state_version += 1
-        bucket.noted = None  # remainders: its params are noted anew after this step
+        # Remainders: settled before any rebuild (``_gather``), so the params as they now are
+        # (moved into flat buffers, maybe) are the ones to compare with, even if this step
+        # stops before its end; noted again after the launches.
+        bucket.noted = None
+        if bucket.state.get(REMAINDER):
+            self._fingerprints.note(bucket.params)
         return moved
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -258,6 +258,65 @@ def test_other_algorithms_are_bitwise_the_run_with_fp32_masters(make, shapes, ba
     assert_bitwise(runs[1], runs[0])
 
 
+_ALGORITHMS = {
+    "sgd-momentum": (lambda ps, **kw: fp16_triton.SGD(ps, lr=0.05, momentum=0.9, **kw), _VECTORS),
+    "lion": (lambda ps, **kw: fp16_triton.Lion(ps, lr=1e-3, weight_decay=0.1, **kw), _VECTORS),
+    "adamw": (lambda ps, **kw: fp16_triton.AdamW(ps, lr=1e-2, **kw), _VECTORS),
+    "lamb": (lambda ps, **kw: fp16_triton.Lamb(ps, lr=1e-2, weight_decay=0.01, **kw), _VECTORS),
+    "muon": (lambda ps, **kw: fp16_triton.Muon(ps, lr=0.02, weight_decay=0.01, **kw), _MATRICES),
+}
+
+
+def _written_run(make, shapes, backend, mode, copy_at=None, **options):
+    """6 steps; before step 2 the first param is halved in place and before step 4 it is
+    written again (with fp32 masters, its master is then set to its value by hand: what
+    zeroing a remainder means). ``copy_at``: the optimizer and params are deep-copied just
+    before that step's write, and the copy goes on."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s).to(BF16)) for s in shapes]
+    opt = make(params, master_weights=mode, backend=backend, **options)
+    g = torch.Generator().manual_seed(3)
+    for step in range(6):
+        if step == copy_at:
+            params, opt = copy.deepcopy((params, opt))
+        if step in (2, 4):
+            with torch.no_grad():
+                params[0].mul_(0.5) if step == 2 else params[0].add_(0.125)
+            if mode is True:
+                opt.state[params[0]]["master_param"].copy_(params[0].detach().float())
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(BF16)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("algorithm", list(_ALGORITHMS))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_algorithm_starts_a_written_param_from_its_value(algorithm, backend):
+    """Writes into a param between steps, for every algorithm with remainders (each has its
+    own step; LAMB's once skipped the noting of params): bitwise the run with fp32 masters
+    whose written param's master is set to its value."""
+    make, shapes = _ALGORITHMS[algorithm]
+    assert_bitwise(
+        _written_run(make, shapes, backend, "remainder"),
+        _written_run(make, shapes, backend, True),
+        algorithm,
+    )
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("copy_at", [2, 4])
+def test_a_copy_sees_writes_made_before_its_first_step(copy_at, flat):
+    """A deep copy (of params and optimizer together) written into before it steps: the copy
+    starts the written param from its value, as the original would (flat buffers too)."""
+    make, shapes = _ALGORITHMS["adamw"]
+    options = dict(copy_at=copy_at, flat_buffers=flat)
+    assert_bitwise(
+        _written_run(make, shapes, "torch", "remainder", **options),
+        _written_run(make, shapes, "torch", True, **options),
+    )
+
+
 def test_fp16_params_are_refused_with_a_clear_error():
     p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
     with pytest.raises(ValueError, match="bf16 params only.*master_weights=True"):
