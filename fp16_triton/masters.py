@@ -163,25 +163,26 @@ class Fingerprints:
     def stale(self, params: Iterable[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The noted params (of ``params``, default all) written since ``note``: one pass
         of a few attribute reads per param."""
-        keys = self._seen if params is None else [id(p) for p in params]
-        out = []
-        for key in list(keys):
-            record = self._seen.get(key)
-            if record is None:
-                continue
-            ref, shard_ref, address, version = record
+        if params is None:
+            records = self._seen.values()
+        else:
+            records = [r for p in params if (r := self._seen.get(id(p))) is not None]
+        out, freed = [], False
+        for ref, shard_ref, address, version in records:
             p = ref()
-            if p is None:  # freed: its id may be another tensor's now
-                del self._seen[key]
+            if p is None:  # freed (its id may be another tensor's now): dropped below
+                freed = True
                 continue
             shard = p if shard_ref is None else shard_ref()
             if (
                 shard is None
                 or shard._version != version
                 or shard.data_ptr() != address
-                or (shard is not p and local(p) is not shard)
+                or (shard_ref is not None and local(p) is not shard)
             ):
                 out.append(p)
+        if freed:
+            self._seen = {key: r for key, r in self._seen.items() if r[0]() is not None}
         return out
 
     def note(self, params: Iterable[torch.Tensor]) -> None:

@@ -530,3 +530,24 @@ def test_remainders_take_two_bytes_per_element():
         )
 
     assert kept(a, p) == 6 and kept(b, q) == 8
+
+
+def test_the_write_check_keeps_no_param_alive():
+    """The optimizer notes params by weak reference: a param dropped from it is freed (once
+    the next step has rebuilt the plans that held it)."""
+    import gc
+    import weakref
+
+    kept = torch.nn.Parameter(torch.randn(300).to(BF16))
+    dropped = torch.nn.Parameter(torch.randn(300).to(BF16))
+    opt = fp16_triton.AdamW([kept, dropped], lr=1e-2, master_weights="remainder")
+    kept.grad, dropped.grad = torch.randn(300).to(BF16), torch.randn(300).to(BF16)
+    opt.step()
+    gone = weakref.ref(dropped)
+    del opt.state[dropped]
+    opt.param_groups[0]["params"] = [kept]
+    del dropped
+    opt.step()
+    gc.collect()
+    assert gone() is None
+    assert len(opt._fingerprints.stale()) == 0  # the freed param's record is dropped
