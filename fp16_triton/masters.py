@@ -150,10 +150,13 @@ class Fingerprints:
     """Each remainder-holding param's (storage address, version counter) when last noted
     (see the module docstring): ``stale`` names the params written since, ``note`` records.
     A record holds weak references to the param and to the local tensor it was taken from (a
-    DTensor's shard: a new one counts as written), so it keeps neither alive."""
+    DTensor's shard: a new one counts as written), so it keeps neither alive. A DTensor has
+    two counters: an in-place op on the DTensor (``p.mul_()``, ``model.load_state_dict``)
+    advances its own, one on its shard (a kernel's reference, ``p.to_local().mul_()``) the
+    shard's; both are compared."""
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[weakref.ref, weakref.ref | None, int, int]] = {}
+        self._seen: dict[int, tuple[weakref.ref, weakref.ref | None, int, int, int]] = {}
         self.generation = 0  # advanced whenever a record is dropped
 
     def __bool__(self) -> bool:
@@ -168,7 +171,7 @@ class Fingerprints:
         else:
             records = [r for p in params if (r := self._seen.get(id(p))) is not None]
         out, freed = [], False
-        for ref, shard_ref, address, version in records:
+        for ref, shard_ref, address, version, outer in records:
             p = ref()
             if p is None:  # freed (its id may be another tensor's now): dropped below
                 freed = True
@@ -178,7 +181,7 @@ class Fingerprints:
                 shard is None
                 or shard._version != version
                 or shard.data_ptr() != address
-                or (shard_ref is not None and local(p) is not shard)
+                or (shard_ref is not None and (p._version != outer or local(p) is not shard))
             ):
                 out.append(p)
         if freed:
@@ -190,7 +193,8 @@ class Fingerprints:
         for p in params:
             shard = local(p)
             shard_ref = None if shard is p else weakref.ref(shard)
-            self._seen[id(p)] = (weakref.ref(p), shard_ref, shard.data_ptr(), shard._version)
+            record = (weakref.ref(p), shard_ref, shard.data_ptr(), shard._version, p._version)
+            self._seen[id(p)] = record
 
     def forget(self, p: torch.Tensor) -> None:
         """Drop ``p``'s record: its remainder was just made from its current value."""

@@ -222,7 +222,7 @@ class FusedOptimizer(BucketPlans, StateDicts, ParamStateRules, Optimizer):
                 self._check_state(p, group)
         for group in self.param_groups:
             for p in group["params"]:
-                self._ensure_state(p, group)
+                self._ensure_state(p, group, stepping=False)
 
     @torch.no_grad()
     def refresh_fp32_params(self) -> None:

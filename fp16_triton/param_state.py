@@ -25,7 +25,14 @@ import torch
 from . import int8_state
 from .buckets import like_param, local
 from .kernels.multi_tensor import LOW_PRECISION, SUPPORTED_DTYPES
-from .masters import MASTER_STATES, REMAINDER, convert_master, master_kind, new_master
+from .masters import (
+    MASTER,
+    MASTER_STATES,
+    REMAINDER,
+    convert_master,
+    master_kind,
+    new_master,
+)
 
 logger = logging.getLogger("fp16_triton.optimizer")  # one logger for the optimizers' notes
 
@@ -155,11 +162,14 @@ class ParamStateRules:
                 "set them, or delete the param's state (del optimizer.state[p]) to restart it"
             )
 
-    def _ensure_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+    def _ensure_state(self, p: torch.Tensor, group: dict[str, Any], stepping: bool = True) -> None:
         """Give ``p`` (checked by ``_check_state``) the state the group asks for: created if it
         has none, else completed, with masters added or dropped to follow ``p``'s dtype, in
         fp32 on ``p``'s device with ``p``'s strides. Assigns only what changes something: every
-        write advances the state's version and makes the groups rebuild at the next step."""
+        write advances the state's version and makes the groups rebuild at the next step.
+        ``stepping``: a step follows at once; else (``init_state``) an fp32 master that the
+        group keeps as a remainder stays fp32 until a step converts it from the params as they
+        are then, as after ``load_state_dict`` (a model loaded in between keeps it exact)."""
         state = self.state.get(p)
         if not state:
             new = self._new_state(p, group)
@@ -168,7 +178,7 @@ class ParamStateRules:
         else:
             _normalize_state(p, state, lambda name: self._state_dtype(name, group, p))
             self._complete_state(p, group, state)
-            self._follow_dtype(p, group, state)
+            self._follow_dtype(p, group, state, stepping)
         self._remember_dtypes([p])
 
     def _remember_dtypes(self, params: Iterable[torch.Tensor]) -> None:
@@ -176,7 +186,9 @@ class ParamStateRules:
         for p in params:
             self._dtypes[id(p)] = (weakref.ref(p), p.dtype)
 
-    def _follow_dtype(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
+    def _follow_dtype(
+        self, p: torch.Tensor, group: dict[str, Any], state: dict, stepping: bool = True
+    ) -> None:
         """Give ``p`` the master its group's ``master_weights`` and its dtype ask for
         (``masters.py``): an fp16/bf16 param gets one from its current value (after
         ``model.half()``, a cast between fp16 and bf16, or state loaded without masters), or
@@ -190,9 +202,12 @@ class ParamStateRules:
         if kind != REMAINDER and state.get(REMAINDER) is not None:
             if self._fingerprints.stale([p]):  # written since: its value is the master
                 local(state[REMAINDER]).zero_()
+        if kind == REMAINDER and MASTER in state and not stepping:
+            return  # converted by the next step (see ``_ensure_state``)
         done = convert_master(p, state, kind)
-        if kind == REMAINDER and done is not None:
-            self._fingerprints.forget(p)  # made from the param as it is now
+        if kind == REMAINDER and done is not None:  # made from the param as it is now: a
+            self._fingerprints.forget(p)  # write from here on must be seen
+            self._fingerprints.note([p])
         if done == "added":
             self._log_once(
                 "master-added",

@@ -551,3 +551,82 @@ def test_the_write_check_keeps_no_param_alive():
     gc.collect()
     assert gone() is None
     assert len(opt._fingerprints.stale()) == 0  # the freed param's record is dropped
+
+
+def _init_state_run(mode, switch: bool, rollback: bool):
+    """AdamW over two bf16 params; ``switch``: fp32 masters for 2 steps, then the group
+    switched to ``mode`` and ``init_state()`` (else ``mode`` throughout); then a write into
+    the first param, steps; ``rollback``: at step 3 the optimizer and the params are loaded
+    back from step 1 with ``init_state()`` in between (optimizer, init_state, model: the
+    model loaded last)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64).to(BF16)) for _ in range(2)]
+    opt = fp16_triton.AdamW(params, lr=1e-2, master_weights=True if switch else mode)
+    g = torch.Generator().manual_seed(3)
+    saved = None
+    for step in range(5):
+        if step == 1 and rollback:
+            saved = copy.deepcopy((opt.state_dict(), [p.detach().clone() for p in params]))
+        if step == 2 and switch:
+            opt.param_groups[0]["master_weights"] = mode
+            opt.init_state()
+            with torch.no_grad():
+                params[0].mul_(0.5)
+            if mode is True:
+                opt.state[params[0]]["master_param"].copy_(params[0].detach().float())
+        if step == 3 and rollback:
+            opt.load_state_dict(saved[0])
+            opt.init_state()
+            with torch.no_grad():
+                for p, value in zip(params, saved[1]):
+                    p.copy_(value)
+        for p in params:
+            p.grad = torch.randn(64, generator=g).to(BF16)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("case", ["switch-init-write", "load-init-model"])
+def test_init_state_between_steps_is_as_a_step_would_leave_it(case):
+    """``init_state()`` outside a step: a master converted to a remainder there still sees a
+    later write, and a loaded fp32 master stays fp32 until a step (so a model loaded after
+    ``init_state`` keeps the loaded masters exact): bitwise the fp32-master run."""
+    switch, rollback = case == "switch-init-write", case == "load-init-model"
+    assert_bitwise(
+        _init_state_run("remainder", switch, rollback), _init_state_run(True, switch, rollback)
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_write_into_an_fsdp2_param_is_seen(backend):
+    """FSDP2 (one process, gloo): an in-place write into a DTensor param advances the DTensor's
+    version counter, not its shard's; the write is seen, and steps through FSDP2's forward and
+    backward without writes (which advance neither) zero nothing. Oracle: fp32 masters, the
+    written param's master reset by hand."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        runs = {}
+        for mode in ("remainder", True):
+            torch.manual_seed(0)
+            model = torch.nn.Linear(16, 8).to(BF16)
+            fully_shard(model)
+            opt = fp16_triton.AdamW(model.parameters(), lr=1e-2, master_weights=mode,
+                                    backend=backend)  # fmt: skip
+            g = torch.Generator().manual_seed(1)
+            for step in range(5):
+                if step == 3:
+                    with torch.no_grad():
+                        model.weight.mul_(0.5)
+                    if mode is True:
+                        opt.state[model.weight]["master_param"].copy_(model.weight.float())
+                x = torch.randn(4, 16, generator=g).to(BF16)
+                model(x).float().square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+            runs[mode] = [p.to_local().detach().clone() for p in model.parameters()]
+        assert_bitwise(runs["remainder"], runs[True])
+    finally:
+        dist.destroy_process_group()
