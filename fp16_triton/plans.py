@@ -50,6 +50,9 @@ _ALL = None  # key of a group's plan when every param has a grad
 
 @dataclass
 class GroupPlan:
+    """A group's buckets for one set of params with grads (per tensor), or its flat buckets,
+    reused while ``optimizer.state`` has not been written since they were built."""
+
     buckets: list[Bucket] = field(default_factory=list)
     state_version: int = -1  # optimizer.state's version when the buckets were built
     others: list[torch.Tensor] = field(default_factory=list)  # flat_buffers: not adopted
