@@ -41,7 +41,9 @@ optimizer:
   optimizer keeps), and a per-param scalar (the stochastic-rounding ``sr_seed``) stays with
   each param: the launch draws the bucket's random words from its first param's seed and
   counts them over the whole buffer, a different (equally unbiased) stream from a per-tensor
-  optimizer's, reproducible and resumed bitwise by a flat one.
+  optimizer's, reproducible and resumed bitwise by a flat one. Remainder masters add one O(n)
+  pass per step: each param's own version counter and address, read to see writes between
+  steps (``masters.py``), which nothing in O(1) tells apart param by param.
 - The params share storage: ``torch.save`` of one param (or one state tensor) writes its whole
   buffer; save state dicts whole. A param dropped from a rebuilt bucket keeps the old buffer
   alive through its views until it is re-adopted or freed.
