@@ -47,6 +47,8 @@ GPU_CASES = _gpu_cases()
 CPU_PAIRS = [
     (case, *theirs.CPU_COUNTERPARTS.get(name, [])) for name, case in ours.cpu_cases().items()
 ]
+# The recipe on the foreach reference with each compact-state mode (timed together).
+CPU_PAIRS.append((ours.CPU_RECIPE, *ours.CPU_COMPACT))
 # Counted through the interpreter: the recipe, with flat buffers and compact state, and every
 # other algorithm.
 LAUNCH_CASES = [OURS_ADAMW, SMALL_FLATBUF, *ours.COMPACT, *ours.gpu_cases().values()]

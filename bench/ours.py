@@ -72,24 +72,30 @@ def build_recipe(
     device: torch.device,
     flat: bool = False,
     modes: dict | None = None,
+    backend: str = "triton",
     **fp16_options,
 ) -> fp16_triton.FP16Optimizer:
     """The README's recipe: fp16 params with fp32 master and moments, the check + norm pass,
     the fused step with clipping at 1.0, dynamic loss scaling; ``flat``: the optimizer owns
     flat param, grad and state buffers, so a step reads no per-param attribute; ``modes``:
-    compact-state options of the optimizer (``state_dtype``).
-    ``fp16_options`` go to FP16Optimizer (e.g. a loss scaler)."""
+    compact-state options of the optimizer (``state_dtype``); ``backend="torch"``: the foreach
+    reference, which the CPU section times. ``fp16_options`` go to FP16Optimizer (e.g. a loss
+    scaler)."""
     cls, options = optimizer_of(algorithms()[HEADLINE])
     params = make_params(sizes, _param_dtype(modes or {}), device)
-    optimizer = cls(params, lr=LR, backend="triton", flat_buffers=flat, **options, **(modes or {}))
+    optimizer = cls(params, lr=LR, backend=backend, flat_buffers=flat, **options, **(modes or {}))
     return fp16_triton.FP16Optimizer(optimizer, clip_grad=1.0, **fp16_options)
 
 
 def setup_recipe(
-    sizes: Sequence[int], device: torch.device, flat: bool = False, modes: dict | None = None
+    sizes: Sequence[int],
+    device: torch.device,
+    flat: bool = False,
+    modes: dict | None = None,
+    backend: str = "triton",
 ) -> Callable[[], object]:
     """The recipe's step (``build_recipe``)."""
-    return build_recipe(sizes, device, flat, modes).step
+    return build_recipe(sizes, device, flat, modes, backend).step
 
 
 def setup_algorithm(
@@ -104,18 +110,25 @@ def setup_algorithm(
 
 # -------------------------------------------------------------------------------- cases
 def recipe_case(
-    key: str = "ours", shape: str = "", vs: str = "", flat: bool = False, modes: dict | None = None
+    key: str = "ours",
+    shape: str = "",
+    vs: str = "",
+    flat: bool = False,
+    modes: dict | None = None,
+    backend: str = "triton",
 ) -> Case:
     """The recipe as a case (``shape`` names the tensor layout in the label; ``modes`` are
-    compact-state options, e.g. ``{"state_dtype": torch.bfloat16}``)."""
+    compact-state options, e.g. ``{"state_dtype": torch.bfloat16}``; ``backend="torch"``: the
+    foreach reference)."""
     modes = modes or {}
     total, _, _ = recipe_bytes(**modes)
     kept = traffic(algorithms()[HEADLINE], _param_dtype(modes), **_traffic_modes(modes)).kept
     cls, _ = optimizer_of(algorithms()[HEADLINE])
-    if modes:
-        settings = ", ".join(f"{k}={v}" for k, v in modes.items())
+    way = "triton" if backend == "triton" else f"backend={backend!r}"
+    if modes or backend != "triton":
+        settings = "".join(f", {k}={v}" for k, v in modes.items())
         dtype = str(_param_dtype(modes)).removeprefix("torch.")
-        label = f"ours: FP16Optimizer({cls.__name__} triton, clip 1.0, {settings}), {dtype} params"
+        label = f"ours: FP16Optimizer({cls.__name__} {way}, clip 1.0{settings}), {dtype} params"
     elif shape:
         label = f"ours: FP16Optimizer({cls.__name__} triton), {shape}"
     elif flat:
@@ -124,8 +137,8 @@ def recipe_case(
         label = (
             f"ours: FP16Optimizer({cls.__name__} triton, clip 1.0), fp16 params + fp32 master/m/v"
         )
-    setup = partial(setup_recipe, flat=flat, modes=modes)
-    return Case(key, label, vs or key, total, kept, setup, triton=True)
+    setup = partial(setup_recipe, flat=flat, modes=modes, backend=backend)
+    return Case(key, label, vs or key, total, kept, setup, triton=backend == "triton")
 
 
 def algorithm_case(algorithm: Algorithm, backend: str) -> Case:
@@ -143,20 +156,20 @@ def algorithm_case(algorithm: Algorithm, backend: str) -> Case:
 
 OURS_ADAMW = recipe_case()
 SMALL_FLATBUF = recipe_case("ours-flatbuf", vs="ours-flat", flat=True)
-# The recipe with compact state (issue 14's modes), each divided by the recipe.
-COMPACT = [
-    recipe_case("ours-bf16-moments", vs="ours", modes={"state_dtype": torch.bfloat16}),
-    recipe_case("ours-remainder", vs="ours", modes={"master_weights": "remainder"}),
-    recipe_case(
-        "ours-remainder-bf16-moments",
-        vs="ours",
-        modes={"master_weights": "remainder", "state_dtype": torch.bfloat16},
-    ),
-    recipe_case(
-        "ours-remainder-int8-moments",
-        vs="ours",
-        modes={"master_weights": "remainder", "state_dtype": "int8"},
-    ),
+# The compact-state modes of issue 14, by key suffix.
+COMPACT_MODES = {
+    "bf16-moments": {"state_dtype": torch.bfloat16},
+    "remainder": {"master_weights": "remainder"},
+    "remainder-bf16-moments": {"master_weights": "remainder", "state_dtype": torch.bfloat16},
+    "remainder-int8-moments": {"master_weights": "remainder", "state_dtype": "int8"},
+}
+# The recipe with compact state, each divided by the recipe.
+COMPACT = [recipe_case(f"ours-{k}", vs="ours", modes=m) for k, m in COMPACT_MODES.items()]
+# The same on the foreach reference (the CPU's path), each divided by the reference recipe.
+CPU_RECIPE = recipe_case("ours-cpu-recipe", backend="torch")
+CPU_COMPACT = [
+    recipe_case(f"ours-cpu-{k}", vs=CPU_RECIPE.key, modes=m, backend="torch")
+    for k, m in COMPACT_MODES.items()
 ]
 
 

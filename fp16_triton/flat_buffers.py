@@ -310,14 +310,14 @@ class FlatBuffers:
         first = state[self.params[0]]
         names = [n for n in dict.fromkeys(("step", *names)) if torch.is_tensor(first.get(n))]
         self.scalars = {n: first[n] for n in names if n in per_param}
+        buffered = [n for n in names if n != "step" and n not in self.scalars]
+        # A state that changed dtype gets a new buffer, so all of it is incoming; the old
+        # buffer is dropped only once every check has passed.
+        retyped = [n for n in buffered if n in self.state and self.state[n].dtype != first[n].dtype]
         incoming: dict[str, dict[int, torch.Tensor]] = {}
-        for name in names:
-            if name == "step" or name in self.scalars:
-                continue
+        for name in buffered:
             dtype = first[name].dtype
-            if name in self.state and self.state[name].dtype != dtype:
-                self._drop_state(name)  # the state changed dtype: a new buffer, all incoming
-            ptrs = self._state_ptrs.get(name)
+            ptrs = None if name in retyped else self._state_ptrs.get(name)
             incoming[name] = {
                 i: _detached(state[p][name], self.state[name]) if ptrs else state[p][name]
                 for i, p in enumerate(self.params)
@@ -331,6 +331,8 @@ class FlatBuffers:
                     f"flat_buffers: state {name!r} is {dtype} for the first param of a bucket "
                     f"but {incoming[name][mixed[0]].dtype} for another; a buffer has one dtype"
                 )
+        for name in retyped:
+            self._drop_state(name)
         for i, value in data.items():
             view = self._view(self.param, i)
             view.copy_(value)

@@ -81,7 +81,9 @@ def test_quick_cpu_run_writes_three_well_formed_outputs(tmp_path, capsys):
         assert rec["torch"] == torch.__version__
     timed = [r for r in records if r["section"] == "cpu"]
     keys = {r["key"] for r in timed}  # ours for every algorithm, torch's where it has one
-    assert len({k for k in keys if k.startswith("ours-")}) == len(algorithms())
+    compact = {"ours-cpu-recipe", *(f"ours-cpu-{k}" for k in ours.COMPACT_MODES)}
+    assert compact <= keys  # and the recipe in each compact-state mode
+    assert len({k for k in keys - compact if k.startswith("ours-")}) == len(algorithms())
     assert {"ours-adamw", "torch-adamw", "ours-sgd", "torch-sgd"} <= keys
     for rec in timed:
         assert float(rec["median_ms"]) > 0
@@ -300,9 +302,12 @@ def test_torch_models_agree_with_the_spec_where_the_math_is_the_same():
 
 
 def test_every_algorithm_gets_rows_and_every_ratio_has_its_row():
-    assert [pair[0].key for pair in cases.CPU_PAIRS] == [
+    *algorithm_pairs, compact_pair = cases.CPU_PAIRS
+    assert [pair[0].key for pair in algorithm_pairs] == [
         f"ours-{ours.optimizer_of(a)[0].__name__.lower()}" for a in algorithms().values()
     ]
+    compact_keys = [f"ours-cpu-{k}" for k in ours.COMPACT_MODES]
+    assert [c.key for c in compact_pair] == ["ours-cpu-recipe", *compact_keys]
     for pair in cases.CPU_PAIRS:
         assert {c.vs for c in pair} == {pair[0].key}
     gpu_keys = [c.key for c in cases.GPU_CASES]

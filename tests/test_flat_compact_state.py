@@ -393,3 +393,23 @@ def test_a_state_entry_the_optimizer_does_not_know_is_left_alone():
         runs[flat] = train(model, opt, 2, start=1)
         assert opt.state[model[0].weight]["note"] is extra
     assert_bitwise(runs[True], runs[False])
+
+
+def test_adopt_refuses_mixed_dtypes_before_dropping_a_buffer():
+    """``FlatBuffers.adopt`` checks every state before it changes anything: a bucket whose
+    first state changed dtype (a new buffer) but whose second is mixed keeps its old buffers
+    and views when the adoption is refused."""
+    from fp16_triton.flat_buffers import FlatBuffers
+
+    params = [torch.zeros(300), torch.zeros(70)]
+    state = {p: {n: torch.full_like(p, 1.0) for n in ("exp_avg", "exp_avg_sq")} for p in params}
+    flat = FlatBuffers(params)
+    flat.adopt(state, ["exp_avg", "exp_avg_sq"])
+    buffers = dict(flat.state)
+    for p in params:
+        state[p]["exp_avg"] = state[p]["exp_avg"].to(BF16)
+    state[params[0]]["exp_avg_sq"] = state[params[0]]["exp_avg_sq"].to(BF16)  # the 2nd: fp32
+    with pytest.raises(RuntimeError, match="a buffer has one dtype"):
+        flat.adopt(state, ["exp_avg", "exp_avg_sq"])
+    assert flat.state == buffers
+    assert all(v.dtype == torch.float32 for v in flat.state.values())
