@@ -139,10 +139,10 @@ class Adam(CompactState, FusedOptimizer):
             maximize=maximize,
             decoupled_weight_decay=bool(decoupled_weight_decay),
             state_dtype=state_dtype,
-            stochastic_rounding=bool(stochastic_rounding),
+            stochastic_rounding=stochastic_rounding,
+            seed=self._init_compact(seed, state_dtype),
             **torch_compat_options(foreach, capturable, differentiable, fused),
         )
-        self._init_compact(seed, state_dtype)
         options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
         super().__init__(params, defaults, **options)
 
@@ -300,6 +300,8 @@ def adam_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     sr_seeds: Sequence[torch.Tensor] | None = None,
+    exp_avg_scales: Sequence[torch.Tensor] | None = None,
+    exp_avg_sq_scales: Sequence[torch.Tensor] | None = None,
     backend: str = "auto",
     cache=None,
 ) -> None:
@@ -312,12 +314,18 @@ def adam_(
     fused and capturable paths keep them so too); they advance by one unless ``found_inf``.
 
     ``masters``: fp32 master weights of fp16/bf16 params; the update runs on them and the params
-    receive their rounding to nearest-even. ``grad_scale``: the grads are divided by it (the
-    loss scale; the grads themselves are not written). ``found_inf``: a non-zero value skips
+    receive their rounding to nearest (bf16: ties away from zero, docs/numerics.md).
+    ``grad_scale``: the grads are divided by it (the loss scale; the grads themselves are not
+    written). ``found_inf``: a non-zero value skips
     the whole step, step counts included. Both are one-element fp32 tensors on the params'
     device, read by the kernel (no sync). ``sr_seeds``: int64 one-element seeds, one per
     param, for stochastic rounding of bf16 moments and of params without masters (the
-    optimizers' ``stochastic_rounding``). See ``kernels/adam.py`` for the exact math.
+    optimizers' ``stochastic_rounding``). ``masters`` may also be int16 remainders of bf16
+    params (``master_weights="remainder"``: ``kernels/remainder.py``). int8 moments
+    (``state_dtype="int8"``): ``exp_avgs`` and ``exp_avg_sqs`` are int8 codes and
+    ``exp_avg_scales``, ``exp_avg_sq_scales`` their fp32 block scales, ``ceil(numel / 256)``
+    per tensor (``kernels/quantize.py``; ``fp16_triton.int8_state.new_moments`` makes them).
+    See ``kernels/adam.py`` for the exact math.
     """
     if len(params) == 0:
         return
@@ -326,7 +334,8 @@ def adam_(
         masters=masters, max_exp_avg_sqs=max_exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
         amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-        sr_seeds=sr_seeds, cache=cache,
+        sr_seeds=sr_seeds, exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales,
+        cache=cache,
     )()  # fmt: skip
 
 
@@ -383,6 +392,12 @@ def _configure(type_name: str, params: dict, options: dict) -> str:
             "ignores it too); use type 'Adam' with adam_w_mode = false for L2-regularised Adam",
             UserWarning,
             stacklevel=4,
+        )
+    if params.get("state_dtype") == "int8" and params.get("amsgrad"):
+        raise ConfigError(
+            "config keys 'optimizer.params.state_dtype' = \"int8\" and "
+            "'optimizer.params.amsgrad' = true do not go together: amsgrad's running maximum "
+            'is not built for int8 moments; use "amsgrad": false, or "state_dtype": "bf16"'
         )
     options["adam_w_mode"] = type_name == "AdamW" or options["adam_w_mode"]
     return "AdamW" if options["adam_w_mode"] else "Adam"

@@ -41,19 +41,23 @@ class CompactState:
     # A loaded state dict does not override how this optimizer stores its state; the loaded
     # state is converted to it (FusedOptimizer.load_state_dict).
     _kept_on_load = ("state_dtype",)
-    _sr_seed: int = 0
 
-    def _init_compact(self, seed: int | None, state_dtype) -> None:
-        """Check the options (before anything is kept) and fix the seeds' source."""
+    def _init_compact(self, seed: int | None, state_dtype) -> int:
+        """Check the options (before anything is kept); return the seeds' source, the group
+        option ``seed`` (``torch.initial_seed()`` for None): in the groups, it is saved by
+        ``state_dict()``, so a resumed run seeds the params that get state later alike."""
         _check_state_dtype(state_dtype, self._int8_moments)
-        if seed is not None and not isinstance(seed, int):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        self._sr_seed = torch.initial_seed() if seed is None else int(seed)
+        _check_seed(seed, none_ok=True)
         self._sr_index: dict[int, int] = {}
+        return torch.initial_seed() if seed is None else int(seed)
 
     def _check_compact(self, group: dict[str, Any]) -> None:
         state_dtype = group.get("state_dtype", torch.float32)
         _check_state_dtype(state_dtype, self._int8_moments)
+        rounding = group.get("stochastic_rounding", False)
+        if not isinstance(rounding, bool):
+            raise TypeError(f"stochastic_rounding must be True or False, got {rounding!r}")
+        _check_seed(group.get("seed", 0))
         if state_dtype == "int8" and group.get("amsgrad"):
             raise ValueError(
                 "state_dtype='int8' keeps exp_avg and exp_avg_sq in 8 bits; amsgrad's running "
@@ -108,7 +112,7 @@ class CompactState:
         if not group.get("stochastic_rounding", False):
             state.pop(SEED_STATE, None)
         elif state.get(SEED_STATE) is None:
-            seed = param_seed(self._sr_seed, self._param_index(p))
+            seed = param_seed(group["seed"], self._param_index(p))
             state[SEED_STATE] = torch.tensor(seed, dtype=torch.int64, device=local(p).device)
 
     def _param_index(self, p: torch.Tensor) -> int:
@@ -120,14 +124,13 @@ class CompactState:
             index = self._sr_index[id(p)]
         return index
 
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(super().__getstate__(), sr_seed_base=self._sr_seed)
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        self._sr_seed = state.pop("sr_seed_base", 0)
+        base = state.pop("sr_seed_base", 0)  # pickles from before the seed was a group option
         self._sr_index = {}
         super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("seed", base)
 
 
 def bucket_shard(bucket) -> int:
@@ -143,6 +146,13 @@ def bucket_shard(bucket) -> int:
             "param groups, or turn stochastic rounding off"
         )
     return bucket.shard
+
+
+def _check_seed(seed, none_ok: bool = False) -> None:
+    if not (isinstance(seed, int) and not isinstance(seed, bool)) and not (
+        none_ok and seed is None
+    ):
+        raise TypeError(f"seed must be an int{' or None' if none_ok else ''}, got {seed!r}")
 
 
 def param_seed(seed: int, index: int) -> int:
@@ -188,8 +198,8 @@ def _check_config_state_dtype(key: str, value, int8: bool = False) -> torch.dtyp
 
     if isinstance(value, torch.dtype) and value in STATE_DTYPES:
         return value
-    if int8 and value == "int8":
-        return value
+    if int8 and isinstance(value, str) and value.lower() == "int8":
+        return "int8"
     if isinstance(value, str) and value.lower() in _CONFIG_STATE_DTYPES:
         return _CONFIG_STATE_DTYPES[value.lower()]
     names = sorted(_CONFIG_STATE_DTYPES) + (["int8"] if int8 else [])

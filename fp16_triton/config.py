@@ -337,12 +337,20 @@ def load_config(config: ConfigSource = None, world_size: int = 1) -> EngineConfi
         # DeepSpeed asserts the same: 'bfloat16 and fp16 modes cannot be simultaneously enabled'.
         raise ConfigError(f"fp16.enabled and {bf16_name}.enabled cannot both be true")
 
+    optimizer = _parse_optimizer(raw["optimizer"]) if "optimizer" in raw else None
+    if optimizer is not None and optimizer.params.get("master_weights") == "remainder":
+        if fp16.enabled:  # the engine casts the model first: refuse here, before anything
+            raise ConfigError(
+                "config key 'optimizer.params.master_weights' = \"remainder\" keeps the low "
+                "16 bits of bf16 params' fp32 masters, and 'fp16' is enabled: use "
+                f"\"master_weights\": true with fp16, or enable '{bf16_name}' instead of 'fp16'"
+            )
     ignored = _check_ignored(raw)
     tb, mb, ga = _batch_sizes(raw, world_size)
     return EngineConfig(
         fp16=fp16,
         bf16=bf16,
-        optimizer=_parse_optimizer(raw["optimizer"]) if "optimizer" in raw else None,
+        optimizer=optimizer,
         scheduler=_parse_scheduler(raw["scheduler"]) if "scheduler" in raw else None,
         gradient_clipping=_as_float(
             "gradient_clipping", raw.get("gradient_clipping", 0.0), minimum=0.0

@@ -252,21 +252,9 @@ class FlatBuffers:
                     self._steady_writes = [*self._steady_writes[-7:], writes]
         self._version_seen = version
 
-    def foreign_views(self) -> int:
-        """How many tensors other than the params themselves reference the storages that
-        params are about to leave for the flat buffer (views kept by a module, weights tied
-        through ``.t()``, a retained autograd graph, another owner of the storage): they will
-        not see the params' updates. 0 when unknown (no ``torch._C._storage_Use_Count``)."""
-        if _storage_use_count is None:
-            return 0
-        leaving: dict[int, list] = {}
-        for i, p in enumerate(self.params):
-            if p.data_ptr() != self._param_ptrs[i]:
-                storage = p.untyped_storage()  # kept below: it holds one reference itself
-                leaving.setdefault(storage._cdata, [storage, 0])[1] += 1
-        return sum(
-            _storage_use_count(cdata) - 1 - n_params for cdata, (_, n_params) in leaving.items()
-        )
+    def leaving(self) -> list[torch.Tensor]:
+        """The params about to move into this buffer (their data is not their slot)."""
+        return [p for i, p in enumerate(self.params) if p.data_ptr() != self._param_ptrs[i]]
 
     @staticmethod
     def check_steps(params: list[torch.Tensor], state: dict) -> None:
@@ -458,9 +446,29 @@ def regroup(
     return out
 
 
-def warn_foreign_views(flats: list[FlatBuffers]) -> None:
+def foreign_views(flats: list[FlatBuffers], old: list[FlatBuffers] = ()) -> int:
+    """How many tensors other than the params themselves reference the storages that params
+    are about to leave for ``flats`` (views kept by a module, weights tied through ``.t()``, a
+    retained autograd graph, another owner of the storage): they will not see the params'
+    updates. Known owners are not counted: the leaving params of every new bucket, and the
+    buffers ``old`` of the buckets being replaced (a param may leave one of them while others
+    are still in it). 0 when unknown (no ``torch._C._storage_Use_Count``)."""
+    if _storage_use_count is None:
+        return 0
+    leaving: dict[int, list] = {}
+    for p in (p for flat in flats for p in flat.leaving()):
+        storage = p.untyped_storage()  # kept below: it holds one reference itself
+        leaving.setdefault(storage._cdata, [storage, 0])[1] += 1
+    for flat in old:
+        owner = leaving.get(flat.param.untyped_storage()._cdata)
+        if owner is not None:
+            owner[1] += 1
+    return sum(_storage_use_count(cdata) - 1 - owners for cdata, (_, owners) in leaving.items())
+
+
+def warn_foreign_views(flats: list[FlatBuffers], old: list[FlatBuffers] = ()) -> None:
     """Warn when tensors other than the params reference the storage params leave."""
-    foreign = sum(flat.foreign_views() for flat in flats)
+    foreign = foreign_views(flats, old)
     if foreign:
         logger.warning(
             "flat_buffers: %d tensors besides the params themselves reference the params' "

@@ -85,10 +85,10 @@ class Lion(CompactState, FusedOptimizer):
             weight_decay=weight_decay,
             maximize=maximize,
             state_dtype=state_dtype,
-            stochastic_rounding=bool(stochastic_rounding),
+            stochastic_rounding=stochastic_rounding,
+            seed=self._init_compact(seed, state_dtype),
             **torch_compat_options(foreach, None, differentiable, fused),
         )
-        self._init_compact(seed, state_dtype)
         options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
         super().__init__(params, defaults, **options)
 
@@ -160,10 +160,13 @@ def lion_step(
     """Reference of ``kernels.lion.lion_step`` (same arguments and semantics), in torch's
     foreach ops in the kernel's order: the CPU fallback and the tests' second oracle. With
     ``sr_seeds`` the kernel's random words, bit for bit, as Adam's reference."""
-    reference = kernels("reference")
-    stochastic = kernels("multi_tensor").rounds_stochastically(sr_seeds, params, masters, exp_avgs)
-    if stochastic and steps is None:
-        raise ValueError("stochastic rounding (sr_seeds) needs steps: the words' counts")
+    reference, lion = kernels("reference"), kernels("lion")
+    state = lion.lion_state(params, masters, exp_avgs, steps, sr_seeds)
+    if params:  # the kernel's checks, so that both backends refuse alike
+        kernels("multi_tensor").check_step_inputs(
+            params, grads, masters, state, grad_scale, found_inf, norm_sq, lion.COMPACT_STATE
+        )
+    stochastic = state["sr_seeds"] is not None
     start = reference.step_inputs(
         params, grads, masters, grad_scale, found_inf, norm_sq, max_norm, maximize
     )

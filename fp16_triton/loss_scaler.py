@@ -21,6 +21,10 @@ Typical use by an optimizer wrapper::
 Unscale *before* :meth:`~DynamicLossScaler.update_scale`: the update changes ``scale_tensor`` in
 place, and dividing by the updated scale after a growth step would unscale by twice the scale
 used in backward (DeepSpeed PR 8588).
+
+Why one file of ~700 lines: the dynamic rule has a host path and a device path that must agree
+step for step, so they live side by side, with the state and state dict they share; what a
+scaler accepts (arguments, flags, state dicts) is checked in ``loss_scaler_checks.py``.
 """
 
 from __future__ import annotations

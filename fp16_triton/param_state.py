@@ -236,12 +236,22 @@ class ParamStateRules:
         """Convert one param's saved state to ours (checked, in ``_state_dtype``, on ``p``'s
         device with ``p``'s strides, masters following ``p``'s dtype); raises naming the param
         index."""
+        if not isinstance(saved, dict):
+            raise TypeError(
+                f"loaded state of param {key!r} must be a dict of its state tensors, got "
+                f"{type(saved).__name__}"
+            )
         out: dict[str, Any] = {}
         for name, value in saved.items():
             if value is None:
                 continue
             if name == SEED_STATE:  # exact: a float would round a 64-bit seed
                 seed = torch.as_tensor(value).detach()
+                if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex:
+                    raise ValueError(
+                        f"loaded {name!r} of param {key!r} must be one integer (the param's "
+                        f"rounding seed), got {seed.numel()} elements of {seed.dtype}"
+                    )
                 out[name] = seed.to(local(p).device, torch.int64, copy=True).reshape(())
                 continue
             if not isinstance(value, torch.Tensor):
@@ -264,6 +274,14 @@ class ParamStateRules:
                 out[name] = value.detach().to(local(p).device, torch.float32, copy=True).reshape(())
                 continue
             if name in int8_state.SCALE_NAMES:  # block scales: checked with their codes
+                if not value.is_floating_point() or not bool(
+                    (torch.isfinite(value) & (value >= 0)).all()
+                ):
+                    raise ValueError(
+                        f"loaded state {name!r} of param {key!r} must hold finite, non-negative "
+                        f"float block scales (int8 moments: kernels/quantize.py), got "
+                        f"{value.dtype} values outside that"
+                    )
                 out[name] = value.detach().to(local(p).device, torch.float32, copy=True)
                 continue
             if value.shape != p.shape:
@@ -271,6 +289,18 @@ class ParamStateRules:
                     f"loaded state {name!r} of param {key!r} has shape {tuple(value.shape)}, "
                     f"the param has shape {tuple(p.shape)} (were the params created or passed "
                     "in another order than when the state dict was saved?)"
+                )
+            if value.dtype == torch.int8 and int8_state.SCALES.get(name) not in saved:
+                raise TypeError(
+                    f"loaded state {name!r} of param {key!r} is int8 without its block scales "
+                    f"({int8_state.SCALES.get(name, 'none for this state')!r}): int8 codes are "
+                    "only readable with them"
+                )
+            if value.dtype != torch.int8 and not value.is_floating_point():
+                raise TypeError(
+                    f"loaded state {name!r} of param {key!r} is {value.dtype}: optimizer state "
+                    "must be floating point (or int8 moments with their block scales); a "
+                    "state dict written by torch.optim or by this optimizer holds such tensors"
                 )
             dtype = self._state_dtype(name, group, p)
             if value.dtype == torch.int8 or dtype == torch.int8:  # codes kept, floats quantized
@@ -333,14 +363,15 @@ def _normalize_state(p: torch.Tensor, state: dict[str, Any], dtype_of) -> None:
             state[name] = torch.empty_like(shard, dtype=dtype).copy_(value)
 
 
-def check_unshared(state, params: list[torch.Tensor]) -> None:
+def check_unshared(state, params: list[torch.Tensor], shared: tuple[str, ...] = ()) -> None:
     """Raise unless no state tensor is shared by two params (``state[p]["step"] = z`` for
     several ``p``): each param's state is its own, and torch.optim would count such a step once
-    per param (at rebuilds only: O(n))."""
+    per param (at rebuilds only: O(n)). ``shared``: states the params share by design (a flat
+    bucket's one ``step``)."""
     seen: dict[int, int] = {}
     for i, p in enumerate(params):
         for name, value in state.get(p, {}).items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and name not in shared:
                 j = seen.setdefault(id(value), i)
                 if j != i:
                     raise ValueError(

@@ -180,6 +180,7 @@ class BucketPlans:
         if not self.flat_buffers:
             check_unshared(self.state, adopted)
             return
+        check_unshared(self.state, adopted, shared=("step",))  # a bucket has one step count
         check_adoption(adopted, group, self.param_groups, self.state, self._describe)
 
     def _rebuild(self, rebuild: Rebuild) -> Work:
@@ -245,7 +246,9 @@ class BucketPlans:
             for p in params:
                 self._ensure_state(p, group)
             buckets.append(bucket)
-        warn_foreign_views([bucket.flat for bucket in buckets])
+        kept = {id(b) for b in buckets}
+        replaced = [b.flat for b in plan.buckets if id(b) not in kept] if plan else []
+        warn_foreign_views([bucket.flat for bucket in buckets], replaced)
         moved = sum(self._refresh_state_lists(bucket) for bucket in buckets)
         if plan is not None and moved:
             log_readopted(moved, self._warned_readopt)

@@ -84,10 +84,10 @@ class SGD(CompactState, FusedOptimizer):
             nesterov=nesterov,
             maximize=maximize,
             state_dtype=state_dtype,
-            stochastic_rounding=bool(stochastic_rounding),
+            stochastic_rounding=stochastic_rounding,
+            seed=self._init_compact(seed, state_dtype),
             **torch_compat_options(foreach, None, differentiable, fused),
         )
-        self._init_compact(seed, state_dtype)
         options = dict(master_weights=master_weights, backend=backend, flat_buffers=flat_buffers)
         super().__init__(params, defaults, **options)
 

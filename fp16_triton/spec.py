@@ -158,7 +158,7 @@ class Algorithm:
             (which class runs, combinations to refuse with ``ConfigError``); the default runs
             the class named by the type.
         config_kinds: the config check of arguments whose default does not say it: a kind
-            of ``config._check_value`` or a function ``check(dotted_key, value) -> value``
+            of ``config_values._check_value`` or a function ``check(dotted_key, value) -> value``
             that raises ``ConfigError`` (e.g. a tuple of coefficients, an optional string).
         config_exclude: constructor arguments the config does not take (e.g. a callable).
         functional: the algorithm's public functions on tensor lists (``{"adam_": adam_}``),

@@ -229,6 +229,38 @@ def _adam_kernel(
             store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
 
 
+COMPACT_STATE = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+"""The state lists an Adam step may keep in bf16 or int8 (``state_dtype``)."""
+
+
+def adam_state(
+    params,
+    masters,
+    exp_avgs,
+    exp_avg_sqs,
+    steps,
+    max_exp_avg_sqs,
+    amsgrad,
+    sr_seeds,
+    exp_avg_scales,
+    exp_avg_sq_scales,
+) -> dict[str, Sequence[torch.Tensor] | None]:
+    """The state lists an Adam step reads, by name (None: not read), after the checks that
+    depend on the options; the reference (``kernels/reference.py``) checks the same lists."""
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
+    int8 = bool(exp_avgs) and exp_avgs[0].dtype == torch.int8
+    if int8 and (exp_avg_scales is None or exp_avg_sq_scales is None or amsgrad):
+        raise ValueError("int8 moments need exp_avg_scales and exp_avg_sq_scales, and no amsgrad")
+    state = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps, "masters": masters}
+    state["max_exp_avg_sqs"] = max_exp_avg_sqs if amsgrad else None
+    state["exp_avg_scales"] = exp_avg_scales if int8 else None
+    state["exp_avg_sq_scales"] = exp_avg_sq_scales if int8 else None
+    stochastic = rounds_stochastically(sr_seeds, params, masters, exp_avgs)
+    state["sr_seeds"] = sr_seeds if stochastic else None
+    return state
+
+
 def prepare_adam_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -294,17 +326,11 @@ def prepare_adam_step(
 
     Launches: two (the step and the step-count increment), whatever the number of tensors.
     """
-    if amsgrad and max_exp_avg_sqs is None:
-        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
-    int8 = bool(exp_avgs) and exp_avgs[0].dtype == torch.int8
-    if int8 and (exp_avg_scales is None or exp_avg_sq_scales is None or amsgrad):
-        raise ValueError("int8 moments need exp_avg_scales and exp_avg_sq_scales, and no amsgrad")
-    state = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps, "masters": masters}
-    state["max_exp_avg_sqs"] = max_exp_avg_sqs if amsgrad else None
-    state["exp_avg_scales"] = exp_avg_scales if int8 else None
-    state["exp_avg_sq_scales"] = exp_avg_sq_scales if int8 else None
-    stochastic = rounds_stochastically(sr_seeds, params, masters, exp_avgs)
-    state["sr_seeds"] = sr_seeds if stochastic else None
+    state = adam_state(
+        params, masters, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, amsgrad, sr_seeds,
+        exp_avg_scales, exp_avg_sq_scales,
+    )  # fmt: skip
+    stochastic = state["sr_seeds"] is not None
     return prepare_step(
         _adam_kernel, "adam", params, grads, masters, state,
         rows=("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
@@ -314,9 +340,9 @@ def prepare_adam_step(
         flags=dict(DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
                    STOCHASTIC=stochastic,
                    STATE_DTYPE=TORCH_TO_TRITON.get(exp_avgs[0].dtype) if exp_avgs else None),
-        compact_state=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
-        count_steps=True, lr=lr, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-        norm_sq=norm_sq, max_norm=max_norm, cache=cache,
+        compact_state=COMPACT_STATE, count_steps=True, lr=lr, maximize=maximize,
+        grad_scale=grad_scale, found_inf=found_inf, norm_sq=norm_sq, max_norm=max_norm,
+        cache=cache,
     )  # fmt: skip
 
 

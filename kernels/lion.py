@@ -132,6 +132,22 @@ def _lion_kernel(
             store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
 
 
+COMPACT_STATE = ("exp_avgs",)
+"""The state list a Lion step may keep in bf16 (``state_dtype``)."""
+
+
+def lion_state(params, masters, exp_avgs, steps, sr_seeds) -> dict:
+    """The state lists a Lion step reads, by name (None: not read), after the checks that
+    depend on the options; the reference (``fp16_triton/lion.py``) checks the same lists."""
+    stochastic = rounds_stochastically(sr_seeds, params, masters, exp_avgs)
+    if stochastic and steps is None:
+        raise ValueError("stochastic rounding (sr_seeds) needs steps: the words' counts")
+    state = {"exp_avgs": exp_avgs, "masters": masters}
+    state["steps"] = steps if stochastic else None
+    state["sr_seeds"] = sr_seeds if stochastic else None
+    return state
+
+
 def prepare_lion_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -162,12 +178,8 @@ def prepare_lion_step(
 
     Launches: one, whatever the number of tensors; two with stochastic rounding (its counts).
     """
-    stochastic = rounds_stochastically(sr_seeds, params, masters, exp_avgs)
-    if stochastic and steps is None:
-        raise ValueError("stochastic rounding (sr_seeds) needs steps: the words' counts")
-    state = {"exp_avgs": exp_avgs, "masters": masters}
-    state["steps"] = steps if stochastic else None
-    state["sr_seeds"] = sr_seeds if stochastic else None
+    state = lion_state(params, masters, exp_avgs, steps, sr_seeds)
+    stochastic = state["sr_seeds"] is not None
     return prepare_step(
         _lion_kernel, "lion", params, grads, masters, state,
         rows=("params", "grads", "masters", "exp_avgs", "steps", "sr_seeds"),
@@ -175,7 +187,7 @@ def prepare_lion_step(
                          float(weight_decay), float(sr_shard)),
         flags=dict(STATE_DTYPE=TORCH_TO_TRITON.get(exp_avgs[0].dtype) if exp_avgs else None,
                    STOCHASTIC=stochastic),
-        compact_state=("exp_avgs",), count_steps=stochastic, lr=lr, maximize=maximize,
+        compact_state=COMPACT_STATE, count_steps=stochastic, lr=lr, maximize=maximize,
         grad_scale=grad_scale, found_inf=found_inf, norm_sq=norm_sq, max_norm=max_norm,
         cache=cache,
     )  # fmt: skip

@@ -193,6 +193,12 @@ def check_step_inputs(
             raise TypeError(f"{name} must be float32, got {lst[0].dtype}")
     if len(set(compact_dtypes.values())) > 1:
         raise TypeError(f"{', '.join(compact_dtypes)} must share one dtype, got {compact_dtypes}")
+    if torch.int8 in compact_dtypes.values() and not any(state_lists.get(r) for r in BLOCK_ROWS):
+        raise TypeError(
+            f"{', '.join(compact_dtypes)}: int8 state needs its block scales "
+            f"({', '.join(BLOCK_ROWS)}), which only Adam's and AdamW's int8 moments have; keep "
+            "this state in float32 or bfloat16"
+        )
     device = params[0].device
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf), ("norm_sq", norm_sq)):
         check_scalar(name, t, device)

@@ -23,8 +23,12 @@ from collections.abc import Sequence
 import torch
 
 from . import quantize
-from .multi_tensor import rounds_stochastically
+from .adam import COMPACT_STATE as ADAM_COMPACT_STATE
+from .adam import adam_state
+from .multi_tensor import check_step_inputs
 from .remainder import join_reference, round_master_reference, split_reference
+from .sgd import COMPACT_STATE as SGD_COMPACT_STATE
+from .sgd import sgd_state
 from .stochastic import step_words_reference, stochastic_round_reference
 
 __all__ = [
@@ -190,25 +194,27 @@ def adam_step(
     """Reference of ``kernels.adam.adam_step`` (same arguments and semantics). With
     ``sr_seeds`` the random words are the kernel's, bit for bit (``kernels/stochastic.py``), so
     the two backends round alike wherever their fp32 values agree."""
-    if amsgrad and max_exp_avg_sqs is None:
-        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
+    state = adam_state(
+        params, masters, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, amsgrad, sr_seeds,
+        exp_avg_scales, exp_avg_sq_scales,
+    )  # fmt: skip
+    if params:  # the kernel's checks, so that both backends refuse alike
+        check_step_inputs(
+            params, grads, masters, state, grad_scale, found_inf, norm_sq, ADAM_COMPACT_STATE
+        )
     start = step_inputs(params, grads, masters, grad_scale, found_inf, norm_sq, max_norm, maximize)
     if start is None:
         return
     weights, g = start
     words = [None] * len(params)
-    if rounds_stochastically(sr_seeds, params, masters, exp_avgs):
+    if state["sr_seeds"] is not None:
         words = step_words_reference(sr_seeds, steps, params, sr_shard)
     lr, weight_decay = float(lr), float(weight_decay)
     # bf16 moments: updated as fp32 copies, stored back rounded to nearest-even below (copy_
     # rounds so; this step's update uses the fp32 values, as the kernel does).
     stored = [list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else []]
-    int8 = bool(stored[0]) and stored[0][0].dtype == torch.int8
+    int8 = state["exp_avg_scales"] is not None
     if int8:  # codes and block scales (kernels/quantize.py), requantized below
-        if amsgrad or exp_avg_scales is None or exp_avg_sq_scales is None:
-            raise ValueError(
-                "int8 moments need exp_avg_scales and exp_avg_sq_scales, and no amsgrad"
-            )
         scales = [list(exp_avg_scales), list(exp_avg_sq_scales)]
         exp_avgs, exp_avg_sqs = (
             [quantize.dequantize_tensor(c, s, root) for c, s in zip(stored[k], scales[k])]
@@ -286,16 +292,12 @@ def sgd_step(
 ) -> None:
     """Reference of ``kernels.sgd.sgd_step`` (same arguments and semantics; with ``sr_seeds``
     the kernel's random words, bit for bit, as ``adam_step``'s)."""
-    if momentum != 0 and (momentum_buffers is None or steps is None):
-        raise ValueError("momentum != 0 needs momentum_buffers and steps")
-    stochastic = rounds_stochastically(
-        sr_seeds, params, masters, momentum_buffers if momentum != 0 else None
-    )
-    if stochastic and momentum == 0:
-        raise ValueError(
-            "stochastic rounding in SGD needs momentum != 0: its random words are counted by "
-            "the momentum step count"
+    state = sgd_state(params, masters, momentum, momentum_buffers, steps, sr_seeds)
+    if params:  # the kernel's checks, so that both backends refuse alike
+        check_step_inputs(
+            params, grads, masters, state, grad_scale, found_inf, norm_sq, SGD_COMPACT_STATE
         )
+    stochastic = state["sr_seeds"] is not None
     start = step_inputs(params, grads, masters, grad_scale, found_inf, norm_sq, max_norm, maximize)
     if start is None:
         return

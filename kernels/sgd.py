@@ -139,6 +139,29 @@ def _sgd_kernel(
             store_weight(param, master, offsets, mask, p, PARAM_DTYPE, HAS_MASTER)
 
 
+COMPACT_STATE = ("momentum_buffers",)
+"""The state list an SGD step may keep in bf16 (``state_dtype``)."""
+
+
+def sgd_state(params, masters, momentum, momentum_buffers, steps, sr_seeds) -> dict:
+    """The state lists an SGD step reads, by name (None: not read), after the checks that
+    depend on the options; the reference (``kernels/reference.py``) checks the same lists."""
+    has_momentum = momentum != 0
+    if has_momentum and (momentum_buffers is None or steps is None):
+        raise ValueError("momentum != 0 needs momentum_buffers and steps")
+    state = {"masters": masters}
+    state["momentum_buffers"] = momentum_buffers if has_momentum else None
+    state["steps"] = steps if has_momentum else None
+    stochastic = rounds_stochastically(sr_seeds, params, masters, state["momentum_buffers"])
+    if stochastic and not has_momentum:
+        raise ValueError(
+            "stochastic rounding in SGD needs momentum != 0: its random words are counted by "
+            "the momentum step count"
+        )
+    state["sr_seeds"] = sr_seeds if stochastic else None
+    return state
+
+
 def prepare_sgd_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -175,19 +198,9 @@ def prepare_sgd_step(
     ``adam_step``. Launches: one, plus one for the step counts when momentum is on.
     """
     has_momentum = momentum != 0
-    if has_momentum and (momentum_buffers is None or steps is None):
-        raise ValueError("momentum != 0 needs momentum_buffers and steps")
-    state = {"masters": masters}
-    state["momentum_buffers"] = momentum_buffers if has_momentum else None
-    state["steps"] = steps if has_momentum else None
+    state = sgd_state(params, masters, momentum, momentum_buffers, steps, sr_seeds)
     buffer_dtype = momentum_buffers[0].dtype if has_momentum and momentum_buffers else None
-    stochastic = rounds_stochastically(sr_seeds, params, masters, state["momentum_buffers"])
-    if stochastic and not has_momentum:
-        raise ValueError(
-            "stochastic rounding in SGD needs momentum != 0: its random words are counted by "
-            "the momentum step count"
-        )
-    state["sr_seeds"] = sr_seeds if stochastic else None
+    stochastic = state["sr_seeds"] is not None
     return prepare_step(
         _sgd_kernel, "sgd", params, grads, masters, state,
         rows=("params", "grads", "masters", "momentum_buffers", "steps", "sr_seeds"),
@@ -195,7 +208,7 @@ def prepare_sgd_step(
                          float(sr_shard)),
         flags=dict(HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov), STOCHASTIC=stochastic,
                    STATE_DTYPE=TORCH_TO_TRITON.get(buffer_dtype, tl.float32)),
-        compact_state=("momentum_buffers",), count_steps=has_momentum, lr=lr, maximize=maximize,
+        compact_state=COMPACT_STATE, count_steps=has_momentum, lr=lr, maximize=maximize,
         grad_scale=grad_scale, found_inf=found_inf, norm_sq=norm_sq, max_norm=max_norm,
         cache=cache,
     )  # fmt: skip

@@ -653,3 +653,28 @@ def test_adam_state_dtype_takes_strings_and_round_trips_through_json():
     assert load_config(json.loads(json.dumps(int8.to_dict()))).optimizer == int8.optimizer
     with pytest.raises(ConfigError, match="optimizer.params.state_dtype"):  # Adam's only
         load_config({"optimizer": {"type": "Lion", "params": {"state_dtype": "int8"}}})
+    assert load_config({"optimizer": {"type": "Adam", "params": {"state_dtype": "INT8"}}})
+
+
+@pytest.mark.parametrize(
+    "precision, params, keys",
+    [
+        ("fp16", {"master_weights": "remainder"}, "optimizer.params.master_weights"),
+        ("bf16", {"state_dtype": "int8", "amsgrad": True}, "optimizer.params.amsgrad"),
+    ],
+)
+def test_combinations_the_optimizer_refuses_are_config_errors(precision, params, keys):
+    """Refused by the config, not by the optimizer's constructor: ``initialize`` casts the
+    model before it builds the optimizer, so a later error would leave the model cast."""
+    import fp16_triton
+
+    config = {precision: {"enabled": True}, "optimizer": {"type": "AdamW", "params": params}}
+    with pytest.raises(ConfigError, match=re.escape(keys)):
+        load_config(config)
+    model = torch.nn.Linear(8, 8)
+    with pytest.raises(ConfigError):
+        fp16_triton.initialize(model=model, config=config, backend="torch")
+    assert model.weight.dtype == torch.float32
+    valid = {"bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": params}}
+    if precision == "fp16":  # the same options with bf16 params are fine
+        assert load_config(valid).optimizer.params["master_weights"] == "remainder"

@@ -1337,3 +1337,58 @@ def test_views_of_params_kept_elsewhere_are_warned_about_at_adoption(caplog):
         assert len(warned) == expected
         if expected:
             assert warned[0].args == (1,)  # the one cached view
+
+
+def foreign_view_records(caplog):
+    return [r for r in caplog.records if "besides the params themselves" in r.getMessage()]
+
+
+@pytest.mark.skipif(
+    not hasattr(torch._C, "_storage_Use_Count"), reason="torch gives no storage use counts"
+)
+def test_the_moved_params_warning_names_real_views_only(caplog):
+    """A tensor kept on a param's storage (a view a module holds) does not follow the param
+    into the flat buffer: warned at adoption. Params left behind in an old buffer when one
+    layer is cast (its bucket rebuilt) are no such tensors: no warning."""
+    model = make_model(torch.bfloat16)
+    kept = model[0].weight.detach().t()  # a view the optimizer cannot move
+    opt = make_opt("AdamW", model.parameters(), True, lr=1e-3)
+    with caplog.at_level(logging.WARNING, logger=OPT_LOGGER):
+        train(model, opt, 2)
+    assert len(foreign_view_records(caplog)) == 1
+    del kept
+    caplog.clear()
+    model[2].half()  # the bf16 bucket now holds one layer: rebuilt while it is in the old one
+    with caplog.at_level(logging.WARNING, logger=OPT_LOGGER):
+        opt.zero_grad()
+        x = torch.randn(BATCH, IN).to(torch.bfloat16)
+        model[2](model[1](model[0](x)).half()).float().sum().backward()
+        opt.step()
+    assert foreign_view_records(caplog) == []
+    assert any("re-adopted" in r.getMessage() for r in caplog.records)  # it was rebuilt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_state_tensor_shared_by_two_params_is_refused_as_per_tensor(backend):
+    """``state[q]["exp_avg"] = state[p]["exp_avg"]``: per-tensor storage refuses it (each
+    param's state is its own); a flat bucket, which would copy it into two slots and so undo
+    the sharing, refuses it alike, before anything changes. Its own shared ``step`` is fine."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(64).to(torch.bfloat16)) for _ in range(2)]
+    opt = make_opt("AdamW", params, True, backend, lr=1e-3)
+
+    def grads(step):
+        for k, p in enumerate(params):
+            p.grad = torch.full_like(p, 0.1 * (step + k + 1))
+
+    for step in range(2):
+        grads(step)
+        opt.step()
+    before = snapshot(params, opt)
+    opt.state[params[1]]["exp_avg"] = opt.state[params[0]]["exp_avg"]
+    grads(2)
+    with pytest.raises(ValueError, match="one tensor for two params"):
+        opt.step()
+    after = snapshot(params, opt)
+    after["state"][1]["exp_avg"] = before["state"][1]["exp_avg"]  # the user's own assignment
+    assert_bitwise(after, before, "nothing changed")

@@ -202,6 +202,23 @@ def test_state_dicts_reload_bitwise_and_export_to_fp32():
     assert_bitwise(loaded["exp_avg"], s["exp_avg"])  # quantizing dequantized codes: the codes
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_loaded_block_scales_must_be_finite_and_non_negative(bad):
+    """A scale multiplies its block's 256 codes: one NaN would make the whole block NaN at the
+    next step. Refused at load, before anything changes."""
+    params = make_params()
+    opt = fp16_triton.AdamW(params, lr=LR, state_dtype="int8", backend="torch")
+    for p, grad in zip(params, grads_for(params, torch.Generator().manual_seed(3))):
+        p.grad = grad
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    before = copy.deepcopy(saved)
+    saved["state"][0]["exp_avg_sq_scale"][0] = bad
+    with pytest.raises(ValueError, match="finite, non-negative"):
+        opt.load_state_dict(saved)
+    assert_bitwise(opt.state_dict()["state"], before["state"])
+
+
 def test_switching_state_dtype_between_steps_converts():
     params = make_params()
     opt = fp16_triton.AdamW(params, lr=LR, backend="torch")

@@ -344,12 +344,18 @@ def test_torch_state_dict_with_low_precision_params_gets_masters(backend):
         assert ours.state[p]["exp_avg"].dtype == torch.float32
 
 
-def test_bad_state_dicts_raise_and_change_nothing():
+def stepped_adam() -> fp16_triton.Adam:
+    """An Adam (torch backend) after one step: state to save and to corrupt."""
     params = make_params()
     opt = fp16_triton.Adam(params, lr=0.01, backend="torch")
     for p, g in zip(params, random_grads(params, 0)):
         p.grad = g
     opt.step()
+    return opt
+
+
+def test_bad_state_dicts_raise_and_change_nothing():
+    opt = stepped_adam()
     good = copy.deepcopy(opt.state_dict())
     before = copy.deepcopy(opt.state_dict())
     wrong_count = copy.deepcopy(good)
@@ -367,6 +373,35 @@ def test_bad_state_dicts_raise_and_change_nothing():
         with pytest.raises(ValueError, match=message):
             opt.load_state_dict(bad)
         assert_bitwise_equal(before["state"], opt.state_dict()["state"])
+
+
+@pytest.mark.parametrize(
+    "entry, value, error, message",
+    [
+        ("exp_avg", lambda t: t.to(torch.uint8), TypeError, "must be floating point"),
+        ("exp_avg_sq", lambda t: t.to(torch.int64), TypeError, "must be floating point"),
+        ("exp_avg", lambda t: t.bool(), TypeError, "must be floating point"),
+        ("exp_avg", lambda t: t.to(torch.complex64), TypeError, "must be floating point"),
+        ("exp_avg", lambda t: t.to(torch.int8), TypeError, "int8 without its block scales"),
+        ("sr_seed", lambda t: torch.tensor([1, 2]), ValueError, "one integer"),
+        (None, lambda t: 3, TypeError, "must be a dict"),
+    ],
+)
+def test_loaded_state_of_another_kind_is_refused_before_anything_changes(
+    entry, value, error, message
+):
+    """torch.optim casts whatever it loads; integer, bool or complex moments (a uint8 copy of
+    int8 codes would load as values up to 255) are no state of ours, and are refused."""
+    opt = stepped_adam()
+    bad = copy.deepcopy(opt.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    if entry is None:
+        bad["state"][0] = value(None)
+    else:
+        bad["state"][0][entry] = value(bad["state"][0]["exp_avg"])
+    with pytest.raises(error, match=message):
+        opt.load_state_dict(bad)
+    assert_bitwise_equal(before["state"], opt.state_dict()["state"])
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ seeds chosen at random if the rounding is unbiased.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -182,6 +183,53 @@ def test_seed_resume_and_other_params_decide_nothing_but_the_seed(backend):
     (p5, q5), resumed = run(backend, opt=resumed, params=params, start=3)
     assert_bitwise([p5, q5], [p, q], "resumed params")
     assert_bitwise(resumed.state_dict(), opt.state_dict(), "resumed state")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_seed_is_saved_for_params_that_get_state_after_a_resume(backend):
+    """``seed=None`` is ``torch.initial_seed()`` of the process that built the optimizer, and a
+    group option, so ``state_dict()`` saves it: ``q`` has no grad before the checkpoint (no
+    state, no ``sr_seed`` saved), and a resumed process seeded otherwise still gives it the
+    seed the uninterrupted run gave it."""
+    skipped = (0, 1, 2)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n).to(BF16)) for n in (3000, 500)]
+    straight = adam(params, backend, seed=None, amsgrad=True)
+    (p, q), straight = run(backend, skip_q=skipped, opt=straight, params=params)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n).to(BF16)) for n in (3000, 500)]
+    half = adam(params, backend, seed=None, amsgrad=True)
+    _, half = run(backend, steps=3, skip_q=skipped, opt=half, params=params)
+    saved = half.state_dict()
+    assert "sr_seed" not in saved["state"].get(1, {})
+    torch.manual_seed(12345)  # another process: another torch.initial_seed()
+    resumed = adam(params, backend, seed=None, amsgrad=True)
+    resumed.load_state_dict(saved)
+    (p2, q2), resumed = run(backend, skip_q=skipped, opt=resumed, params=params, start=3)
+    assert_bitwise([p2, q2], [p, q], "resumed params")
+    assert_bitwise(resumed.state_dict(), straight.state_dict(), "resumed state")
+
+
+def test_stochastic_rounding_and_seed_must_be_what_they_say():
+    """A string is no switch (``bool("false")`` is True): refused, at construction and when
+    a group is changed between steps, before anything changes."""
+    params = [torch.nn.Parameter(torch.randn(50).to(BF16))]
+    for bad in ("false", 1, None):
+        with pytest.raises(TypeError, match="stochastic_rounding must be True or False"):
+            adam(params, "torch", sr=bad)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        adam(params, "torch", seed=True)
+    opt = adam(params, "torch")
+    params[0].grad = torch.randn_like(params[0])
+    opt.step()
+    before = [params[0].detach().clone(), copy.deepcopy(opt.state_dict())]
+    for key, bad in (("stochastic_rounding", "no"), ("seed", 1.5)):
+        good = opt.param_groups[0][key]
+        opt.param_groups[0][key] = bad
+        with pytest.raises(TypeError, match=key):
+            opt.step()
+        opt.param_groups[0][key] = good
+        assert_bitwise([params[0], opt.state_dict()], before, "nothing changed")
 
 
 def test_backends_draw_the_same_bits():
