@@ -98,11 +98,12 @@ class FusedOptimizer(BucketPlans, StateDicts, ParamStateRules, Optimizer):
         self._state = value if isinstance(value, OptimizerState) else OptimizerState(value)
         self._groups = {}
 
-    def _settle_remainders(self) -> None:
+    def _settle_remainders(self, stale: list[torch.Tensor] | None = None) -> None:
         """Zero the remainders of params written since the last step (``masters.py``), as the
         next step would: before anything reads the masters outside a step (``state_dict()``,
-        a copy), so that it sees the masters the next step would start from."""
-        for p in self._fingerprints.stale():
+        a copy), so that it sees the masters the next step would start from. ``stale``: those
+        params, when the caller has just found them (``Fingerprints.stale``)."""
+        for p in self._fingerprints.stale() if stale is None else stale:
             state = self.state.get(p)
             rest = state.get(REMAINDER) if isinstance(state, dict) else None
             if not isinstance(rest, torch.Tensor):

@@ -153,10 +153,20 @@ class BucketPlans:
         if plan is not None:
             check_left_out(plan.others)
         if plan is not None and plan.state_version == self._state.version:
-            if steady_step([bucket.flat for bucket in plan.buckets]):
+            flats = [bucket.flat for bucket in plan.buckets]
+            if not self._left_slots(flats) and steady_step(flats):
                 self._step_plans.append(plan)
                 return [(bucket, bucket.grads(None)) for bucket in plan.buckets]
         return Rebuild(group, cache, plan=plan)
+
+    def _left_slots(self, flats: list[FlatBuffers]) -> bool:
+        """Whether a param with a remainder that was written since the last step left its slot:
+        ``p.data = t`` while the old tensor is kept elsewhere, which the O(1) checks cannot see
+        but the remainders' pass does (O(n) for the buffers holding such a param only)."""
+        written = self._written  # set by ``_gather`` for this step
+        return bool(written) and any(
+            not flat.all_in_place() for flat in flats if any(id(p) in written for p in flat.params)
+        )
 
     def _check_rebuild(self, rebuild: Rebuild) -> None:
         """Raise, before anything is written, unless the group's buckets can be rebuilt: every
@@ -316,12 +326,16 @@ class BucketPlans:
         self._step_plans: list[GroupPlan] = []
         for group in self.param_groups:  # all of them before any group's state is made
             self._check_hyperparameters(group)
+        # Params with remainders written since the last step: one pass, read by the flat
+        # plans (a param whose data was replaced is re-adopted) and settled once checked.
+        stale = self._fingerprints.stale() if self._fingerprints else []
+        self._written = {id(p) for p in stale}
         planned = [(group, self._plan(group)) for group in self.param_groups]
         for _, plan in planned:
             if isinstance(plan, Rebuild):
                 self._check_rebuild(plan)
-        if self._fingerprints:  # once checked, and before flat buffers adopt replaced data
-            self._settle_remainders()
+        if stale:  # once checked, and before flat buffers adopt replaced data
+            self._settle_remainders(stale)
         for group, plan in planned:
             for bucket, grads in self._rebuild(plan) if isinstance(plan, Rebuild) else plan:
                 # torch refuses a grad whose dtype differs from its param's, so one grad's
