@@ -93,7 +93,9 @@ class Adam(CompactState, FusedOptimizer):
             whole buffer (``fp16_triton/flat_buffers.py``).
         seed: where the per-param seeds come from (default: ``torch.initial_seed()`` at
             construction): param ``i`` (its position over all groups) gets a 63-bit mix of
-            ``seed`` and ``i``, the same whichever params get their state first.
+            ``seed`` and ``i``, the same whichever params get their state first. A group
+            option, so ``state_dict()`` saves it and a resumed run seeds params that get
+            their state later alike.
 
     State per param on the param's device: ``step`` (an fp32 one-element tensor that a skipped
     step does not advance), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad) in

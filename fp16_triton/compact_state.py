@@ -57,12 +57,26 @@ class CompactState:
         rounding = group.get("stochastic_rounding", False)
         if not isinstance(rounding, bool):
             raise TypeError(f"stochastic_rounding must be True or False, got {rounding!r}")
-        _check_seed(group.get("seed", 0))
+        seed = group.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(
+                f"a param group's seed must be an int, got {seed!r} (a group option: None is "
+                "torch.initial_seed() only where the optimizer is built or a group added)"
+            )
         if state_dtype == "int8" and group.get("amsgrad"):
             raise ValueError(
                 "state_dtype='int8' keeps exp_avg and exp_avg_sq in 8 bits; amsgrad's running "
                 "maximum is not built for it: use amsgrad=False, or state_dtype=torch.bfloat16"
             )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``FusedOptimizer.add_param_group``; ``seed=None`` is ``torch.initial_seed()``, as
+        in the constructor."""
+        if isinstance(param_group, dict) and "seed" in param_group:
+            _check_seed(param_group["seed"], none_ok=True)
+            if param_group["seed"] is None:
+                param_group = dict(param_group, seed=torch.initial_seed())
+        super().add_param_group(param_group)
 
     def _compact_kind(self, group: dict[str, Any]) -> tuple:
         """The group settings that shape the state (a switch converts it)."""

@@ -297,8 +297,8 @@ class FlatBuffers:
             moved += i in data or i in grads
         first = state[self.params[0]]
         names = [n for n in dict.fromkeys(("step", *names)) if torch.is_tensor(first.get(n))]
-        self.scalars = {n: first[n] for n in names if n in per_param}
-        buffered = [n for n in names if n != "step" and n not in self.scalars]
+        scalars = {n: first[n] for n in names if n in per_param}
+        buffered = [n for n in names if n != "step" and n not in scalars]
         # A state that changed dtype gets a new buffer, so all of it is incoming; the old
         # buffer is dropped only once every check has passed.
         retyped = [n for n in buffered if n in self.state and self.state[n].dtype != first[n].dtype]
@@ -319,6 +319,7 @@ class FlatBuffers:
                     f"flat_buffers: state {name!r} is {dtype} for the first param of a bucket "
                     f"but {incoming[name][mixed[0]].dtype} for another; a buffer has one dtype"
                 )
+        self.scalars = scalars
         for name in retyped:
             self._drop_state(name)
         for i, value in data.items():

@@ -162,10 +162,9 @@ def lion_step(
     ``sr_seeds`` the kernel's random words, bit for bit, as Adam's reference."""
     reference, lion = kernels("reference"), kernels("lion")
     state = lion.lion_state(params, masters, exp_avgs, steps, sr_seeds)
-    if params:  # the kernel's checks, so that both backends refuse alike
-        kernels("multi_tensor").check_step_inputs(
-            params, grads, masters, state, grad_scale, found_inf, norm_sq, lion.COMPACT_STATE
-        )
+    kernels("multi_tensor").check_reference_inputs(
+        params, grads, masters, state, grad_scale, found_inf, norm_sq, lion.COMPACT_STATE
+    )
     stochastic = state["sr_seeds"] is not None
     start = reference.step_inputs(
         params, grads, masters, grad_scale, found_inf, norm_sq, max_norm, maximize

@@ -247,10 +247,16 @@ class ParamStateRules:
                 continue
             if name == SEED_STATE:  # exact: a float would round a 64-bit seed
                 seed = torch.as_tensor(value).detach()
-                if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex:
+                integer = not (
+                    seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool
+                )
+                if seed.numel() != 1 or not integer:
                     raise ValueError(
                         f"loaded {name!r} of param {key!r} must be one integer (the param's "
-                        f"rounding seed), got {seed.numel()} elements of {seed.dtype}"
+                        f"rounding seed), got {seed.numel()} elements of {seed.dtype}. "
+                        "torch.optim's load_state_dict casts it to the param's dtype: delete "
+                        "the sr_seed entries of such a state dict, and the optimizer remakes "
+                        "them from its group's seed and each param's position"
                     )
                 out[name] = seed.to(local(p).device, torch.int64, copy=True).reshape(())
                 continue
@@ -291,12 +297,18 @@ class ParamStateRules:
                     "in another order than when the state dict was saved?)"
                 )
             if value.dtype == torch.int8 and int8_state.SCALES.get(name) not in saved:
+                where = int8_state.SCALES.get(name)
                 raise TypeError(
-                    f"loaded state {name!r} of param {key!r} is int8 without its block scales "
-                    f"({int8_state.SCALES.get(name, 'none for this state')!r}): int8 codes are "
-                    "only readable with them"
+                    f"loaded state {name!r} of param {key!r} is int8 "
+                    + (
+                        f"without its block scales ({where!r}): int8 codes are only "
+                        "readable with them"
+                        if where
+                        else f"but only {', '.join(int8_state.SCALES)} may be int8 (codes)"
+                    )
                 )
-            if value.dtype != torch.int8 and not value.is_floating_point():
+            known = name in (*self._state_names, *MASTER_STATES)  # (others: converted as torch)
+            if known and value.dtype != torch.int8 and not value.is_floating_point():
                 raise TypeError(
                     f"loaded state {name!r} of param {key!r} is {value.dtype}: optimizer state "
                     "must be floating point (or int8 moments with their block scales); a "

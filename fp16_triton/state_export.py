@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .int8_state import SCALE_NAMES, SCALES, to_float
+from .param_state import SEED_STATE
 
 __all__ = ["to_fp32_state_dict"]
 
@@ -25,9 +26,11 @@ def to_fp32_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     dropped.
 
     ``master_param`` (the fp32 master of an fp16/bf16 param) is kept: it is the weight a fp32
-    optimizer would step. Step counts stay as they are (fp32 already). Group options are
-    copied unchanged; torch.optim keeps options it does not know (such as ``state_dtype``)
-    without using them. The input is not modified.
+    optimizer would step. Step counts stay as they are (fp32 already). ``sr_seed`` is dropped:
+    torch.optim's loading would cast it to the param's dtype, and our optimizers remake it from
+    the group option ``seed`` and the param's position. Group options are copied unchanged;
+    torch.optim keeps options it does not know (such as ``state_dtype``) without using them.
+    The input is not modified.
     """
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError(
@@ -47,7 +50,7 @@ def _entry(entry: dict[str, Any]) -> dict[str, Any]:
     are dropped), every other floating tensor widened."""
     out = {}
     for name, value in entry.items():
-        if name in SCALE_NAMES:
+        if name in SCALE_NAMES or name == SEED_STATE:
             continue
         scale = SCALES.get(name)
         if isinstance(value, torch.Tensor) and value.dtype == torch.int8 and scale in entry:

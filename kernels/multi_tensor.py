@@ -204,6 +204,28 @@ def check_step_inputs(
         check_scalar(name, t, device)
 
 
+def check_reference_inputs(
+    params, grads, masters, state_lists, grad_scale, found_inf, norm_sq, compact_state=()
+) -> None:
+    """The torch reference's checks before it writes anything: ``check_step_inputs``, and
+    every tensor of a list of the first one's dtype and device (the launchers check that when
+    they build their tables, with the layouts the reference does not need)."""
+    if not len(params):
+        return
+    check_step_inputs(
+        params, grads, masters, state_lists, grad_scale, found_inf, norm_sq, compact_state
+    )
+    lists = {"params": params, "grads": grads, **state_lists}
+    device = params[0].device
+    for name, tensors in lists.items():
+        for i, t in enumerate(tensors or ()):
+            if t.dtype != tensors[0].dtype or t.device != device:
+                raise ValueError(
+                    f"{name}[{i}] is {t.dtype} on {t.device} while {name}[0] is "
+                    f"{tensors[0].dtype} and params[0] is on {device}"
+                )
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """Whether ``t``'s elements fill one range of memory, starting at ``data_ptr()``, without
     gaps or overlaps, in any order of dimensions (contiguous, channels_last, a transpose).

@@ -25,7 +25,7 @@ import torch
 from . import quantize
 from .adam import COMPACT_STATE as ADAM_COMPACT_STATE
 from .adam import adam_state
-from .multi_tensor import check_step_inputs
+from .multi_tensor import check_reference_inputs
 from .remainder import join_reference, round_master_reference, split_reference
 from .sgd import COMPACT_STATE as SGD_COMPACT_STATE
 from .sgd import sgd_state
@@ -198,10 +198,9 @@ def adam_step(
         params, masters, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, amsgrad, sr_seeds,
         exp_avg_scales, exp_avg_sq_scales,
     )  # fmt: skip
-    if params:  # the kernel's checks, so that both backends refuse alike
-        check_step_inputs(
-            params, grads, masters, state, grad_scale, found_inf, norm_sq, ADAM_COMPACT_STATE
-        )
+    check_reference_inputs(
+        params, grads, masters, state, grad_scale, found_inf, norm_sq, ADAM_COMPACT_STATE
+    )
     start = step_inputs(params, grads, masters, grad_scale, found_inf, norm_sq, max_norm, maximize)
     if start is None:
         return
@@ -293,10 +292,9 @@ def sgd_step(
     """Reference of ``kernels.sgd.sgd_step`` (same arguments and semantics; with ``sr_seeds``
     the kernel's random words, bit for bit, as ``adam_step``'s)."""
     state = sgd_state(params, masters, momentum, momentum_buffers, steps, sr_seeds)
-    if params:  # the kernel's checks, so that both backends refuse alike
-        check_step_inputs(
-            params, grads, masters, state, grad_scale, found_inf, norm_sq, SGD_COMPACT_STATE
-        )
+    check_reference_inputs(
+        params, grads, masters, state, grad_scale, found_inf, norm_sq, SGD_COMPACT_STATE
+    )
     stochastic = state["sr_seeds"] is not None
     start = step_inputs(params, grads, masters, grad_scale, found_inf, norm_sq, max_norm, maximize)
     if start is None:

@@ -350,6 +350,65 @@ def test_found_inf_skips_and_grad_scale_unscales():
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_adamw_int8_moments_are_the_optimizers_step(backend):
+    """int8 moments through the functional form (codes and block scales, made by
+    ``int8_state.new_moments``): bitwise the class's step with ``state_dtype="int8"``."""
+    from fp16_triton import AdamW, int8_state
+
+    gen = torch.Generator().manual_seed(5)
+    param = torch.randn(64, 80, generator=gen).to(torch.bfloat16)  # 5120 >= 4096: int8
+    grads = [torch.randn(param.shape, generator=gen).to(torch.bfloat16) for _ in range(3)]
+    hyper = dict(lr=1e-2, weight_decay=0.1)
+    opt = AdamW([torch.nn.Parameter(param.clone())], state_dtype="int8", backend=backend, **hyper)
+    ours, master = param.clone(), param.float()
+    moments, step = int8_state.new_moments(param), torch.zeros(())
+    for g in grads:
+        opt.param_groups[0]["params"][0].grad = g.clone()
+        opt.step()
+        F.adamw_(
+            [ours], [g], [moments["exp_avg"]], [moments["exp_avg_sq"]], [step],
+            masters=[master], beta1=0.9, beta2=0.999, eps=1e-8, backend=backend,
+            exp_avg_scales=[moments["exp_avg_scale"]],
+            exp_avg_sq_scales=[moments["exp_avg_sq_scale"]], **hyper,
+        )  # fmt: skip
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    assert state["exp_avg"].dtype == torch.int8
+    for name in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
+        assert torch.equal(moments[name], state[name]), name
+    assert torch.equal(ours.view(torch.int16), opt.param_groups[0]["params"][0].view(torch.int16))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize(
+    "what",
+    ["exp_avgs of two dtypes", "an int64 step count", "an fp64 grad", "int8 momentum"],
+)
+def test_both_backends_refuse_bad_lists_before_writing(backend, what):
+    """The reference checks what the launchers check (but layouts, which it does not need):
+    a list of mixed dtypes or a state the kernels do not read, refused with nothing written."""
+    params, grads = step_lists(2)
+    grads = grads[0]
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.zeros(()) for _ in params]
+    if what == "exp_avgs of two dtypes":
+        m[1] = m[1].to(torch.bfloat16)
+    elif what == "an int64 step count":
+        steps[1] = torch.tensor(0)
+    elif what == "an fp64 grad":
+        grads[1] = grads[1].double()
+    before = [t.clone() for t in params + m + v]
+    hyper = dict(lr=1e-2, weight_decay=0.1)
+    with pytest.raises((TypeError, ValueError)):
+        if what == "int8 momentum":
+            buffers = [torch.zeros_like(p, dtype=torch.int8) for p in params]
+            F.sgd_(params, grads, buffers, steps, momentum=0.9, backend=backend, **hyper)
+        else:
+            F.adamw_(params, grads, m, v, steps, beta1=0.9, beta2=0.99, eps=1e-8,
+                     backend=backend, **hyper)  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(params + m + v, before))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_unscale_matches_torch_amp(backend):
     gen = torch.Generator().manual_seed(3)
     grads = [

@@ -59,3 +59,34 @@ def test_torch_adamw_over_the_masters_continues_from_the_export():
 def test_a_non_state_dict_is_refused():
     with pytest.raises(ValueError, match="takes an optimizer state dict"):
         fp16_triton.to_fp32_state_dict({"exp_avg": torch.zeros(2)})
+
+
+def test_rounding_seeds_are_dropped_and_remade_alike_after_a_trip_through_torch():
+    """torch.optim would load ``sr_seed`` (int64) cast to fp32, a rounded seed: the export
+    drops it, and an optimizer of ours loading the state back remakes every seed from the
+    saved group option ``seed`` and the param's position, the seeds it had."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n).to(torch.bfloat16)) for n in (40, 7)]
+    opt = fp16_triton.AdamW(params, lr=1e-2, master_weights=False, state_dtype=torch.bfloat16,
+                            stochastic_rounding=True, backend="torch")  # fmt: skip
+    for p in params:
+        p.grad = torch.randn(p.shape).to(torch.bfloat16)
+    opt.step()
+    exported = fp16_triton.to_fp32_state_dict(opt.state_dict())
+    assert all("sr_seed" not in entry for entry in exported["state"].values())
+    fp32 = [torch.nn.Parameter(p.detach().float()) for p in params]
+    through_torch = torch.optim.AdamW(fp32, lr=1e-2)
+    through_torch.load_state_dict(exported)
+    torch.manual_seed(99)  # another process: another default seed, which must not matter
+    again = fp16_triton.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params],
+                              lr=1e-2, master_weights=False, state_dtype=torch.bfloat16,
+                              stochastic_rounding=True, backend="torch")  # fmt: skip
+    again.load_state_dict(through_torch.state_dict())
+    again.init_state()
+    for p, q in zip(params, again.param_groups[0]["params"]):
+        assert_bitwise(again.state[q]["sr_seed"], opt.state[p]["sr_seed"], "seed remade")
+    # A state dict that kept torch's fp32 copy of a seed is refused, naming the fix.
+    bad = through_torch.state_dict()
+    bad["state"][0]["sr_seed"] = torch.tensor(123.0)
+    with pytest.raises(ValueError, match="delete the sr_seed entries"):
+        again.load_state_dict(bad)

@@ -461,3 +461,15 @@ def test_lion_keeps_its_count_when_stochastic_rounding_is_switched_off():
     opt.param_groups[0]["stochastic_rounding"] = True
     opt.step()
     assert opt.state[p]["sr_seed"] == seed and opt.state[p]["step"].item() == 3
+
+
+def test_a_group_added_with_seed_none_gets_the_default_seed():
+    """``seed=None`` means ``torch.initial_seed()`` in ``add_param_group`` as in the
+    constructor; the group then holds an int, saved by ``state_dict()``."""
+    torch.manual_seed(7)
+    opt = adam([torch.nn.Parameter(torch.randn(50).to(BF16))], "torch", seed=3)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(20).to(BF16))], "seed": None})
+    assert [g["seed"] for g in opt.param_groups] == [3, torch.initial_seed()]
+    with pytest.raises(TypeError, match="seed must be an int"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(5))], "seed": "1"})
+    assert len(opt.param_groups) == 2
