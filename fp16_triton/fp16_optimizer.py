@@ -36,7 +36,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from .backend import kernels, resolve_backend
 from .buckets import DTensor, local
-from .flat_buffers import zero_grads
+from .flat_policy import zero_grads
 from .kernels.multi_tensor import TableCache
 from .loss_scaler import LossScaler, get_loss_scaler
 from .optimizer import FusedOptimizer

@@ -24,8 +24,8 @@ import torch
 
 from .backend import resolve_backend
 from .buckets import Bucket, local
-from .flat_buffers import (
-    FlatBuffers,
+from .flat_buffers import FlatBuffers
+from .flat_policy import (
     adopted_params,
     check_adoption,
     check_left_out,
