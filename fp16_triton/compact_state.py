@@ -126,7 +126,7 @@ class CompactState:
         if not group.get("stochastic_rounding", False):
             state.pop(SEED_STATE, None)
         elif state.get(SEED_STATE) is None:
-            seed = param_seed(group["seed"], self._param_index(p))
+            seed = param_seed(group.get("seed", 0), self._param_index(p))
             state[SEED_STATE] = torch.tensor(seed, dtype=torch.int64, device=local(p).device)
 
     def _param_index(self, p: torch.Tensor) -> int:
@@ -143,7 +143,7 @@ class CompactState:
         base = state.pop("sr_seed_base", 0)  # pickles from before the seed was a group option
         self._sr_index = {}
         super().__setstate__(state)
-        for group in self.param_groups:
+        for group in [*self.param_groups, self.defaults]:  # (defaults: groups added later)
             group.setdefault("seed", base)
 
 

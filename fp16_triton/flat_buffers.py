@@ -169,7 +169,8 @@ class FlatBuffers:
         g = p.grad
         return (
             g is not None
-            and g.data_ptr() == self._grad_ptrs[i]
+            and g.layout == torch.strided  # (a sparse grad has no data pointer: the check of
+            and g.data_ptr() == self._grad_ptrs[i]  # a rebuild then refuses it clearly)
             and p.data_ptr() == self._param_ptrs[i]
         )
 

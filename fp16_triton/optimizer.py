@@ -82,6 +82,7 @@ class FusedOptimizer(BucketPlans, StateDicts, ParamStateRules, Optimizer):
         # remakes its master (weak references: the optimizer does not keep params alive).
         self._dtypes: dict[int, tuple[weakref.ref, torch.dtype]] = {}
         self._fingerprints = Fingerprints()  # remainder masters: writes between steps
+        self._settled: set[int] = set()  # ids of params settled outside a step, for the next
         # Checked against flat buffers and the params' dtypes by add_param_group.
         defaults = dict(defaults, master_weights=check_master_weights(master_weights))
         super().__init__(params, defaults)
@@ -102,8 +103,13 @@ class FusedOptimizer(BucketPlans, StateDicts, ParamStateRules, Optimizer):
         """Zero the remainders of params written since the last step (``masters.py``), as the
         next step would: before anything reads the masters outside a step (``state_dict()``,
         a copy), so that it sees the masters the next step would start from. ``stale``: those
-        params, when the caller has just found them (``Fingerprints.stale``)."""
-        for p in self._fingerprints.stale() if stale is None else stale:
+        params, when the caller (a step) has just found them (``Fingerprints.stale``). Params
+        settled outside a step are remembered for the next one (``_settled``): a flat bucket
+        must still re-adopt one whose data was replaced."""
+        outside = stale is None
+        for p in self._fingerprints.stale() if outside else stale:
+            if outside:
+                self._settled.add(id(p))
             state = self.state.get(p)
             rest = state.get(REMAINDER) if isinstance(state, dict) else None
             if not isinstance(rest, torch.Tensor):
@@ -134,6 +140,7 @@ class FusedOptimizer(BucketPlans, StateDicts, ParamStateRules, Optimizer):
         self._warned_readopt = False
         self._logged = set()
         self._fingerprints = Fingerprints()
+        self._settled = set()
         self.state = optimizer_state  # also drops cached plans: they hold the original's tensors
         self._dtypes = {id(p): (weakref.ref(p), dtype) for p, dtype in dtypes.items()}
         # The original was settled (``__getstate__``): the copy's params hold its masters now,

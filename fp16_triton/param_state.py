@@ -387,7 +387,7 @@ def check_unshared(state, params: list[torch.Tensor], shared: tuple[str, ...] = 
                 j = seen.setdefault(id(value), i)
                 if j != i:
                     raise ValueError(
-                        f"state {name!r} is one tensor for two params (active params {j} and {i} "
-                        "of a param group); give each param its own (e.g. torch.tensor(0.0) per "
-                        "param for 'step')"
+                        f"state {name!r} is one tensor for two params (params {j} and {i}, "
+                        "counted over all param groups); give each param its own (e.g. "
+                        "torch.tensor(0.0) per param for 'step')"
                     )

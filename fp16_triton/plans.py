@@ -188,9 +188,7 @@ class BucketPlans:
                 self._check_grad(p, g)
             self._check_state(p, group)
         if not self.flat_buffers:
-            check_unshared(self.state, adopted)
             return
-        check_unshared(self.state, adopted, shared=("step",))  # a bucket has one step count
         check_adoption(adopted, group, self.param_groups, self.state, self._describe)
 
     def _rebuild(self, rebuild: Rebuild) -> Work:
@@ -329,11 +327,16 @@ class BucketPlans:
         # Params with remainders written since the last step: one pass, read by the flat
         # plans (a param whose data was replaced is re-adopted) and settled once checked.
         stale = self._fingerprints.stale() if self._fingerprints else []
-        self._written = {id(p) for p in stale}
+        self._written = {id(p) for p in stale} | self._settled  # (settled by state_dict())
         planned = [(group, self._plan(group)) for group in self.param_groups]
-        for _, plan in planned:
-            if isinstance(plan, Rebuild):
-                self._check_rebuild(plan)
+        rebuilds = [plan for _, plan in planned if isinstance(plan, Rebuild)]
+        for plan in rebuilds:
+            self._check_rebuild(plan)
+        if rebuilds:  # no state tensor shared by two params, in any groups (a flat bucket's
+            # params share its one step count by design)
+            every = [p for group in self.param_groups for p in group["params"]]
+            check_unshared(self.state, every, shared=("step",) if self.flat_buffers else ())
+        self._settled = set()
         if stale:  # once checked, and before flat buffers adopt replaced data
             self._settle_remainders(stale)
         for group, plan in planned:

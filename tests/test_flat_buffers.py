@@ -1257,6 +1257,24 @@ def test_sparse_grad_is_refused_before_any_state_exists():
     assert len(opt.state) == 0 and emb.weight.data_ptr() == ptr
 
 
+@pytest.mark.parametrize("where", ["first", "middle"])
+def test_a_sparse_grad_after_adoption_is_refused_clearly(where):
+    """A sparse grad set on an adopted param (first param of the bucket: seen by the O(1)
+    check; a middle one: by the reference counts) gets the clear refusal, not a failure to
+    read its data pointer, and nothing changes."""
+    params = [nn.Parameter(torch.randn(n, 3, device=DEVICE)) for n in (10, 4, 6)]
+    opt = make_opt("AdamW", params, True, lr=1e-2)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = snapshot(params, opt)
+    target = params[0] if where == "first" else params[1]
+    target.grad = torch.ones_like(target).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    assert_bitwise(snapshot(params, opt), before, "nothing changed")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync detection needs a CUDA GPU")
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_cuda_flat_steps_make_no_host_sync(wrapped):
@@ -1392,3 +1410,28 @@ def test_a_state_tensor_shared_by_two_params_is_refused_as_per_tensor(backend):
     after = snapshot(params, opt)
     after["state"][1]["exp_avg"] = before["state"][1]["exp_avg"]  # the user's own assignment
     assert_bitwise(after, before, "nothing changed")
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["per-tensor", "flat"])
+def test_a_state_tensor_shared_across_param_groups_is_refused(flat):
+    """As within a group: per-tensor storage would update the one tensor once per param,
+    flat buffers would copy it apart; both refuse, before anything changes."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(64)) for _ in range(2)]
+    opt = fp16_triton.AdamW(
+        [{"params": [params[0]]}, {"params": [params[1]], "lr": 1e-2}],
+        lr=1e-3, backend="torch", flat_buffers=flat,
+    )  # fmt: skip
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = snapshot(params, opt)
+    for name in ("exp_avg", "step"):
+        if flat and name == "step":
+            continue  # a flat bucket's params share its step by design
+        kept = opt.state[params[1]][name]
+        opt.state[params[1]][name] = opt.state[params[0]][name]
+        with pytest.raises(ValueError, match="one tensor for two params"):
+            opt.step()
+        opt.state[params[1]][name] = kept
+        assert_bitwise(snapshot(params, opt), before, f"nothing changed ({name})")

@@ -415,12 +415,16 @@ def test_adopt_refuses_mixed_dtypes_before_dropping_a_buffer():
     assert all(v.dtype == torch.float32 for v in flat.state.values())
 
 
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["", "state_dict-between"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_data_replaced_while_the_old_tensor_is_kept_is_seen_through_the_remainders(backend):
+def test_data_replaced_while_the_old_tensor_is_kept_is_seen_through_the_remainders(
+    backend, checkpoint
+):
     """``p.data = t`` for a middle param of a bucket while the old tensor is kept (a list for
     logging): the O(1) checks cannot see it (docs/flat-buffers.md), but with remainders the
     per-step pass over the params does, and the bucket re-adopts ``t``: bitwise the
-    per-tensor run, which steps ``t`` with its remainder restarted."""
+    per-tensor run, which steps ``t`` with its remainder restarted. Also when ``state_dict()``
+    (which settles the remainders) runs in between."""
     runs, kept = {}, []
     for flat in (True, False):
         model = make_model()
@@ -429,6 +433,8 @@ def test_data_replaced_while_the_old_tensor_is_kept_is_seen_through_the_remainde
         middle = model[0].bias  # params: weight, bias, weight, bias: one bucket of four
         kept.append(middle.data)
         middle.data = middle.data.clone().mul_(2)
+        if checkpoint:
+            opt.state_dict()
         runs[flat] = train(model, opt, 2, start=2)
         assert not torch.equal(middle.detach(), kept[-1] * 2), "the new tensor was stepped"
     assert_bitwise(runs[True], runs[False])

@@ -473,3 +473,24 @@ def test_a_group_added_with_seed_none_gets_the_default_seed():
     with pytest.raises(TypeError, match="seed must be an int"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(5))], "seed": "1"})
     assert len(opt.param_groups) == 2
+
+
+def test_an_optimizer_pickled_before_seeds_were_group_options_still_adds_groups():
+    """Pickles from before ``seed`` was a group option carry ``sr_seed_base``: loading gives
+    the groups and the defaults (for groups added later) that seed."""
+    params = [torch.nn.Parameter(torch.randn(40).to(BF16)) for _ in range(3)]
+    opt = adam(params[:2], "torch", seed=11)
+    state = opt.__getstate__()
+    for group in [*state["param_groups"], state["defaults"]]:
+        del group["seed"]
+    state["sr_seed_base"] = 11
+    old = type(opt).__new__(type(opt))
+    old.__setstate__(state)
+    old.add_param_group({"params": params[2:]})
+    assert [g["seed"] for g in old.param_groups] == [11, 11]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    old.step()
+    again = adam(params, "torch", seed=11)
+    again.init_state()
+    assert_bitwise(old.state[params[2]]["sr_seed"], again.state[params[2]]["sr_seed"], "seed")
