@@ -292,6 +292,7 @@ class BucketPlans:
             self._fingerprints.note(bucket.params)
         return moved
 
+    @torch.compiler.disable  # eager under torch.compile, as torch.optim's zero_grad
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``torch.optim.Optimizer.zero_grad``. With ``flat_buffers=True`` the grads of adopted
         params are views that stay: each bucket's grad buffer is zeroed in place (one fill),

@@ -1315,7 +1315,7 @@ def test_without_storage_reference_counts_every_step_checks_every_param(monkeypa
     every step, and every zero_grad, checks every param (slower, still correct)."""
     import fp16_triton.flat_buffers
 
-    monkeypatch.setattr(fp16_triton.flat_buffers, "_storage_use_count", None)
+    monkeypatch.setattr(fp16_triton.flat_buffers, "storage_use_count", None)
     counts = _Counts(monkeypatch)
 
     def scenario(model, step):
