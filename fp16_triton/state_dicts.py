@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .flat_policy import adopted_params, check_adoption
 from .masters import MASTER, REMAINDER, fp32_master
 
 __all__ = ["StateDicts"]
@@ -95,6 +96,12 @@ class StateDicts:
                 raise ValueError(f"loaded state refers to param {key!r}, which no group has")
             p = id_to_param[key]
             new_state[p] = self._import_state(p, id_to_group[key], saved_state, key)
+        if self.flat_buffers:  # a flat bucket's params share one step count: refused here,
+            # not at every later step (a state dict of a run without flat buffers in which
+            # some params missed steps)
+            for group in self.param_groups:
+                adopted = adopted_params(group["params"])
+                check_adoption(adopted, group, self.param_groups, new_state, self._describe)
         # Everything checked: now change.
         for group, merged in zip(self.param_groups, merged_groups):
             group.update({k: v for k, v in merged.items() if k != "params"})

@@ -901,9 +901,10 @@ def _steps_differ_state_dict(backend, how):
 @pytest.mark.parametrize("how", ["no-grad", "edited"])
 @pytest.mark.parametrize("adopted", [False, True])
 def test_state_with_different_step_counts_raises_before_anything_moves(adopted, how):
-    """One flat bucket has one step count: loading state whose counts differ raises
-    ValueError (pointing to flat_buffers=False) at the next step, and the params, their
-    storage and grads are left as they were."""
+    """One flat bucket has one step count: loading state whose counts differ (or that lacks
+    a param's state while others have stepped) raises ValueError (pointing to
+    flat_buffers=False) at load, not at every later step, and the params, their storage,
+    grads and the optimizer's state are left as they were."""
     backend = "torch"
     model, sd = _steps_differ_state_dict(backend, how)
     flat_model = make_model(torch.float16, seed=1)
@@ -911,20 +912,22 @@ def test_state_with_different_step_counts_raises_before_anything_moves(adopted, 
     if adopted:
         train(flat_model, opt, 1)
     _copy_weights(flat_model, model)
-    opt.load_state_dict(sd)
     opt.zero_grad()
     loss_of(flat_model, 5).backward()
     params = list(flat_model.parameters())
-    values = [p.detach().clone() for p in params]
+    before = snapshot(params, opt)
     grads = [(p.grad, p.grad.clone()) for p in params]
     ptrs = [p.data_ptr() for p in params]
-    with pytest.raises(ValueError, match="flat_buffers=False"):
-        opt.step()
-    assert [p.data_ptr() for p in params] == ptrs
-    assert_bitwise([p.detach() for p in params], values)
-    for p, (g, saved) in zip(params, grads):
-        assert p.grad is g
-        assert_bitwise(g, saved)
+    missing = copy.deepcopy(sd)
+    del missing["state"][3]
+    for bad in (sd, missing):
+        with pytest.raises(ValueError, match="flat_buffers=False"):
+            opt.load_state_dict(bad)
+        assert [p.data_ptr() for p in params] == ptrs
+        assert_bitwise(snapshot(params, opt), before)
+        for p, (g, saved) in zip(params, grads):
+            assert p.grad is g
+            assert_bitwise(g, saved)
 
 
 # ------------------------------------------------------------------- 8. O(1) host work
