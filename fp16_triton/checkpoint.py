@@ -199,8 +199,9 @@ def _verify_kind(directory: Path, required: list[str], other: str) -> None:
     missing = [name for name in required if name not in listed]
     if missing:
         raise CheckpointError(
-            f"{directory} is {other} checkpoint (its manifest does not list {missing[0]}); "
-            "load it into an engine set up as the run that saved it (sharded or not)"
+            f"{directory}'s manifest does not list {missing[0]}: it is {other} checkpoint, or "
+            "its manifest was rewritten; load it into an engine set up as the run that saved "
+            "it (sharded or not)"
         )
 
 
