@@ -331,7 +331,7 @@ def adam_(
     """
     if len(params) == 0:
         return
-    ALGORITHM.launch(
+    ALGORITHM.launch_lists(
         backend_for(backend, params), params, grads, exp_avgs, exp_avg_sqs, state_steps,
         masters=masters, max_exp_avg_sqs=max_exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,

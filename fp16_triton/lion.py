@@ -203,7 +203,7 @@ def lion_(params, grads, exp_avgs, *, backend: str = "auto", **kwargs) -> None:
     ``found_inf``, ...), as in ``fp16_triton.adam.adam_``."""
     if len(params) == 0:
         return
-    ALGORITHM.launch(backend_for(backend, params), params, grads, exp_avgs, **kwargs)()
+    ALGORITHM.launch_lists(backend_for(backend, params), params, grads, exp_avgs, **kwargs)()
 
 
 # ------------------------------------------------------------------------------------ spec

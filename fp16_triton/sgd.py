@@ -191,7 +191,7 @@ def sgd_(
             if b is None:
                 momentum_buffer_list[i] = torch.zeros_like(p, dtype=torch.float32)
         buffers = momentum_buffer_list
-    ALGORITHM.launch(
+    ALGORITHM.launch_lists(
         backend_for(backend, params), params, grads, buffers, state_steps, masters=masters,
         lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
         nesterov=nesterov, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,

@@ -195,6 +195,15 @@ class Algorithm:
         prepare = getattr(self.kernel_module(), f"prepare_{self.name}_step")
         return prepare(*args, cache=cache, **kwargs)
 
+    def launch_lists(self, backend: str, *args, **kwargs) -> Callable[[], None]:
+        """``launch`` for the functional forms, whose lists come from the caller: on the torch
+        reference every list is first checked to hold one dtype on one device, as the Triton
+        launchers check when they build their tables (an optimizer's buckets are so by
+        construction, and skip this O(n) pass)."""
+        if backend == "torch" and args and len(args[0]):
+            kernels("multi_tensor").check_uniform_lists(args, kwargs)
+        return self.launch(backend, *args, **kwargs)
+
     def launch(self, backend: str, *args, cache=None, **kwargs) -> Callable[[], None]:
         """One step's launch on ``backend`` (``"triton"`` or ``"torch"``, as resolved by the
         caller): what the classes and the functional forms run. On the Triton path every input

@@ -207,22 +207,31 @@ def check_step_inputs(
 def check_reference_inputs(
     params, grads, masters, state_lists, grad_scale, found_inf, norm_sq, compact_state=()
 ) -> None:
-    """The torch reference's checks before it writes anything: ``check_step_inputs``, and
-    every tensor of a list of the first one's dtype and device (the launchers check that when
-    they build their tables, with the layouts the reference does not need)."""
-    if not len(params):
-        return
-    check_step_inputs(
-        params, grads, masters, state_lists, grad_scale, found_inf, norm_sq, compact_state
-    )
-    lists = {"params": params, "grads": grads, **state_lists}
-    device = params[0].device
-    for name, tensors in lists.items():
-        for i, t in enumerate(tensors or ()):
+    """The torch reference's O(1) checks before it writes anything: ``check_step_inputs``
+    (the launchers' own). Lists of mixed dtypes or devices are the functional forms' to check
+    (``check_uniform_lists``): an optimizer's buckets are uniform by construction."""
+    if len(params):
+        check_step_inputs(
+            params, grads, masters, state_lists, grad_scale, found_inf, norm_sq, compact_state
+        )
+
+
+def check_uniform_lists(args, kwargs) -> None:
+    """Raise unless every tensor list among ``args`` (params first) and ``kwargs`` holds one
+    dtype on the params' device: what the launchers check when they build their tables, for
+    the torch reference's callers that pass lists of their own (O(n))."""
+    device = args[0][0].device
+    positional = ["params", "grads"] + [f"positional list {k}" for k in range(2, len(args))]
+    named = list(zip(positional, args)) + list(kwargs.items())
+    for name, tensors in named:
+        if not isinstance(tensors, (list, tuple)):
+            continue
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        for i, t in enumerate(tensors):
             if t.dtype != tensors[0].dtype or t.device != device:
                 raise ValueError(
-                    f"{name}[{i}] is {t.dtype} on {t.device} while {name}[0] is "
-                    f"{tensors[0].dtype} and params[0] is on {device}"
+                    f"{name}[{i}] is {t.dtype} on {t.device} while its first tensor is "
+                    f"{tensors[0].dtype} and the first param is on {device}"
                 )
 
 
