@@ -57,12 +57,7 @@ class CompactState:
         rounding = group.get("stochastic_rounding", False)
         if not isinstance(rounding, bool):
             raise TypeError(f"stochastic_rounding must be True or False, got {rounding!r}")
-        seed = group.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(
-                f"a param group's seed must be an int, got {seed!r} (a group option: None is "
-                "torch.initial_seed() only where the optimizer is built or a group added)"
-            )
+        _check_seed(group.get("seed", 0), what="a param group's seed")
         if state_dtype == "int8" and group.get("amsgrad"):
             raise ValueError(
                 "state_dtype='int8' keeps exp_avg and exp_avg_sq in 8 bits; amsgrad's running "
@@ -162,11 +157,13 @@ def bucket_shard(bucket) -> int:
     return bucket.shard
 
 
-def _check_seed(seed, none_ok: bool = False) -> None:
+def _check_seed(seed, none_ok: bool = False, what: str = "seed") -> None:
+    """``seed`` is an int (not a bool), or None where ``none_ok``: ``torch.initial_seed()``,
+    resolved only where the optimizer is built or a group added."""
     if not (isinstance(seed, int) and not isinstance(seed, bool)) and not (
         none_ok and seed is None
     ):
-        raise TypeError(f"seed must be an int{' or None' if none_ok else ''}, got {seed!r}")
+        raise TypeError(f"{what} must be an int{' or None' if none_ok else ''}, got {seed!r}")
 
 
 def param_seed(seed: int, index: int) -> int:
